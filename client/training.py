@@ -1,0 +1,209 @@
+"""The one training/evaluation path, shared by the trainer process, Ray actors and the server.
+
+`AdapterModel` owns one frozen base model and any number of LoRA adapters, one
+per rank (peft's named adapters), so a Ray actor that serves clients of several
+ranks loads the base model once. Adapter weights cross the boundary only through
+peft's `get_/set_peft_model_state_dict`, keyed by peft's names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from torch import nn
+
+from client.tasks.base import Encoded, Task
+
+BASE_PREFIX = "base_model.model."
+
+
+def select_device(requested: str = "auto") -> torch.device:
+    """Return CUDA when present (or asked for), else CPU."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {requested!r} was asked for but CUDA is not available; use --device cpu.")
+    return torch.device(requested)
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (weights stay fp32, the wire stays fp32); nothing on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    """What one local training job measured (the selectors' telemetry)."""
+
+    steps: int
+    num_examples: int
+    loss_mean: float
+    loss_sq_mean: float
+    duration_s: float
+    started_at: float
+
+
+@dataclass(frozen=True)
+class EvalStats:
+    """Loss and accuracy of a model on a data set."""
+
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+def _batches(n: int, batch_size: int) -> Iterator[torch.Tensor]:
+    for i in range(0, n, batch_size):
+        yield torch.arange(i, min(i + batch_size, n))
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, data: Encoded, device: torch.device, batch_size: int = 64) -> EvalStats:
+    """Mean cross-entropy and accuracy of `model` on all of `data`."""
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for idx in _batches(len(data), batch_size):
+        inputs, labels = data.batch(idx, device)
+        with autocast(device):
+            logits = model(**inputs).logits.float()
+        total_loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(-1) == labels).sum())
+    n = max(len(data), 1)
+    return EvalStats(loss=total_loss / n, accuracy=correct / n, num_examples=len(data))
+
+
+class AdapterModel:
+    """A frozen base model with one LoRA adapter per rank."""
+
+    def __init__(self, task: Task, device: torch.device) -> None:
+        self.task = task
+        self.device = device
+        self.base = task.load_base_model().to(device)
+        self.fingerprint = task.fingerprint(self.base)
+        self.model: PeftModel | None = None
+
+    def _activate(self, rank: int) -> PeftModel:
+        name = f"r{rank}"
+        if self.model is None:
+            self.model = get_peft_model(self.base, self.task.lora_config(rank), adapter_name=name)
+        elif name not in self.model.peft_config:
+            self.model.add_adapter(name, self.task.lora_config(rank))
+        self.model.set_adapter(name)
+        return self.model
+
+    def load(self, arrays: Mapping[str, np.ndarray], rank: int) -> PeftModel:
+        """Set the adapter of `rank` to `arrays` (peft names); raise ValueError on unknown keys."""
+        model = self._activate(rank)
+        sd = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in arrays.items()}
+        result = set_peft_model_state_dict(model, sd, adapter_name=f"r{rank}")
+        if result.unexpected_keys:
+            raise ValueError(f"adapter arrays have keys the model does not know: {result.unexpected_keys[:3]}")
+        return model
+
+    def state(self, rank: int) -> dict[str, np.ndarray]:
+        """Return the adapter of `rank` as float32 numpy arrays keyed by peft's names."""
+        assert self.model is not None
+        sd = get_peft_model_state_dict(self.model, adapter_name=f"r{rank}")
+        return {k: v.detach().float().cpu().numpy() for k, v in sd.items()}
+
+    def train(
+        self,
+        arrays: Mapping[str, np.ndarray],
+        rank: int,
+        data: Encoded,
+        *,
+        steps: int,
+        batch_size: int,
+        lr: float,
+        seed: int,
+        prox_mu: float = 0.0,
+    ) -> tuple[dict[str, np.ndarray], TrainStats]:
+        """Train the adapter from `arrays` for `steps` AdamW steps; return new arrays and telemetry."""
+        started = time.time()
+        t0 = time.perf_counter()
+        model = self.load(arrays, rank)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        anchor = [p.detach().clone() for p in params] if prox_mu > 0 else []
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        gen = torch.Generator().manual_seed(seed)
+        losses: list[float] = []
+        n = len(data)
+        for _ in range(steps):
+            idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
+            inputs, labels = data.batch(idx, self.device)
+            with autocast(self.device):
+                logits = model(**inputs).logits.float()
+            per_example = nn.functional.cross_entropy(logits, labels, reduction="none")
+            loss = per_example.mean()
+            if prox_mu > 0:
+                loss = loss + 0.5 * prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.extend(per_example.detach().float().cpu().tolist())
+        model.eval()
+        arr = np.asarray(losses, dtype=np.float64)
+        stats = TrainStats(
+            steps=steps,
+            num_examples=n,
+            loss_mean=float(arr.mean()) if arr.size else math.nan,
+            loss_sq_mean=float((arr**2).mean()) if arr.size else math.nan,
+            duration_s=time.perf_counter() - t0,
+            started_at=started,
+        )
+        return self.state(rank), stats
+
+    def evaluate(self, arrays: Mapping[str, np.ndarray], rank: int, data: Encoded) -> EvalStats:
+        """Evaluate the adapter `arrays` at `rank` on `data`."""
+        return evaluate_model(self.load(arrays, rank), data, self.device)
+
+
+def initial_adapter(task: Task, rank: int, seed: int) -> dict[str, np.ndarray]:
+    """Return peft's freshly initialised adapter at `rank` (seeded: identical on every host)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = get_peft_model(task.load_base_model(), task.lora_config(rank), adapter_name="init")
+    sd = get_peft_model_state_dict(model, adapter_name="init")
+    return {k: v.detach().float().cpu().numpy() for k, v in sd.items()}
+
+
+class MergedEvaluator:
+    """Evaluates a strategy's exact global model: base weights + ΔW per layer, dense params set.
+
+    Works for every aggregator, whatever its internal form (factors, a full-rank
+    W, a merged base), because it consumes `MergedModel`.
+    """
+
+    def __init__(self, task: Task, device: torch.device) -> None:
+        self.task = task
+        self.device = device
+        self.model = task.load_base_model().to(device)
+        self.fingerprint = task.fingerprint(self.model)
+        self.params = dict(self.model.named_parameters())
+        self.original = {k: p.detach().clone() for k, p in self.params.items()}
+
+    def _param(self, peft_key: str) -> nn.Parameter:
+        name = peft_key.removeprefix(BASE_PREFIX)
+        if name not in self.params:
+            raise KeyError(f"global model key {peft_key!r} matches no parameter of the base model")
+        return self.params[name]
+
+    @torch.no_grad()
+    def evaluate(self, deltas: Mapping[str, np.ndarray], dense: Mapping[str, np.ndarray], data: Encoded) -> EvalStats:
+        """Load W0 + ΔW and the dense parameters, then evaluate."""
+        for layer, dw in deltas.items():
+            name = layer.removeprefix(BASE_PREFIX) + ".weight"
+            self.params[name].copy_(self.original[name] + torch.from_numpy(np.asarray(dw)).to(self.device))
+        for key, value in dense.items():
+            self._param(key).copy_(torch.from_numpy(np.asarray(value)).to(self.device))
+        return evaluate_model(self.model, data, self.device)

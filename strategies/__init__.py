@@ -1,0 +1,39 @@
+"""corolla's algorithms: aggregation, client selection and staleness rules (no Flower, no network)."""
+
+from strategies.base import (
+    Aggregator,
+    Candidate,
+    ClientUpdate,
+    Dispatch,
+    LoraSpec,
+    MergedModel,
+    Selector,
+    StalenessWeight,
+    Weights,
+)
+from strategies.exceptions import AggregationError, InvalidUpdateError, RankMismatchError, StrategyError
+from strategies.fedavg import FedAvg
+from strategies.fedhl import FedHL
+from strategies.registry import AGGREGATORS, SELECTORS
+from strategies.uniform import UniformSelector
+
+__all__ = [
+    "AGGREGATORS",
+    "SELECTORS",
+    "AggregationError",
+    "Aggregator",
+    "Candidate",
+    "ClientUpdate",
+    "Dispatch",
+    "FedAvg",
+    "FedHL",
+    "InvalidUpdateError",
+    "LoraSpec",
+    "MergedModel",
+    "RankMismatchError",
+    "Selector",
+    "StalenessWeight",
+    "StrategyError",
+    "UniformSelector",
+    "Weights",
+]

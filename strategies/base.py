@@ -1,0 +1,224 @@
+"""Typed data and the three small role interfaces every algorithm plugs into.
+
+The roles follow FLSim's split: an *aggregator* owns the global adapter and turns
+client updates into a new version, a *selector* picks which clients work next, and
+(for asynchronous drivers) a *staleness weight* discounts old updates. None of them
+knows about Flower, gRPC or files: the server converts messages into these types.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+from strategies.exceptions import AggregationError, InvalidUpdateError
+
+Arrays = Mapping[str, NDArray[np.floating]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraSpec:
+    """How a LoRA rank maps to its scale s = alpha / r (peft's rule; rsLoRA: alpha / sqrt r).
+
+    The same spec is used on the server and in every trainer, so an adapter of any
+    rank reproduces exactly the ΔW = s·B·A the server meant to send.
+    """
+
+    alpha: float = 16.0
+    rslora: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.alpha > 0:
+            raise ValueError(f"`alpha` must be > 0, got {self.alpha!r}")
+
+    def scale(self, rank: int) -> float:
+        """Return peft's scaling for an adapter of this rank."""
+        if rank < 1:
+            raise ValueError(f"`rank` must be >= 1, got {rank!r}")
+        return self.alpha / math.sqrt(rank) if self.rslora else self.alpha / rank
+
+
+@dataclass(frozen=True, kw_only=True)
+class Dispatch:
+    """What one client was sent: kept by the server until that client replies.
+
+    Every update is applied as a difference against exactly what its client
+    started from (FedHL's unbiased rule, FedBuff/FedFix's stale deltas), so the
+    server keeps this record per in-flight client: its size is one adapter at the
+    client's rank plus the dense parameters.
+    """
+
+    rank: int
+    version: int
+    arrays: Arrays
+    truncation_error: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientUpdate:
+    """One client's reply, converted from a Flower message by the server."""
+
+    node_id: int
+    arrays: Arrays
+    sent: Dispatch
+    num_examples: int
+    staleness: int = 0
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        """The LoRA rank this client trained at (the rank it was sent)."""
+        return self.sent.rank
+
+
+@dataclass(frozen=True, kw_only=True)
+class Weights:
+    """Per-update weights: one vector for LoRA layers, one for dense (non-LoRA) parameters."""
+
+    lora: NDArray[np.float64]
+    dense: NDArray[np.float64]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MergedModel:
+    """The exact global model as dense pieces: ΔW per LoRA layer and every dense parameter.
+
+    Evaluation adds ΔW to the frozen base weights, so every strategy is evaluated
+    on exactly the model it holds, whatever its internal representation.
+    """
+
+    deltas: dict[str, NDArray[np.float32]]
+    dense: dict[str, NDArray[np.float32]]
+
+
+def example_weights(updates: Sequence[ClientUpdate]) -> NDArray[np.float64]:
+    """Return n_i / Σ n (FedAvg's weights).
+
+    Raises
+    ------
+    AggregationError
+        When there are no updates or the total example count is not positive.
+    """
+    if not updates:
+        raise AggregationError("aggregate: no updates to aggregate; the global model is unchanged.")
+    counts = np.array([u.num_examples for u in updates], dtype=np.float64)
+    if np.any(counts < 0) or counts.sum() <= 0:
+        raise AggregationError(
+            f"aggregate: example counts {counts.tolist()} do not sum to a positive number; "
+            "the global model is unchanged."
+        )
+    return counts / counts.sum()
+
+
+class Aggregator(ABC):
+    """Owns the global adapter; turns client updates into the next global version.
+
+    Subclasses implement the weighting rule (`weights`), the application rule
+    (`apply`), what a client of a given rank is sent (`dispatch`) and the exact
+    merged model (`merged`). Drivers call `aggregate` (sync) or combine `weights`
+    with staleness factors before `apply` (async).
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, initial: Arrays, lora: LoraSpec) -> None:
+        from strategies import lora_ops
+
+        self.lora = lora
+        self.layers, self.dense_keys = lora_ops.split_keys(initial)
+        self.dense: dict[str, NDArray[np.float32]] = {
+            k: np.array(initial[k], dtype=np.float32, copy=True) for k in self.dense_keys
+        }
+        self.version = 0
+
+    @abstractmethod
+    def dispatch(self, rank: int) -> Dispatch:
+        """Return the arrays a client training at `rank` starts from."""
+
+    @abstractmethod
+    def weights(self, updates: Sequence[ClientUpdate]) -> Weights:
+        """Return the strategy's weights for these updates (each vector sums to 1)."""
+
+    @abstractmethod
+    def apply(self, updates: Sequence[ClientUpdate], weights: Weights, server_lr: float = 1.0) -> None:
+        """Add Σ w_i (returned_i − sent_i) · server_lr to the global state; bump the version."""
+
+    @abstractmethod
+    def merged(self) -> MergedModel:
+        """Return the exact global model as dense ΔW per layer plus dense parameters."""
+
+    def aggregate(self, updates: Sequence[ClientUpdate], server_lr: float = 1.0) -> Weights:
+        """Validate, weight and apply a set of updates as one synchronous step."""
+        for u in updates:
+            self.check(u)
+        w = self.weights(updates)
+        self.apply(updates, w, server_lr)
+        return w
+
+    def check(self, update: ClientUpdate) -> None:
+        """Raise InvalidUpdateError unless `update` has exactly the keys and shapes it was sent."""
+        from strategies import lora_ops
+
+        lora_ops.check_same_layout(update.arrays, update.sent.arrays, node_id=update.node_id)
+
+    def _apply_dense(self, updates: Sequence[ClientUpdate], w: NDArray[np.float64], lr: float) -> None:
+        for k in self.dense_keys:
+            step = sum(
+                wi * (np.asarray(u.arrays[k], np.float32) - u.sent.arrays[k]) for wi, u in zip(w, updates)
+            )
+            self.dense[k] += np.float32(lr) * step
+
+    def summary(self) -> dict[str, Any]:
+        """Return the hyper-parameters, logged once at start."""
+        return {"aggregation": self.name, "lora_alpha": self.lora.alpha, "rslora": self.lora.rslora,
+                "lora_layers": len(self.layers), "dense_params": len(self.dense_keys)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Candidate:
+    """A client the selector may pick, with what the server knows of it."""
+
+    node_id: int
+    num_examples: int = 0
+    rank: int = 0
+    telemetry: Mapping[str, float] = field(default_factory=dict)
+
+
+class Selector(ABC):
+    """Picks which idle clients get the next jobs (a sync round, or one async slot)."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def select(self, candidates: Sequence[Candidate], k: int, step: int) -> list[int]:
+        """Return up to `k` distinct node ids among `candidates` for server step `step`."""
+
+    def observe(self, updates: Sequence[ClientUpdate], step: int) -> None:  # noqa: B027
+        """Record what the selected clients returned (utility, duration, direction)."""
+
+    def summary(self) -> dict[str, Any]:
+        """Return the hyper-parameters, logged once at start."""
+        return {"selector": self.name}
+
+
+class StalenessWeight(ABC):
+    """s(τ): how much an update computed τ versions ago still counts."""
+
+    @abstractmethod
+    def weight(self, staleness: int) -> float:
+        """Return the multiplier for an update of this staleness."""
+
+
+def check_finite(arrays: Arrays, node_id: int) -> None:
+    """Raise InvalidUpdateError when any array holds NaN or infinity."""
+    for k, v in arrays.items():
+        if not np.all(np.isfinite(v)):
+            raise InvalidUpdateError(
+                f"node {node_id}: array `{k}` holds NaN or infinite values; the update is rejected."
+            )

@@ -1,0 +1,86 @@
+"""FedAvg over LoRA factors and dense parameters (homogeneous rank)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from strategies import lora_ops
+from strategies.base import Aggregator, Arrays, ClientUpdate, Dispatch, LoraSpec, MergedModel, Weights, example_weights
+from strategies.exceptions import RankMismatchError
+
+
+class FedAvg(Aggregator):
+    """Federated averaging of A, B and dense parameters, weighted by example count.
+
+    Implementation based on https://arxiv.org/abs/1602.05629. Every client must
+    train at the global rank: averaging A and B separately is only defined for one
+    rank (use FedHL, HetLoRA, FlexLoRA or FLoRA for mixed ranks). The update is
+    applied in delta form, global += lr · Σ w_i (returned_i − sent_i), which equals
+    the plain weighted average when every client started from the current model
+    and lr = 1, and is the form FedBuff/FedFix need for stale updates.
+    """
+
+    name = "fedavg"
+
+    def __init__(self, initial: Arrays, lora: LoraSpec) -> None:
+        super().__init__(initial, lora)
+        self.rank = lora_ops.rank_of(initial)
+        self.factors = {
+            layer: (
+                np.array(initial[lora_ops.a_key(layer)], np.float32, copy=True),
+                np.array(initial[lora_ops.b_key(layer)], np.float32, copy=True),
+            )
+            for layer in self.layers
+        }
+
+    def dispatch(self, rank: int) -> Dispatch:
+        """Return the global factors; `rank` must equal the global rank."""
+        if rank != self.rank:
+            raise RankMismatchError(
+                f"fedavg: a client asked for rank {rank} but the global adapter has rank {self.rank}; "
+                "FedAvg needs one rank for all clients (set every client's rank to "
+                f"{self.rank}, or use aggregation=fedhl for mixed ranks)."
+            )
+        arrays: dict[str, np.ndarray] = {k: v.copy() for k, v in self.dense.items()}
+        for layer, (a, b) in self.factors.items():
+            arrays[lora_ops.a_key(layer)] = a.copy()
+            arrays[lora_ops.b_key(layer)] = b.copy()
+        return Dispatch(rank=rank, version=self.version, arrays=arrays)
+
+    def weights(self, updates: Sequence[ClientUpdate]) -> Weights:
+        """Return example-count weights for both LoRA factors and dense parameters."""
+        w = example_weights(updates)
+        return Weights(lora=w, dense=w)
+
+    def check(self, update: ClientUpdate) -> None:
+        """Also reject an update whose rank is not the global rank."""
+        if update.rank != self.rank:
+            raise RankMismatchError(
+                f"fedavg: node {update.node_id} trained at rank {update.rank}, the global rank is {self.rank}; "
+                "the update is rejected."
+            )
+        super().check(update)
+
+    def apply(self, updates: Sequence[ClientUpdate], weights: Weights, server_lr: float = 1.0) -> None:
+        """Move A, B and dense parameters by the weighted mean client change."""
+        lr = np.float32(server_lr)
+        for layer, (a, b) in self.factors.items():
+            ka, kb = lora_ops.a_key(layer), lora_ops.b_key(layer)
+            a += lr * lora_ops.weighted_sum([u.arrays[ka] - u.sent.arrays[ka] for u in updates], weights.lora)
+            b += lr * lora_ops.weighted_sum([u.arrays[kb] - u.sent.arrays[kb] for u in updates], weights.lora)
+        self._apply_dense(updates, weights.dense, server_lr)
+        self.version += 1
+
+    def merged(self) -> MergedModel:
+        """Return ΔW = s·B·A per layer at the global rank."""
+        s = self.lora.scale(self.rank)
+        return MergedModel(
+            deltas={layer: lora_ops.delta(a, b, s) for layer, (a, b) in self.factors.items()},
+            dense={k: v.copy() for k, v in self.dense.items()},
+        )
+
+    def summary(self) -> dict:
+        """Return hyper-parameters including the global rank."""
+        return {**super().summary(), "rank": self.rank}

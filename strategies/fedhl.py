@@ -1,0 +1,144 @@
+"""FedHL: heterogeneous-rank LoRA with a full-rank global update and unbiased aggregation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+
+from strategies import lora_ops
+from strategies.base import Aggregator, Arrays, ClientUpdate, Dispatch, LoraSpec, MergedModel, Weights, example_weights
+from strategies.exceptions import AggregationError
+
+FedHLWeighting = Literal["truncation", "uniform", "examples"]
+EPSILON = 1e-6
+
+
+def truncation_weights(errors: Sequence[float], eps: float = EPSILON) -> np.ndarray:
+    """Return p_i = (1/(e_i² + ε)) / Σ_j 1/(e_j² + ε) (FedHL Eq. 15 / Theorem 3).
+
+    Lower truncation error, more weight; all-zero errors (round 0) give uniform weights.
+    """
+    e = np.asarray(errors, dtype=np.float64)
+    if e.size == 0:
+        raise AggregationError("fedhl: no updates to weight; the global model is unchanged.")
+    inv = 1.0 / (e**2 + eps)
+    return inv / inv.sum()
+
+
+class FedHL(Aggregator):
+    """FedHL aggregation (algorithms.md §1).
+
+    Implementation based on https://arxiv.org/abs/2505.18494. The server keeps a
+    dense global update W per LoRA layer, never truncated. A client of rank r is
+    sent the rank-r truncation of W (A = V_rᵀ, B = U_r Σ_r / s, Σ on B), and its
+    update is applied against *that* truncated start, so components of W above
+    rank r are kept rather than erased:
+    W ← W + η Σ_i p_i (s_i B_i A_i − s_i B⁰_i A⁰_i).
+
+    Decisions the paper leaves open (documented in README): zero singular
+    directions start from peft's random A rows (B columns zero), so round 0 is
+    exactly peft's initialisation; the truncation error of a dispatch is computed
+    when it is sent; `svd="auto"` uses a randomized top-r SVD on large layers —
+    unbiasedness does not depend on its accuracy because the update is taken
+    against exactly what was sent.
+    """
+
+    name = "fedhl"
+
+    def __init__(
+        self,
+        initial: Arrays,
+        lora: LoraSpec,
+        *,
+        weighting: FedHLWeighting = "truncation",
+        svd: str = "auto",
+        max_rank: int | None = None,
+    ) -> None:
+        super().__init__(initial, lora)
+        if weighting not in ("truncation", "uniform", "examples"):
+            raise ValueError(f"`fedhl-weighting` must be truncation, uniform or examples; got {weighting!r}")
+        self.weighting = weighting
+        self.svd_method = svd
+        init_rank = lora_ops.rank_of(initial)
+        self.max_rank = max_rank or init_rank
+        self.init_a = {layer: np.asarray(initial[lora_ops.a_key(layer)], np.float32) for layer in self.layers}
+        for layer, a in self.init_a.items():
+            if a.shape[0] < self.max_rank:
+                raise ValueError(
+                    f"fedhl: the initial adapter has rank {a.shape[0]} but clients may ask for rank "
+                    f"{self.max_rank}; build the initial adapter at the largest client rank."
+                )
+        scale0 = lora.scale(init_rank)
+        self.w = {
+            layer: torch.from_numpy(
+                lora_ops.delta(initial[lora_ops.a_key(layer)], initial[lora_ops.b_key(layer)], scale0)
+            )
+            for layer in self.layers
+        }
+        self._svd_cache: tuple[int, int, dict[str, lora_ops.TopSVD]] | None = None
+
+    def _svds(self, rank: int) -> dict[str, lora_ops.TopSVD]:
+        """Top-r SVD of every layer, cached per version (many clients share one version)."""
+        cache = self._svd_cache
+        if cache is None or cache[0] != self.version or cache[1] < rank:
+            k = max(rank, self.max_rank)
+            svds = {layer: lora_ops.top_svd(w, k, self.svd_method, seed=i) for i, (layer, w) in enumerate(self.w.items())}
+            self._svd_cache = cache = (self.version, k, svds)
+        return cache[2]
+
+    def dispatch(self, rank: int) -> Dispatch:
+        """Return the rank-r truncation of W as (A, B) plus its truncation error e."""
+        if rank < 1:
+            raise ValueError(f"fedhl: rank must be >= 1, got {rank}")
+        if rank > self.max_rank:
+            raise ValueError(
+                f"fedhl: a client asked for rank {rank} above max rank {self.max_rank}; raise `max-rank`."
+            )
+        s = self.lora.scale(rank)
+        arrays: dict[str, np.ndarray] = {k: v.copy() for k, v in self.dense.items()}
+        error = 0.0
+        for layer, svd in self._svds(rank).items():
+            a, b = lora_ops.split_factors(svd, rank, s, self.init_a[layer])
+            arrays[lora_ops.a_key(layer)], arrays[lora_ops.b_key(layer)] = a, b
+            error += svd.tail_energy(rank)
+        return Dispatch(rank=rank, version=self.version, arrays=arrays, truncation_error=error)
+
+    def weights(self, updates: Sequence[ClientUpdate]) -> Weights:
+        """Return truncation-aware (or uniform / example) LoRA weights; example weights for dense."""
+        dense = example_weights(updates)
+        if self.weighting == "truncation":
+            lora = truncation_weights([u.sent.truncation_error for u in updates])
+        elif self.weighting == "uniform":
+            lora = np.full(len(updates), 1.0 / len(updates))
+        else:
+            lora = dense
+        return Weights(lora=lora, dense=dense)
+
+    def apply(self, updates: Sequence[ClientUpdate], weights: Weights, server_lr: float = 1.0) -> None:
+        """W += lr Σ p_i s_i (B_i A_i − B⁰_i A⁰_i), as one GEMM over stacked factors per layer."""
+        for layer, w in self.w.items():
+            ka, kb = lora_ops.a_key(layer), lora_ops.b_key(layer)
+            left, right = [], []
+            for p, u in zip(weights.lora, updates):
+                c = float(p) * self.lora.scale(u.rank) * server_lr
+                left += [c * torch.from_numpy(np.asarray(u.arrays[kb], np.float32)),
+                         -c * torch.from_numpy(np.asarray(u.sent.arrays[kb], np.float32))]
+                right += [torch.from_numpy(np.asarray(u.arrays[ka], np.float32)),
+                          torch.from_numpy(np.asarray(u.sent.arrays[ka], np.float32))]
+            w.addmm_(torch.cat(left, dim=1), torch.cat(right, dim=0))
+        self._apply_dense(updates, weights.dense, server_lr)
+        self.version += 1
+
+    def merged(self) -> MergedModel:
+        """Return the full-rank W per layer."""
+        return MergedModel(
+            deltas={layer: w.numpy().copy() for layer, w in self.w.items()},
+            dense={k: v.copy() for k, v in self.dense.items()},
+        )
+
+    def summary(self) -> dict:
+        """Return hyper-parameters including the weighting rule and SVD method."""
+        return {**super().summary(), "weighting": self.weighting, "svd": self.svd_method, "max_rank": self.max_rank}

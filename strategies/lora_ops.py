@@ -1,0 +1,191 @@
+"""Shared LoRA math: key pairing, ΔW = s·B·A, rank truncation/padding and SVD re-splits.
+
+ΔW is computed in exactly one place (`delta`), as peft's `get_delta_weight` does.
+Array keys are peft's `get_peft_model_state_dict` names: a LoRA layer `L` has
+`L.lora_A.weight` (r × d_in) and `L.lora_B.weight` (d_out × r); every other key is a
+dense trained parameter (e.g. the classification head).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from strategies.exceptions import InvalidUpdateError, RankMismatchError
+
+A_SUFFIX = ".lora_A.weight"
+B_SUFFIX = ".lora_B.weight"
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """Shape of one LoRA-adapted linear layer: ΔW is d_out × d_in."""
+
+    d_out: int
+    d_in: int
+
+
+def a_key(layer: str) -> str:
+    """Return the peft state-dict key of layer's A factor."""
+    return layer + A_SUFFIX
+
+
+def b_key(layer: str) -> str:
+    """Return the peft state-dict key of layer's B factor."""
+    return layer + B_SUFFIX
+
+
+def split_keys(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, LayerShape], list[str]]:
+    """Pair LoRA A/B keys into layers; return ({layer: shape}, sorted dense keys).
+
+    Raises
+    ------
+    InvalidUpdateError
+        When an A factor has no B factor (or vice versa) or their ranks disagree.
+    """
+    layers: dict[str, LayerShape] = {}
+    dense: list[str] = []
+    for key in sorted(arrays):
+        if key.endswith(A_SUFFIX):
+            layer = key[: -len(A_SUFFIX)]
+            if b_key(layer) not in arrays:
+                raise InvalidUpdateError(f"LoRA layer `{layer}` has an A factor but no `{b_key(layer)}`.")
+            a, b = arrays[key], arrays[b_key(layer)]
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+                raise InvalidUpdateError(
+                    f"LoRA layer `{layer}`: A {tuple(a.shape)} and B {tuple(b.shape)} do not form B·A "
+                    "(need A: r × d_in, B: d_out × r)."
+                )
+            layers[layer] = LayerShape(d_out=int(b.shape[0]), d_in=int(a.shape[1]))
+        elif key.endswith(B_SUFFIX):
+            if a_key(key[: -len(B_SUFFIX)]) not in arrays:
+                raise InvalidUpdateError(f"LoRA key `{key}` has a B factor but no A factor.")
+        else:
+            dense.append(key)
+    return layers, dense
+
+
+def rank_of(arrays: Mapping[str, np.ndarray]) -> int:
+    """Return the common LoRA rank of an adapter (0 when it has no LoRA layers).
+
+    Raises
+    ------
+    RankMismatchError
+        When layers have different ranks.
+    """
+    ranks = {int(v.shape[0]) for k, v in arrays.items() if k.endswith(A_SUFFIX)}
+    if len(ranks) > 1:
+        raise RankMismatchError(f"adapter mixes LoRA ranks {sorted(ranks)}; one rank per adapter is expected.")
+    return ranks.pop() if ranks else 0
+
+
+def check_same_layout(got: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray], node_id: int) -> None:
+    """Raise InvalidUpdateError unless `got` has the keys, shapes and finiteness of `sent`."""
+    missing, extra = sorted(set(sent) - set(got)), sorted(set(got) - set(sent))
+    if missing or extra:
+        raise InvalidUpdateError(
+            f"node {node_id}: update keys differ from what it was sent (missing {missing[:3]}, "
+            f"unexpected {extra[:3]}); the update is rejected."
+        )
+    for k, ref in sent.items():
+        v = got[k]
+        if tuple(v.shape) != tuple(ref.shape):
+            what = "rank" if k.endswith((A_SUFFIX, B_SUFFIX)) else "shape"
+            raise InvalidUpdateError(
+                f"node {node_id}: `{k}` has shape {tuple(v.shape)}, expected {tuple(ref.shape)} "
+                f"(wrong {what}); the update is rejected."
+            )
+        if not np.issubdtype(v.dtype, np.floating):
+            raise InvalidUpdateError(f"node {node_id}: `{k}` has dtype {v.dtype}, expected a float type.")
+        if not np.all(np.isfinite(v)):
+            raise InvalidUpdateError(f"node {node_id}: `{k}` holds NaN or infinite values; the update is rejected.")
+
+
+def delta(a: np.ndarray, b: np.ndarray, scale: float) -> NDArray[np.float32]:
+    """Return ΔW = scale · B · A (d_out × d_in): the one place ΔW is formed."""
+    return (np.float32(scale) * (np.asarray(b, np.float32) @ np.asarray(a, np.float32))).astype(np.float32)
+
+
+def weighted_sum(arrays: list[np.ndarray], weights: np.ndarray) -> NDArray[np.float32]:
+    """Return Σ w_i x_i in float32."""
+    out = np.zeros_like(np.asarray(arrays[0], np.float32))
+    for w, x in zip(weights, arrays):
+        out += np.float32(w) * np.asarray(x, np.float32)
+    return out
+
+
+def pad_rank(a: np.ndarray, b: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-pad A's rows and B's columns up to `rank` (HetLoRA)."""
+    r = a.shape[0]
+    if r > rank:
+        raise RankMismatchError(f"cannot pad a rank-{r} adapter down to rank {rank}.")
+    a_p = np.zeros((rank, a.shape[1]), np.float32)
+    b_p = np.zeros((b.shape[0], rank), np.float32)
+    a_p[:r], b_p[:, :r] = a, b
+    return a_p, b_p
+
+
+@dataclass(frozen=True)
+class TopSVD:
+    """The leading singular triplets of a matrix, plus its squared Frobenius norm."""
+
+    u: torch.Tensor  # d_out × k
+    s: torch.Tensor  # k
+    vh: torch.Tensor  # k × d_in
+    frob2: float
+
+    def tail_energy(self, rank: int) -> float:
+        """Return Σ_{j>rank} σ_j² = ‖W‖_F² − Σ_{j≤rank} σ_j² (exact from the norm)."""
+        head = float((self.s[:rank].double() ** 2).sum())
+        return max(self.frob2 - head, 0.0)
+
+
+def top_svd(w: torch.Tensor, k: int, method: str = "auto", seed: int = 0) -> TopSVD:
+    """Return the top-k SVD of `w`.
+
+    `exact` runs a full LAPACK SVD (O(d³)); `randomized` runs torch.svd_lowrank with
+    oversampling and two power iterations (O(d² k)); `auto` picks randomized when
+    k is small against the matrix. The tail energy is always exact because it is
+    taken from the Frobenius norm, not from the truncated spectrum.
+    """
+    k = min(k, *w.shape)
+    frob2 = float((w.double() ** 2).sum())
+    if method == "auto":
+        method = "randomized" if 4 * (k + 8) < min(w.shape) else "exact"
+    if method == "exact":
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        return TopSVD(u[:, :k], s[:k], vh[:k], frob2)
+    if method == "randomized":
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            u, s, v = torch.svd_lowrank(w, q=min(k + 8, *w.shape), niter=2)
+        finally:
+            torch.random.set_rng_state(gen_state)
+        return TopSVD(u[:, :k], s[:k], v[:, :k].T, frob2)
+    raise ValueError(f"`svd` must be one of auto, exact, randomized; got {method!r}")
+
+
+def split_factors(
+    svd: TopSVD, rank: int, scale: float, init_a: np.ndarray, tol: float = 1e-7
+) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """Return (A, B) of `rank` with scale·B·A = the rank-`rank` truncation of W.
+
+    A = V_rᵀ and B = U_r Σ_r / scale (algorithms.md §1, step 1; Σ is put on B).
+    Directions whose singular value is zero carry no information; their A rows
+    are taken from `init_a` (peft's random A initialisation) and their B columns
+    are zero, so a fresh adapter starts exactly as peft would start it.
+    """
+    k = min(rank, svd.s.shape[0])
+    a = np.array(init_a[:rank], dtype=np.float32, copy=True)
+    b = np.zeros((svd.u.shape[0], rank), np.float32)
+    smax = float(svd.s[0]) if svd.s.numel() else 0.0
+    live = int((svd.s[:k] > tol * max(smax, 1e-30)).sum()) if smax > 0 else 0
+    if live:
+        a[:live] = svd.vh[:live].numpy()
+        b[:, :live] = (svd.u[:, :live] * svd.s[:live]).numpy() / np.float32(scale)
+    return a, b

@@ -1,0 +1,11 @@
+"""Name → class registries, so the server builds strategies from configuration strings."""
+
+from __future__ import annotations
+
+from strategies.base import Aggregator, Selector
+from strategies.fedavg import FedAvg
+from strategies.fedhl import FedHL
+from strategies.uniform import UniformSelector
+
+AGGREGATORS: dict[str, type[Aggregator]] = {cls.name: cls for cls in (FedAvg, FedHL)}
+SELECTORS: dict[str, type[Selector]] = {cls.name: cls for cls in (UniformSelector,)}
