@@ -104,6 +104,7 @@ def example_weights(updates: Sequence[ClientUpdate]) -> NDArray[np.float64]:
     ------
     AggregationError
         When there are no updates or the total example count is not positive.
+
     """
     if not updates:
         raise AggregationError("aggregate: no updates to aggregate; the global model is unchanged.")

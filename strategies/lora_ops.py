@@ -46,6 +46,7 @@ def split_keys(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, LayerShape],
     ------
     InvalidUpdateError
         When an A factor has no B factor (or vice versa) or their ranks disagree.
+
     """
     layers: dict[str, LayerShape] = {}
     dense: list[str] = []
@@ -76,6 +77,7 @@ def rank_of(arrays: Mapping[str, np.ndarray]) -> int:
     ------
     RankMismatchError
         When layers have different ranks.
+
     """
     ranks = {int(v.shape[0]) for k, v in arrays.items() if k.endswith(A_SUFFIX)}
     if len(ranks) > 1:

@@ -23,4 +23,5 @@ class UniformSelector(Selector):
             raise ValueError(f"`k` must be >= 0, got {k}")
         ids = sorted(c.node_id for c in candidates)
         k = min(k, len(ids))
-        return [int(x) for x in self.rng.choice(ids, size=k, replace=False)] if k else []
+        # choose positions, not ids: node ids are 64-bit unsigned and numpy may turn them into floats
+        return [ids[i] for i in self.rng.choice(len(ids), size=k, replace=False)] if k else []

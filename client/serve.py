@@ -1,0 +1,95 @@
+"""Start a silo's trainer process: `python -m client.serve --data silo.csv --rank 8 --port 0`.
+
+Prints `corolla-trainer listening on HOST:PORT` once the model is loaded and the
+service is bound (tests and `corolla client` read that line), then serves until
+SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from client.data import SiloError
+from client.trainer import Trainer, TrainerError
+
+log = logging.getLogger("corolla.trainer")
+
+
+def add_trainer_args(p: argparse.ArgumentParser) -> None:
+    """Add the trainer's options to a parser (shared by `corolla client` and `corolla trainer`)."""
+    p.add_argument("--data", help="silo file (CSV, JSONL or Parquet); omit to use a built-in partition")
+    p.add_argument("--text-column", default="text", help="name of the text column in --data (default: text)")
+    p.add_argument("--label-column", default="label", help="name of the label column in --data (default: label)")
+    p.add_argument("--partition-id", type=int, default=0, help="built-in partition when --data is omitted")
+    p.add_argument("--num-partitions", type=int, default=1, help="number of built-in partitions")
+    p.add_argument("--dirichlet-alpha", type=float, default=0.5, help="label skew of built-in partitions")
+    p.add_argument("--rank", type=int, default=8, help="this node's LoRA rank (default: 8)")
+    p.add_argument("--task", default="text-classification")
+    p.add_argument("--model", default="minilm", help="minilm (default) or tiny-bert (tests)")
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_trainer(args: argparse.Namespace) -> Trainer:
+    """Load the base model once and the silo; raise SiloError/TrainerError with a clear message."""
+    import torch
+
+    from client.tasks import TaskSpec, build_task
+    from client.training import AdapterModel, select_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec = TaskSpec(task=args.task, model=args.model, max_length=args.max_length, lora_alpha=args.lora_alpha,
+                    seed=args.seed)
+    task = build_task(spec)
+    if args.data:
+        ds = task.load_silo(args.data, args.text_column, args.label_column)
+    else:
+        ds = task.builtin_partition(args.partition_id, args.num_partitions, args.dirichlet_alpha)
+    model = AdapterModel(task, select_device(args.device))
+    return Trainer(model, task.encode(ds), args.rank)
+
+
+def run_trainer(args: argparse.Namespace, host: str, port: int) -> int:
+    """Build the trainer, serve it, block until a signal; return an exit code."""
+    from client.service import serve
+    from server.logs import setup_logging
+
+    setup_logging()
+    try:
+        trainer = build_trainer(args)
+    except (SiloError, TrainerError, ValueError) as e:
+        sys.stderr.write(f"corolla trainer: {e}\n")
+        return 2
+    server, bound = serve(trainer, f"{host}:{port}")
+    p = trainer.describe()
+    log.info("trainer ready: %d examples, rank %d, device %s, model %s", p["num_examples"], p["rank"], p["device"],
+             p["model_fingerprint"])
+    print(f"corolla-trainer listening on {host}:{bound}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=2).wait()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m client.serve`."""
+    p = argparse.ArgumentParser(prog="corolla trainer", description=__doc__)
+    add_trainer_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on stdout)")
+    args = p.parse_args(argv)
+    return run_trainer(args, args.host, args.port)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""gRPC servicer for the trainer: translates proto messages to `Trainer` calls, nothing else."""
+
+from __future__ import annotations
+
+from concurrent import futures
+
+import grpc
+
+from client.trainer import Trainer, TrainerError, TrainJob
+from proto import trainer_pb2, trainer_pb2_grpc, wire
+
+
+class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
+    """Serves one `Trainer`; domain errors become FAILED_PRECONDITION / INVALID_ARGUMENT."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    def Describe(self, request: trainer_pb2.DescribeRequest, context: grpc.ServicerContext) -> trainer_pb2.ClientProfile:  # noqa: N802
+        """Return the trainer's profile."""
+        return trainer_pb2.ClientProfile(**self.trainer.describe())
+
+    def Train(self, request: trainer_pb2.TrainRequest, context: grpc.ServicerContext) -> trainer_pb2.TrainReply:  # noqa: N802
+        """Run one local training job."""
+        try:
+            job = TrainJob(
+                arrays=wire.decode_tensors(request.arrays), rank=request.rank, base_version=request.base_version,
+                local_steps=request.local_steps, batch_size=request.batch_size, lr=request.lr,
+                prox_mu=request.prox_mu, seed=request.seed, pushed_at=request.pushed_at,
+                software_version=request.software_version,
+            )
+            r = self.trainer.train(job)
+        except wire.WireError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except TrainerError as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        meta = trainer_pb2.UpdateMetadata(
+            model_fingerprint=r.fingerprint, base_version=r.base_version, rank=r.rank,
+            num_examples=r.stats.num_examples, loss_mean=r.stats.loss_mean, loss_sq_mean=r.stats.loss_sq_mean,
+            duration_s=r.stats.duration_s, steps=r.stats.steps, started_at=r.stats.started_at, queue_s=r.queue_s,
+        )
+        return trainer_pb2.TrainReply(metadata=meta, arrays=wire.encode_tensors(r.arrays))
+
+    def Evaluate(self, request: trainer_pb2.EvaluateRequest, context: grpc.ServicerContext) -> trainer_pb2.EvaluateReply:  # noqa: N802
+        """Evaluate an adapter on the silo."""
+        try:
+            s = self.trainer.evaluate(wire.decode_tensors(request.arrays), request.rank, request.software_version)
+        except wire.WireError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except TrainerError as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        return trainer_pb2.EvaluateReply(
+            loss=s.loss, accuracy=s.accuracy, num_examples=s.num_examples, model_fingerprint=self.trainer.model.fingerprint
+        )
+
+
+def serve(trainer: Trainer, address: str = "127.0.0.1:0") -> tuple[grpc.Server, int]:
+    """Start a gRPC server for `trainer` on `address`; return it and the bound port.
+
+    One worker thread: a trainer runs one job at a time (a SuperNode also runs one
+    message at a time), so requests queue instead of fighting over the model.
+    """
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1), options=wire.GRPC_OPTIONS)
+    trainer_pb2_grpc.add_TrainerServicer_to_server(TrainerServicer(trainer), server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind the trainer service to {address}; choose another --port.")
+    server.start()
+    return server, port

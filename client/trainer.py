@@ -1,0 +1,128 @@
+"""The silo's long-lived trainer: loads the base model once, trains/evaluates on request.
+
+Flower starts a fresh ClientApp process for every message; this process is what
+keeps the model warm between rounds. `corolla client` (or `python -m
+client.trainer`) starts it; the ClientApp shim reaches it over proto/trainer.proto.
+In simulation the same `Trainer` runs inside the Ray actor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from client.tasks import Encoded, Task
+from client.training import AdapterModel, EvalStats, TrainStats
+from proto import wire
+
+log = logging.getLogger(f"corolla.{__name__}")
+
+
+class TrainerError(RuntimeError):
+    """A job cannot be run by this trainer; the message tells the operator what to change."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainJob:
+    """One local training job, as the server asked for it."""
+
+    arrays: Mapping[str, np.ndarray]
+    rank: int
+    base_version: int
+    local_steps: int
+    batch_size: int
+    lr: float
+    prox_mu: float = 0.0
+    seed: int = 0
+    pushed_at: float = 0.0
+    software_version: str = wire.SOFTWARE_VERSION
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """A finished job: the new adapter and what the server's validation and selectors need."""
+
+    arrays: dict[str, np.ndarray]
+    stats: TrainStats
+    base_version: int
+    rank: int
+    fingerprint: str
+    queue_s: float
+
+
+def _memory_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.get_device_properties(0).total_memory)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+class Trainer:
+    """One silo: a shared `AdapterModel`, the silo's encoded data and the node's LoRA rank."""
+
+    def __init__(self, model: AdapterModel, data: Encoded, rank: int) -> None:
+        if rank < 1:
+            raise TrainerError(f"LoRA rank must be >= 1, got {rank}; pass --rank with a positive integer.")
+        if len(data) == 0:
+            raise TrainerError("the silo holds no examples; a client needs at least one labelled example.")
+        self.model = model
+        self.data = data
+        self.rank = rank
+        self.model_loads = 1
+
+    @property
+    def task(self) -> Task:
+        """The task this trainer serves."""
+        return self.model.task
+
+    def describe(self) -> dict[str, object]:
+        """Return the client profile (proto ClientProfile fields)."""
+        device = str(self.model.device)
+        return {
+            "rank": self.rank, "device": device, "memory_bytes": _memory_bytes(device),
+            "num_examples": len(self.data), "software_version": wire.SOFTWARE_VERSION,
+            "model_fingerprint": self.model.fingerprint, "task": self.task.name, "model_loads": self.model_loads,
+        }
+
+    def _check_version(self, version: str) -> None:
+        if version != wire.SOFTWARE_VERSION:
+            raise TrainerError(
+                f"the server runs corolla {version} but this trainer runs {wire.SOFTWARE_VERSION}; "
+                "install the same corolla version on the server and every client."
+            )
+
+    def train(self, job: TrainJob) -> TrainResult:
+        """Run one local job; raise TrainerError when the job does not fit this trainer."""
+        self._check_version(job.software_version)
+        if job.rank != self.rank:
+            raise TrainerError(f"the server sent a rank-{job.rank} adapter to a rank-{self.rank} trainer.")
+        try:
+            arrays, stats = self.model.train(
+                job.arrays, job.rank, self.data, steps=job.local_steps, batch_size=job.batch_size,
+                lr=job.lr, seed=job.seed, prox_mu=job.prox_mu,
+            )
+        except (ValueError, RuntimeError) as e:
+            raise TrainerError(f"training failed: {e}") from e
+        queue_s = stats.started_at - job.pushed_at if job.pushed_at > 0 else float("nan")
+        log.info("train: version %d, rank %d, %d steps, loss %.4f, %.2fs (queued %.2fs)",
+                 job.base_version, job.rank, stats.steps, stats.loss_mean, stats.duration_s, queue_s)
+        return TrainResult(arrays, stats, job.base_version, job.rank, self.model.fingerprint, queue_s)
+
+    def evaluate(self, arrays: Mapping[str, np.ndarray], rank: int, software_version: str) -> EvalStats:
+        """Evaluate an adapter on this silo."""
+        self._check_version(software_version)
+        try:
+            return self.model.evaluate(arrays, rank, self.data)
+        except (ValueError, RuntimeError) as e:
+            raise TrainerError(f"evaluation failed: {e}") from e
+
+
+def now() -> float:
+    """Wall-clock time, the unit of `pushed_at` and `started_at`."""
+    return time.time()

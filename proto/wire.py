@@ -1,0 +1,89 @@
+"""The wire contract shared by server/ and client/: message keys, versions, tensor codec.
+
+Flower record keys are kebab-case constants defined only here. Array keys inside
+records are peft's state-dict names, never renamed. Importing this module pulls
+in numpy and protobuf only (no torch), so the ClientApp shim stays light.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+from proto import trainer_pb2
+
+SOFTWARE_VERSION = "0.1.0"
+
+# Flower's own keys.
+ARRAYS = "arrays"
+METRICS = "metrics"
+CONFIG = "config"
+NUM_EXAMPLES = "num-examples"
+SERVER_ROUND = "server-round"
+
+# corolla's keys (ConfigRecord going out, MetricRecord coming back).
+LORA_RANK = "lora-rank"
+MODEL_VERSION = "model-version"
+LOCAL_STEPS = "local-steps"
+BATCH_SIZE = "batch-size"
+LR = "lr"
+PROX_MU = "prox-mu"
+SEED = "seed"
+PUSHED_AT = "pushed-at"
+SOFTWARE = "software-version"
+FINGERPRINT = "model-fingerprint"
+LOSS_MEAN = "loss-mean"
+LOSS_SQ_MEAN = "loss-sq-mean"
+DURATION_S = "duration-s"
+STARTED_AT = "started-at"
+QUEUE_S = "queue-s"
+STEPS = "steps"
+MODEL_LOADS = "model-loads"
+DEVICE = "device"
+MEMORY_BYTES = "memory-bytes"
+ERROR = "error"
+ACCURACY = "accuracy"
+LOSS = "loss"
+
+# Node-config keys a SuperNode is started with (flower-supernode --node-config).
+NODE_TRAINER = "trainer-address"
+NODE_PARTITION = "partition-id"
+NODE_PARTITIONS = "num-partitions"
+NODE_RANK = "lora-rank"
+
+WIRE_DTYPES = ("float32", "float16")
+MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+class WireError(ValueError):
+    """A tensor or message on the wire is malformed."""
+
+
+def encode_tensors(arrays: Mapping[str, np.ndarray]) -> list[trainer_pb2.Tensor]:
+    """Pack numpy arrays as Tensor messages (float32 unless already float16)."""
+    out = []
+    for name, a in arrays.items():
+        a = np.ascontiguousarray(a if a.dtype == np.float16 else np.asarray(a, np.float32))
+        out.append(trainer_pb2.Tensor(name=name, shape=list(a.shape), dtype=str(a.dtype), data=a.tobytes()))
+    return out
+
+
+def decode_tensors(tensors: Iterable[trainer_pb2.Tensor]) -> dict[str, np.ndarray]:
+    """Unpack Tensor messages; raise WireError on an unknown dtype or a size that does not match the shape."""
+    out: dict[str, np.ndarray] = {}
+    for t in tensors:
+        if t.dtype not in WIRE_DTYPES:
+            raise WireError(f"tensor `{t.name}` has dtype {t.dtype!r}; the wire carries only {WIRE_DTYPES}.")
+        a = np.frombuffer(t.data, dtype=t.dtype)
+        expected = int(np.prod(t.shape)) if len(t.shape) else 1
+        if a.size != expected:
+            raise WireError(f"tensor `{t.name}` has {a.size} values but shape {list(t.shape)} needs {expected}.")
+        if t.name in out:
+            raise WireError(f"tensor `{t.name}` appears twice in one message.")
+        out[t.name] = a.reshape(tuple(t.shape)).astype(np.float32)
+    return out

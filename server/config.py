@@ -1,0 +1,141 @@
+"""The run configuration: one typed, validated object parsed once and passed down.
+
+Its fields are the `[tool.flwr.app.config]` table of pyproject.toml with
+kebab-case keys (tests/test_config.py keeps the two identical). Every bad key or
+value raises `ConfigError` naming the key, the problem and the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from client.tasks import TaskSpec
+
+MODES = ("sync",)
+AGGREGATIONS = ("fedavg", "fedhl")
+SELECTORS = ("random",)
+MODELS = ("minilm", "tiny-bert")
+TASKS = ("text-classification",)
+DATASETS = ("bbc",)
+FEDHL_WEIGHTINGS = ("truncation", "uniform", "examples")
+SVD_METHODS = ("auto", "exact", "randomized")
+
+
+class ConfigError(ValueError):
+    """A run-configuration key or value is invalid; the message lists what is valid."""
+
+
+def _h(text: str, choices: tuple[str, ...] | None = None, low: float | None = None) -> dict[str, Any]:
+    return {"help": text, "choices": choices, "low": low}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Every knob of a run. Field names are the kebab-case keys with `_` for `-`."""
+
+    task: str = field(default="text-classification", metadata=_h("what is learned", TASKS))
+    model: str = field(default="minilm", metadata=_h("base model", MODELS))
+    dataset: str = field(default="bbc", metadata=_h("built-in corpus for simulation and the test split", DATASETS))
+    max_length: int = field(default=64, metadata=_h("tokens per example", low=8))
+    out_dir: str = field(default="runs/latest", metadata=_h("run directory (metrics, report, plots)"))
+    mode: str = field(default="sync", metadata=_h("driver loop", MODES))
+    aggregation: str = field(default="fedavg", metadata=_h("aggregation rule", AGGREGATIONS))
+    selector: str = field(default="random", metadata=_h("client selection", SELECTORS))
+    num_rounds: int = field(default=10, metadata=_h("global versions to produce", low=1))
+    clients_per_round: int = field(default=4, metadata=_h("clients trained per round", low=1))
+    min_nodes: int = field(default=2, metadata=_h("nodes to wait for before the first round", low=1))
+    local_steps: int = field(default=10, metadata=_h("optimizer steps per local job", low=1))
+    batch_size: int = field(default=16, metadata=_h("examples per local step", low=1))
+    lr: float = field(default=1e-3, metadata=_h("client AdamW learning rate", low=0.0))
+    prox_mu: float = field(default=0.0, metadata=_h("FedProx proximal weight (0: off)", low=0.0))
+    lora_rank: int = field(default=8, metadata=_h("LoRA rank of simulated clients (deployment: each node's own)", low=1))
+    lora_alpha: float = field(default=16.0, metadata=_h("LoRA alpha; scale = alpha / rank", low=0.0))
+    rslora: bool = field(default=False, metadata=_h("scale = alpha / sqrt(rank)"))
+    max_rank: int = field(default=32, metadata=_h("largest rank any client may train (fedhl)", low=1))
+    fedhl_weighting: str = field(default="truncation", metadata=_h("FedHL weights", FEDHL_WEIGHTINGS))
+    svd: str = field(default="auto", metadata=_h("FedHL SVD method", SVD_METHODS))
+    server_lr: float = field(default=1.0, metadata=_h("server learning rate η_g", low=0.0))
+    dirichlet_alpha: float = field(default=0.5, metadata=_h("label skew of simulated silos (<= 0: IID)"))
+    eval_every: int = field(default=1, metadata=_h("evaluate the global model every N versions", low=1))
+    round_timeout: float = field(default=600.0, metadata=_h("seconds to wait for a round's replies", low=1.0))
+    seed: int = field(default=0, metadata=_h("seed of every random choice the server makes"))
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            key = to_key(f.name)
+            if meta.get("choices") and value not in meta["choices"]:
+                raise ConfigError(f"`{key}` = {value!r} is not valid; choose one of {list(meta['choices'])}.")
+            if meta.get("low") is not None and value < meta["low"]:
+                raise ConfigError(f"`{key}` = {value!r} is too small; it must be >= {meta['low']}.")
+        if self.lr <= 0:
+            raise ConfigError(f"`lr` = {self.lr!r} must be > 0.")
+        if self.lora_rank > self.max_rank:
+            raise ConfigError(f"`lora-rank` = {self.lora_rank} exceeds `max-rank` = {self.max_rank}; raise `max-rank`.")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Build from kebab-case keys (Flower's run_config or `--set` pairs); strings are coerced."""
+        known = {to_key(f.name): f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown configuration key(s) {unknown}; valid keys are: {', '.join(sorted(known))}.")
+        kwargs = {known[k].name: _coerce(k, v, known[k].type) for k, v in values.items()}
+        return cls(**kwargs)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """Return kebab-case keys → values (what config.json and `--run-config` hold)."""
+        return {to_key(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def to_json(self) -> str:
+        """Return the resolved configuration as pretty JSON."""
+        return json.dumps(self.to_mapping(), indent=2, sort_keys=True)
+
+    def task_spec(self) -> TaskSpec:
+        """The part of the configuration the task needs."""
+        return TaskSpec(task=self.task, model=self.model, dataset=self.dataset, max_length=self.max_length,
+                        lora_alpha=self.lora_alpha, rslora=self.rslora, seed=self.seed)
+
+
+def to_key(name: str) -> str:
+    """Field name → kebab-case configuration key."""
+    return name.replace("_", "-")
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    typ = {"int": int, "float": float, "bool": bool, "str": str}.get(typ, typ) if isinstance(typ, str) else typ
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes"):
+                return True
+            if str(value).lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if typ is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if typ is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"`{key}` = {value!r} is not a valid {typ.__name__}.") from None
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    """Parse `KEY=VALUE` strings from the command line."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override {pair!r} is not KEY=VALUE (e.g. --set num-rounds=5).")
+        k, v = pair.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out

@@ -1,0 +1,230 @@
+"""What the sync and async drivers share: nodes, dispatch, validation, evaluation, recording.
+
+Each piece lives here exactly once; a driver only decides *when* to select,
+send, aggregate and evaluate.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from proto import wire
+from server.config import RunConfig
+from server.records import RunRecorder
+from strategies import AGGREGATORS, SELECTORS, Aggregator, Candidate, ClientUpdate, Dispatch, LoraSpec, Selector
+from strategies.exceptions import StrategyError
+
+log = logging.getLogger(f"corolla.{__name__}")
+
+
+class RejectedReply(Exception):
+    """A reply that must not reach the global model; `str(e)` is the recorded reason."""
+
+
+@dataclass
+class NodeInfo:
+    """What the server knows about one SuperNode (from its profile reply)."""
+
+    node_id: int
+    rank: int
+    num_examples: int
+    device: str = ""
+    fingerprint: str = ""
+    software_version: str = ""
+    model_loads: int = 0
+    telemetry: dict[str, float] = field(default_factory=dict)
+
+
+def nbytes(arrays: dict[str, np.ndarray]) -> int:
+    """Bytes of a set of arrays on the wire (float32)."""
+    return int(sum(np.asarray(a).size * 4 for a in arrays.values()))
+
+
+def build_aggregator(cfg: RunConfig, initial: dict[str, np.ndarray]) -> Aggregator:
+    """Look the configured aggregation up in the registry and build it."""
+    lora = LoraSpec(alpha=cfg.lora_alpha, rslora=cfg.rslora)
+    cls = AGGREGATORS[cfg.aggregation]
+    if cfg.aggregation == "fedhl":
+        return cls(initial, lora, weighting=cfg.fedhl_weighting, svd=cfg.svd, max_rank=cfg.max_rank)  # type: ignore[call-arg]
+    return cls(initial, lora)
+
+
+def build_selector(cfg: RunConfig) -> Selector:
+    """Look the configured selector up in the registry and build it."""
+    return SELECTORS[cfg.selector](seed=cfg.seed)  # type: ignore[call-arg]
+
+
+class Federation:
+    """Server state and the shared steps of every driver."""
+
+    def __init__(self, cfg: RunConfig, grid: Grid) -> None:
+        from client.tasks import build_task
+        from client.training import MergedEvaluator, initial_adapter, select_device
+
+        self.cfg = cfg
+        self.grid = grid
+        self.recorder = RunRecorder(cfg.out_dir, cfg.to_json())
+        task = build_task(cfg.task_spec())
+        self.evaluator = MergedEvaluator(task, select_device())
+        self.test_data = task.encode(task.builtin_test())
+        init_rank = cfg.max_rank if cfg.aggregation == "fedhl" else cfg.lora_rank
+        self.aggregator = build_aggregator(cfg, initial_adapter(task, init_rank, cfg.seed))
+        self.selector = build_selector(cfg)
+        self.nodes: dict[int, NodeInfo] = {}
+        self.refused: dict[int, str] = {}
+        log.info("federation: %s", {**self.aggregator.summary(), **self.selector.summary()})
+
+    # ---- nodes -------------------------------------------------------------------------
+    def refresh_nodes(self, wait_for: int = 0, timeout: float = 600.0) -> list[int]:
+        """Profile nodes not seen before (waiting until `wait_for` are usable); return usable ids."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ids = set(self.grid.get_node_ids())
+            new = sorted(ids - set(self.nodes) - set(self.refused))
+            if new:
+                self._profile(new)
+            usable = sorted(i for i in ids if i in self.nodes)
+            if len(usable) >= wait_for:
+                return usable
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"only {len(usable)} of the {wait_for} nodes needed (min-nodes) joined within {timeout:.0f}s; "
+                    "start more SuperNodes or lower min-nodes."
+                )
+            time.sleep(1.0)
+
+    def _profile(self, node_ids: list[int]) -> None:
+        msgs = [Message(RecordDict({wire.CONFIG: ConfigRecord({wire.SOFTWARE: wire.SOFTWARE_VERSION})}),
+                        dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
+        for reply in self.grid.send_and_receive(msgs, timeout=self.cfg.round_timeout):
+            nid = reply.metadata.src_node_id
+            if reply.has_error():
+                self.refused[nid] = f"profile failed: {reply.error.reason}"
+                log.warning("node %d: %s", nid, self.refused[nid])
+                self.recorder.node({"node": nid, "status": "refused", "reason": self.refused[nid]})
+                continue
+            m, c = reply.content[wire.METRICS], reply.content[wire.CONFIG]
+            info = NodeInfo(node_id=nid, rank=int(m[wire.LORA_RANK]), num_examples=int(m[wire.NUM_EXAMPLES]),
+                            device=str(c[wire.DEVICE]), fingerprint=str(c[wire.FINGERPRINT]),
+                            software_version=str(c[wire.SOFTWARE]), model_loads=int(m[wire.MODEL_LOADS]))
+            reason = self._refusal(info)
+            self.recorder.node({"node": nid, "status": "refused" if reason else "ok", "reason": reason,
+                                **info.__dict__})
+            if reason:
+                self.refused[nid] = reason
+                log.warning("node %d refused: %s", nid, reason)
+            else:
+                self.nodes[nid] = info
+                log.info("node %d joined: rank %d, %d examples, %s", nid, info.rank, info.num_examples, info.device)
+
+    def _refusal(self, info: NodeInfo) -> str | None:
+        if info.software_version != wire.SOFTWARE_VERSION:
+            return (f"runs corolla {info.software_version}, the server runs {wire.SOFTWARE_VERSION}; "
+                    "install the same version on every node")
+        if info.fingerprint != self.evaluator.fingerprint:
+            return (f"base model fingerprint {info.fingerprint} differs from the server's "
+                    f"{self.evaluator.fingerprint}; start the trainer with the same --model")
+        try:
+            self.aggregator.dispatch(info.rank)
+        except (StrategyError, ValueError) as e:
+            return str(e)
+        return None
+
+    def candidates(self, node_ids: list[int]) -> list[Candidate]:
+        """Selector view of the usable nodes."""
+        return [Candidate(node_id=n, num_examples=self.nodes[n].num_examples, rank=self.nodes[n].rank,
+                          telemetry=self.nodes[n].telemetry) for n in node_ids]
+
+    # ---- dispatch ----------------------------------------------------------------------
+    def train_message(self, node_id: int, dispatch: Dispatch, seed: int) -> Message:
+        """Build the train message for one node from its dispatch."""
+        cfg = self.cfg
+        config = ConfigRecord({
+            wire.SERVER_ROUND: dispatch.version + 1, wire.MODEL_VERSION: dispatch.version,
+            wire.LORA_RANK: dispatch.rank, wire.LOCAL_STEPS: cfg.local_steps, wire.BATCH_SIZE: cfg.batch_size,
+            wire.LR: cfg.lr, wire.PROX_MU: cfg.prox_mu, wire.SEED: seed, wire.PUSHED_AT: time.time(),
+            wire.SOFTWARE: wire.SOFTWARE_VERSION,
+        })
+        arrays = ArrayRecord(array_dict={k: Array.from_numpy_ndarray(np.asarray(v, np.float32))
+                                         for k, v in dispatch.arrays.items()})
+        self.recorder.bytes_down += nbytes(dict(dispatch.arrays))
+        return Message(RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config}), dst_node_id=node_id,
+                       message_type=MessageType.TRAIN)
+
+    # ---- replies -----------------------------------------------------------------------
+    def to_update(self, reply: Message, sent: Dispatch, current_version: int) -> ClientUpdate:
+        """Validate a reply against what its node was sent; raise RejectedReply with the reason."""
+        nid = reply.metadata.src_node_id
+        if reply.has_error():
+            raise RejectedReply(f"node {nid} replied with error {reply.error.code}: {reply.error.reason}")
+        content = reply.content
+        for key in (wire.ARRAYS, wire.METRICS, wire.CONFIG):
+            if key not in content:
+                raise RejectedReply(f"node {nid}: reply has no `{key}` record")
+        m = content[wire.METRICS]
+        arrays = {k: a.numpy() for k, a in content[wire.ARRAYS].items()}
+        self.recorder.bytes_up += nbytes(arrays)
+        n = int(m.get(wire.NUM_EXAMPLES, 0))
+        if n <= 0:
+            raise RejectedReply(f"node {nid}: reply reports {n} training examples; at least 1 is required")
+        if int(m.get(wire.MODEL_VERSION, -1)) != sent.version:
+            raise RejectedReply(f"node {nid}: reply is for version {m.get(wire.MODEL_VERSION)}, "
+                                f"it was sent version {sent.version}")
+        if int(m.get(wire.LORA_RANK, -1)) != sent.rank:
+            raise RejectedReply(f"node {nid}: reply has rank {m.get(wire.LORA_RANK)}, it was sent rank {sent.rank}")
+        fp = str(content[wire.CONFIG].get(wire.FINGERPRINT, ""))
+        if fp != self.evaluator.fingerprint:
+            raise RejectedReply(f"node {nid}: trained on base model {fp}, the server's is {self.evaluator.fingerprint}")
+        telemetry = {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}
+        update = ClientUpdate(node_id=nid, arrays=arrays, sent=sent, num_examples=n,
+                              staleness=current_version - sent.version, metrics=telemetry)
+        try:
+            self.aggregator.check(update)
+        except StrategyError as e:
+            raise RejectedReply(e.reason) from None
+        if nid in self.nodes:
+            self.nodes[nid].telemetry = telemetry
+        return update
+
+    def record_update(self, update: ClientUpdate | None, node_id: int, status: str, reason: str = "",
+                      weight: float | None = None) -> None:
+        """Append one reply's outcome to updates.jsonl."""
+        row: dict = {"node": node_id, "status": status, "reason": reason}
+        if update is not None:
+            m = update.metrics
+            row.update(rank=update.rank, base_version=update.sent.version, staleness=update.staleness,
+                       num_examples=update.num_examples, weight=weight, truncation_error=update.sent.truncation_error,
+                       loss_mean=m.get(wire.LOSS_MEAN), duration_s=m.get(wire.DURATION_S),
+                       queue_s=m.get(wire.QUEUE_S))
+        self.recorder.update(row)
+
+    # ---- evaluation --------------------------------------------------------------------
+    def evaluate(self, clients: int, **extra: float) -> dict:
+        """Evaluate the exact global model on the held-out test split and record it."""
+        merged = self.aggregator.merged()
+        s = self.evaluator.evaluate(merged.deltas, merged.dense, self.test_data)
+        row = self.recorder.evaluation(self.aggregator.version, s.accuracy, s.loss, clients, **extra)
+        log.info("version %d: accuracy %.4f, loss %.4f (%.1fs)", row["version"], s.accuracy, s.loss, row["wall_s"])
+        return row
+
+    def finish(self) -> dict:
+        """Write summary.json and the report."""
+        from server.report import write_report
+
+        summary = self.recorder.finish(aggregation=self.cfg.aggregation, mode=self.cfg.mode)
+        write_report(self.recorder.dir)
+        log.info("run finished: final accuracy %s, peak %s, %.1fs; report in %s",
+                 summary["final_accuracy"], summary["peak_accuracy"], summary["wall_s"], self.recorder.dir)
+        return summary
+
+
+def finite_or_nan(x: float) -> float:
+    """Return x if finite else NaN (telemetry hygiene)."""
+    return x if math.isfinite(x) else math.nan

@@ -1,0 +1,97 @@
+"""The run directory: the contract every driver, report and benchmark shares.
+
+- config.json   the resolved run configuration
+- metrics.jsonl one object per evaluation: version, wall_s, accuracy, loss, bytes_up, bytes_down, clients
+- updates.jsonl one object per client reply: node, rank, accepted or the rejection reason, weights, telemetry
+- nodes.jsonl   one object per node profile seen
+- summary.json  final_accuracy, peak_accuracy, stability_drop, wall_s (+ counts)
+- report.md, curves.png  written by server/report.py
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+class RunRecorder:
+    """Appends JSON lines as the run goes; writes the summary at the end."""
+
+    def __init__(self, out_dir: str | Path, config_json: str) -> None:
+        self.dir = Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for name in ("metrics.jsonl", "updates.jsonl", "nodes.jsonl", "summary.json"):
+            (self.dir / name).unlink(missing_ok=True)
+        (self.dir / "config.json").write_text(config_json + "\n")
+        self.t0 = time.monotonic()
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.rejected = 0
+        self.failed = 0
+        self.evals: list[dict[str, Any]] = []
+
+    def wall_s(self) -> float:
+        """Seconds since the run started."""
+        return time.monotonic() - self.t0
+
+    def _append(self, name: str, row: dict[str, Any]) -> None:
+        with (self.dir / name).open("a") as f:
+            f.write(json.dumps(_clean(row), sort_keys=True) + "\n")
+
+    def node(self, row: dict[str, Any]) -> None:
+        """Record a node profile."""
+        self._append("nodes.jsonl", {"wall_s": round(self.wall_s(), 3), **row})
+
+    def update(self, row: dict[str, Any]) -> None:
+        """Record one client reply (accepted, rejected or failed)."""
+        status = row.get("status")
+        self.rejected += status == "rejected"
+        self.failed += status == "failed"
+        self._append("updates.jsonl", {"wall_s": round(self.wall_s(), 3), **row})
+
+    def evaluation(self, version: int, accuracy: float, loss: float, clients: int, **extra: Any) -> dict[str, Any]:
+        """Record an evaluation of global version `version`."""
+        row = {"version": version, "wall_s": round(self.wall_s(), 3), "accuracy": accuracy, "loss": loss,
+               "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "clients": clients, **extra}
+        self.evals.append(row)
+        self._append("metrics.jsonl", row)
+        return row
+
+    def finish(self, **extra: Any) -> dict[str, Any]:
+        """Write summary.json and return it."""
+        summary = summarize(self.evals)
+        summary.update(wall_s=round(self.wall_s(), 3), rejected_updates=self.rejected, failed_replies=self.failed,
+                       bytes_up=self.bytes_up, bytes_down=self.bytes_down, **extra)
+        (self.dir / "summary.json").write_text(json.dumps(_clean(summary), indent=2, sort_keys=True) + "\n")
+        return summary
+
+
+def summarize(evals: list[dict[str, Any]]) -> dict[str, Any]:
+    """Return final/peak accuracy and the stability drop (peak − final) of an evaluation series."""
+    if not evals:
+        return {"final_accuracy": None, "peak_accuracy": None, "stability_drop": None, "versions": 0}
+    accs = [e["accuracy"] for e in evals]
+    final, peak = accs[-1], max(accs)
+    return {"final_accuracy": final, "peak_accuracy": peak, "stability_drop": peak - final,
+            "versions": evals[-1]["version"], "peak_version": evals[accs.index(peak)]["version"]}
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read a JSON-lines file (missing file: empty list)."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]

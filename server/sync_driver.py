@@ -1,0 +1,53 @@
+"""Synchronous rounds over Flower's Grid: select, send, wait, validate, aggregate, evaluate."""
+
+from __future__ import annotations
+
+import logging
+
+from server.federation import Federation, RejectedReply
+from strategies import ClientUpdate
+from strategies.exceptions import StrategyError
+
+log = logging.getLogger(f"corolla.{__name__}")
+
+
+def run_sync(fed: Federation) -> dict:
+    """Run `num-rounds` synchronous rounds; return the run summary."""
+    cfg = fed.cfg
+    fed.refresh_nodes(wait_for=cfg.min_nodes, timeout=cfg.round_timeout)
+    fed.evaluate(clients=0)
+    for rnd in range(1, cfg.num_rounds + 1):
+        usable = fed.refresh_nodes()
+        picked = fed.selector.select(fed.candidates(usable), cfg.clients_per_round, rnd)
+        sent = {n: fed.aggregator.dispatch(fed.nodes[n].rank) for n in picked}
+        msgs = [fed.train_message(n, d, seed=cfg.seed * 100_003 + rnd * 1_009 + i) for i, (n, d) in enumerate(sent.items())]
+        replies = fed.grid.send_and_receive(msgs, timeout=cfg.round_timeout)
+        updates: list[ClientUpdate] = []
+        for reply in replies:
+            nid = reply.metadata.src_node_id
+            try:
+                updates.append(fed.to_update(reply, sent[nid], fed.aggregator.version))
+            except RejectedReply as e:
+                status = "failed" if reply.has_error() else "rejected"
+                log.warning("round %d: %s", rnd, e)
+                fed.record_update(None, nid, status, str(e))
+        missing = set(picked) - {r.metadata.src_node_id for r in replies}
+        for nid in sorted(missing):
+            fed.record_update(None, nid, "failed", f"node {nid} did not reply within {cfg.round_timeout:.0f}s")
+        if not updates:
+            log.warning("round %d: no usable updates; the global model is unchanged", rnd)
+            continue
+        try:
+            weights = fed.aggregator.aggregate(updates, server_lr=cfg.server_lr)
+        except StrategyError as e:
+            log.warning("round %d: %s", rnd, e.reason)
+            for u in updates:
+                fed.record_update(u, u.node_id, "rejected", e.reason)
+            continue
+        for u, w in zip(updates, weights.lora):
+            fed.record_update(u, u.node_id, "accepted", weight=float(w))
+        fed.selector.observe(updates, rnd)
+        log.info("round %d: aggregated %d of %d updates", rnd, len(updates), len(picked))
+        if fed.aggregator.version % cfg.eval_every == 0 or rnd == cfg.num_rounds:
+            fed.evaluate(clients=len(updates))
+    return fed.finish()
