@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from client.tasks import Encoded, Task
+from client import training
 from client.training import AdapterModel, EvalStats, TrainStats
 from proto import wire
 
@@ -74,7 +75,6 @@ class Trainer:
         self.model = model
         self.data = data
         self.rank = rank
-        self.model_loads = 1
 
     @property
     def task(self) -> Task:
@@ -87,7 +87,7 @@ class Trainer:
         return {
             "rank": self.rank, "device": device, "memory_bytes": _memory_bytes(device),
             "num_examples": len(self.data), "software_version": wire.SOFTWARE_VERSION,
-            "model_fingerprint": self.model.fingerprint, "task": self.task.name, "model_loads": self.model_loads,
+            "model_fingerprint": self.model.fingerprint, "task": self.task.name, "model_loads": training.MODEL_LOADS,
         }
 
     def _check_version(self, version: str) -> None:

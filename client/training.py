@@ -23,6 +23,16 @@ from client.tasks.base import Encoded, Task
 
 BASE_PREFIX = "base_model.model."
 
+# Base-model loads in this process: reported to the server, which proves the model stays warm.
+MODEL_LOADS = 0
+
+
+def load_base(task: Task) -> nn.Module:
+    """Load the task's base model, counting the load."""
+    global MODEL_LOADS
+    MODEL_LOADS += 1
+    return task.load_base_model()
+
 
 def select_device(requested: str = "auto") -> torch.device:
     """Return CUDA when present (or asked for), else CPU."""
@@ -87,7 +97,7 @@ class AdapterModel:
     def __init__(self, task: Task, device: torch.device) -> None:
         self.task = task
         self.device = device
-        self.base = task.load_base_model().to(device)
+        self.base = load_base(task).to(device)
         self.fingerprint = task.fingerprint(self.base)
         self.model: PeftModel | None = None
 
@@ -172,7 +182,7 @@ def initial_adapter(task: Task, rank: int, seed: int) -> dict[str, np.ndarray]:
     """Return peft's freshly initialised adapter at `rank` (seeded: identical on every host)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = get_peft_model(task.load_base_model(), task.lora_config(rank), adapter_name="init")
+        model = get_peft_model(load_base(task), task.lora_config(rank), adapter_name="init")
     sd = get_peft_model_state_dict(model, adapter_name="init")
     return {k: v.detach().float().cpu().numpy() for k, v in sd.items()}
 
@@ -187,7 +197,7 @@ class MergedEvaluator:
     def __init__(self, task: Task, device: torch.device) -> None:
         self.task = task
         self.device = device
-        self.model = task.load_base_model().to(device)
+        self.model = load_base(task).to(device)
         self.fingerprint = task.fingerprint(self.model)
         self.params = dict(self.model.named_parameters())
         self.original = {k: p.detach().clone() for k, p in self.params.items()}

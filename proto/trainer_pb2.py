@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13proto/trainer.proto\x12\x12\x63orolla.trainer.v1\"B\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\xb1\x01\n\rClientProfile\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x03\x12\x18\n\x10software_version\x18\x05 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x06 \x01(\t\x12\x0c\n\x04task\x18\x07 \x01(\t\x12\x13\n\x0bmodel_loads\x18\x08 \x01(\x05\"\xd6\x01\n\x0eUpdateMetadata\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x02 \x01(\x03\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x03\x12\x11\n\tloss_mean\x18\x05 \x01(\x01\x12\x14\n\x0closs_sq_mean\x18\x06 \x01(\x01\x12\x12\n\nduration_s\x18\x07 \x01(\x01\x12\r\n\x05steps\x18\x08 \x01(\x05\x12\x12\n\nstarted_at\x18\t \x01(\x01\x12\x0f\n\x07queue_s\x18\n \x01(\x01\"\xdf\x01\n\x0cTrainRequest\x12\x14\n\x0c\x62\x61se_version\x18\x01 \x01(\x03\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x13\n\x0blocal_steps\x18\x03 \x01(\x05\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12\n\n\x02lr\x18\x05 \x01(\x01\x12\x0f\n\x07prox_mu\x18\x06 \x01(\x01\x12\x0c\n\x04seed\x18\x07 \x01(\x03\x12\x11\n\tpushed_at\x18\x08 \x01(\x01\x12\x18\n\x10software_version\x18\t \x01(\t\x12*\n\x06\x61rrays\x18\n \x03(\x0b\x32\x1a.corolla.trainer.v1.Tensor\"n\n\nTrainReply\x12\x34\n\x08metadata\x18\x01 \x01(\x0b\x32\".corolla.trainer.v1.UpdateMetadata\x12*\n\x06\x61rrays\x18\x02 \x03(\x0b\x32\x1a.corolla.trainer.v1.Tensor\"{\n\x0f\x45valuateRequest\x12\x14\n\x0c\x62\x61se_version\x18\x01 \x01(\x03\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x18\n\x10software_version\x18\x03 \x01(\t\x12*\n\x06\x61rrays\x18\x04 \x03(\x0b\x32\x1a.corolla.trainer.v1.Tensor\"`\n\rEvaluateReply\x12\x0c\n\x04loss\x18\x01 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x01\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\x12\x19\n\x11model_fingerprint\x18\x04 \x01(\t\"\x11\n\x0f\x44\x65scribeRequest2\xfc\x01\n\x07Trainer\x12R\n\x08\x44\x65scribe\x12#.corolla.trainer.v1.DescribeRequest\x1a!.corolla.trainer.v1.ClientProfile\x12I\n\x05Train\x12 .corolla.trainer.v1.TrainRequest\x1a\x1e.corolla.trainer.v1.TrainReply\x12R\n\x08\x45valuate\x12#.corolla.trainer.v1.EvaluateRequest\x1a!.corolla.trainer.v1.EvaluateReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13proto/trainer.proto\x12\x12\x63orolla.trainer.v1\"B\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\xb1\x01\n\rClientProfile\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x03\x12\x18\n\x10software_version\x18\x05 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x06 \x01(\t\x12\x0c\n\x04task\x18\x07 \x01(\t\x12\x13\n\x0bmodel_loads\x18\x08 \x01(\x05\"\x80\x02\n\x0eUpdateMetadata\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x02 \x01(\x03\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x03\x12\x11\n\tloss_mean\x18\x05 \x01(\x01\x12\x14\n\x0closs_sq_mean\x18\x06 \x01(\x01\x12\x12\n\nduration_s\x18\x07 \x01(\x01\x12\r\n\x05steps\x18\x08 \x01(\x05\x12\x12\n\nstarted_at\x18\t \x01(\x01\x12\x0f\n\x07queue_s\x18\n \x01(\x01\x12\x13\n\x0bmodel_loads\x18\x0b \x01(\x05\x12\x13\n\x0btrainer_pid\x18\x0c \x01(\x03\"\xdf\x01\n\x0cTrainRequest\x12\x14\n\x0c\x62\x61se_version\x18\x01 \x01(\x03\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x13\n\x0blocal_steps\x18\x03 \x01(\x05\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12\n\n\x02lr\x18\x05 \x01(\x01\x12\x0f\n\x07prox_mu\x18\x06 \x01(\x01\x12\x0c\n\x04seed\x18\x07 \x01(\x03\x12\x11\n\tpushed_at\x18\x08 \x01(\x01\x12\x18\n\x10software_version\x18\t \x01(\t\x12*\n\x06\x61rrays\x18\n \x03(\x0b\x32\x1a.corolla.trainer.v1.Tensor\"n\n\nTrainReply\x12\x34\n\x08metadata\x18\x01 \x01(\x0b\x32\".corolla.trainer.v1.UpdateMetadata\x12*\n\x06\x61rrays\x18\x02 \x03(\x0b\x32\x1a.corolla.trainer.v1.Tensor\"{\n\x0f\x45valuateRequest\x12\x14\n\x0c\x62\x61se_version\x18\x01 \x01(\x03\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x18\n\x10software_version\x18\x03 \x01(\t\x12*\n\x06\x61rrays\x18\x04 \x03(\x0b\x32\x1a.corolla.trainer.v1.Tensor\"`\n\rEvaluateReply\x12\x0c\n\x04loss\x18\x01 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x01\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\x12\x19\n\x11model_fingerprint\x18\x04 \x01(\t\"\x11\n\x0f\x44\x65scribeRequest2\xfc\x01\n\x07Trainer\x12R\n\x08\x44\x65scribe\x12#.corolla.trainer.v1.DescribeRequest\x1a!.corolla.trainer.v1.ClientProfile\x12I\n\x05Train\x12 .corolla.trainer.v1.TrainRequest\x1a\x1e.corolla.trainer.v1.TrainReply\x12R\n\x08\x45valuate\x12#.corolla.trainer.v1.EvaluateRequest\x1a!.corolla.trainer.v1.EvaluateReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,17 +36,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLIENTPROFILE']._serialized_start=112
   _globals['_CLIENTPROFILE']._serialized_end=289
   _globals['_UPDATEMETADATA']._serialized_start=292
-  _globals['_UPDATEMETADATA']._serialized_end=506
-  _globals['_TRAINREQUEST']._serialized_start=509
-  _globals['_TRAINREQUEST']._serialized_end=732
-  _globals['_TRAINREPLY']._serialized_start=734
-  _globals['_TRAINREPLY']._serialized_end=844
-  _globals['_EVALUATEREQUEST']._serialized_start=846
-  _globals['_EVALUATEREQUEST']._serialized_end=969
-  _globals['_EVALUATEREPLY']._serialized_start=971
-  _globals['_EVALUATEREPLY']._serialized_end=1067
-  _globals['_DESCRIBEREQUEST']._serialized_start=1069
-  _globals['_DESCRIBEREQUEST']._serialized_end=1086
-  _globals['_TRAINER']._serialized_start=1089
-  _globals['_TRAINER']._serialized_end=1341
+  _globals['_UPDATEMETADATA']._serialized_end=548
+  _globals['_TRAINREQUEST']._serialized_start=551
+  _globals['_TRAINREQUEST']._serialized_end=774
+  _globals['_TRAINREPLY']._serialized_start=776
+  _globals['_TRAINREPLY']._serialized_end=886
+  _globals['_EVALUATEREQUEST']._serialized_start=888
+  _globals['_EVALUATEREQUEST']._serialized_end=1011
+  _globals['_EVALUATEREPLY']._serialized_start=1013
+  _globals['_EVALUATEREPLY']._serialized_end=1109
+  _globals['_DESCRIBEREQUEST']._serialized_start=1111
+  _globals['_DESCRIBEREQUEST']._serialized_end=1128
+  _globals['_TRAINER']._serialized_start=1131
+  _globals['_TRAINER']._serialized_end=1383
 # @@protoc_insertion_point(module_scope)

@@ -202,7 +202,8 @@ class Federation:
             row.update(rank=update.rank, base_version=update.sent.version, staleness=update.staleness,
                        num_examples=update.num_examples, weight=weight, truncation_error=update.sent.truncation_error,
                        loss_mean=m.get(wire.LOSS_MEAN), duration_s=m.get(wire.DURATION_S),
-                       queue_s=m.get(wire.QUEUE_S))
+                       queue_s=m.get(wire.QUEUE_S), model_loads=m.get(wire.MODEL_LOADS),
+                       trainer_pid=m.get(wire.TRAINER_PID))
         self.recorder.update(row)
 
     # ---- evaluation --------------------------------------------------------------------
@@ -218,6 +219,9 @@ class Federation:
         """Write summary.json and the report."""
         from server.report import write_report
 
+        merged = self.aggregator.merged()
+        np.savez(self.recorder.dir / "global.npz", **{f"delta/{k}": v for k, v in merged.deltas.items()},
+                 **{f"dense/{k}": v for k, v in merged.dense.items()})
         summary = self.recorder.finish(aggregation=self.cfg.aggregation, mode=self.cfg.mode)
         write_report(self.recorder.dir)
         log.info("run finished: final accuracy %s, peak %s, %.1fs; report in %s",

@@ -55,7 +55,8 @@ def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[
     """Environment for Flower processes: private FLWR_HOME, no telemetry, no update check, offline hub."""
     env = dict(os.environ)
     env.update(FLWR_HOME=str(flwr_home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
-               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
+               PYTHONWARNINGS="ignore::FutureWarning,ignore::DeprecationWarning", RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_DIR), env.get("PYTHONPATH", "")]))
     env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])
     env.update(extra or {})
@@ -125,16 +126,17 @@ def write_connection(flwr_home: Path, name: str, address: str, *, root_certifica
 
 
 def simulation_options(num_supernodes: int, cpus_per_client: int, total_cpus: int) -> dict[str, Any]:
-    """Ray backend options for a simulated federation."""
-    return {"num-supernodes": num_supernodes, "backend": {
-        "name": "ray", "client-resources": {"num-cpus": cpus_per_client, "num-gpus": 0},
-        "init-args": {"num-cpus": total_cpus, "num-gpus": 0, "logging-level": "ERROR", "log-to-driver": True}}}
+    """Ray backend options for a simulated federation (`flwr run --federation-config` keys)."""
+    return {"num-supernodes": num_supernodes, "client-resources-num-cpus": cpus_per_client,
+            "init-args-num-cpus": total_cpus}
 
 
 def flwr_run(connection: str, run_config: Mapping[str, Any], env: Mapping[str, str], timeout: float | None = None,
-             log_path: Path | None = None) -> int:
+             log_path: Path | None = None, federation_config: Mapping[str, Any] | None = None) -> int:
     """Submit this project with `flwr run . CONNECTION --stream`; stream its output; return its exit code."""
     cmd = [str(BIN / "flwr"), "run", str(PROJECT_DIR), connection, "--stream", "--run-config", run_config_arg(run_config)]
+    if federation_config:
+        cmd += ["--federation-config", run_config_arg(federation_config)]
     proc = start(cmd, env, log_path)
     try:
         return proc.wait(timeout)

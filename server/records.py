@@ -4,6 +4,7 @@
 - metrics.jsonl one object per evaluation: version, wall_s, accuracy, loss, bytes_up, bytes_down, clients
 - updates.jsonl one object per client reply: node, rank, accepted or the rejection reason, weights, telemetry
 - nodes.jsonl   one object per node profile seen
+- global.npz    the final global model: `delta/<layer>` ΔW per LoRA layer, `dense/<key>` trained parameters
 - summary.json  final_accuracy, peak_accuracy, stability_drop, wall_s (+ counts)
 - report.md, curves.png  written by server/report.py
 """

@@ -27,16 +27,14 @@ def run_simulation(cfg: RunConfig, num_supernodes: int, cpus_per_client: int = 1
     total = total_cpus or os.cpu_count() or 1
     env = launch.flower_env(flwr_home, {"RAY_TMPDIR": str(flwr_home / "ray"), "RAY_DEDUP_LOGS": "0",
                                         "OMP_NUM_THREADS": str(cpus_per_client)})
-    launch.write_connection(flwr_home, "corolla-sim", "127.0.0.1:0")  # address filled below
     procs: list = []
     with launch.running(procs):
         link, address = launch.start_superlink(flwr_home, simulation=True, log_path=out / "superlink.log")
         procs.append(link)
-        launch.write_connection(flwr_home, "corolla-sim", address,
-                                options=launch.simulation_options(num_supernodes, cpus_per_client, total))
+        launch.write_connection(flwr_home, "corolla-sim", address)
         run_cfg = {**cfg.to_mapping(), "out-dir": str(out)}
-        code = launch.flwr_run("corolla-sim", run_cfg, {**env, "FLWR_HOME": str(flwr_home)}, timeout=timeout,
-                               log_path=log_path)
+        code = launch.flwr_run("corolla-sim", run_cfg, env, timeout=timeout, log_path=log_path,
+                               federation_config=launch.simulation_options(num_supernodes, cpus_per_client, total))
     summary_path = out / "summary.json"
     if code != 0 or not summary_path.exists():
         raise RuntimeError(f"the simulation failed (flwr run exited {code}); see {out / 'superlink.log'}"

@@ -83,11 +83,14 @@ class Task(ABC):
     def load_silo(self, path: str, text_column: str, label_column: str) -> datasets.Dataset:
         """Load a user's silo file."""
 
+    #: modules trained in full and exchanged (not part of the frozen base, so not fingerprinted)
+    trained_modules: ClassVar[tuple[str, ...]] = ()
+
     def fingerprint(self, model: nn.Module) -> str:
         """Hash the frozen base weights, so server and clients can prove they share one base model."""
         h = hashlib.sha256()
         for name, p in sorted(model.state_dict().items()):
-            if p.is_floating_point():
+            if p.is_floating_point() and not name.startswith(self.trained_modules):
                 h.update(name.encode())
                 h.update(p.detach().float().flatten()[:4096].cpu().numpy().tobytes())
         return h.hexdigest()[:16]

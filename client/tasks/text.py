@@ -33,6 +33,7 @@ class TextClassification(Task):
     """
 
     name = "text-classification"
+    trained_modules = ("classifier",)
 
     @property
     def label_names(self) -> tuple[str, ...]:
@@ -66,7 +67,7 @@ class TextClassification(Task):
         """LoRA on query/value, classifier head trained in full (modules_to_save)."""
         return LoraConfig(
             r=rank, lora_alpha=self.spec.lora_alpha, use_rslora=self.spec.rslora, lora_dropout=0.0,
-            target_modules=["query", "value"], modules_to_save=["classifier"],
+            target_modules=["query", "value"], modules_to_save=list(self.trained_modules),
         )
 
     def encode(self, ds: datasets.Dataset) -> Encoded:
