@@ -36,11 +36,13 @@ def _metadata_metrics(meta: trainer_pb2.UpdateMetadata) -> MetricRecord:
 def _train_request(msg: Message) -> trainer_pb2.TrainRequest:
     cfg = msg.content[wire.CONFIG]
     arrays = {k: a.numpy() for k, a in msg.content[wire.ARRAYS].items()}
+    frozen = {k: a.numpy() for k, a in msg.content[wire.FROZEN].items()} if wire.FROZEN in msg.content else {}
     return trainer_pb2.TrainRequest(
         base_version=int(cfg[wire.MODEL_VERSION]), rank=int(cfg[wire.LORA_RANK]),
         local_steps=int(cfg[wire.LOCAL_STEPS]), batch_size=int(cfg[wire.BATCH_SIZE]), lr=float(cfg[wire.LR]),
         prox_mu=float(cfg[wire.PROX_MU]), seed=int(cfg[wire.SEED]), pushed_at=float(cfg[wire.PUSHED_AT]),
         software_version=str(cfg[wire.SOFTWARE]), arrays=wire.encode_tensors(arrays),
+        frozen=wire.encode_tensors(frozen),
     )
 
 

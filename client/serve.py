@@ -27,7 +27,7 @@ def add_trainer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--partition-id", type=int, default=0, help="built-in partition when --data is omitted")
     p.add_argument("--num-partitions", type=int, default=1, help="number of built-in partitions")
     p.add_argument("--dirichlet-alpha", type=float, default=0.5, help="label skew of built-in partitions")
-    p.add_argument("--rank", type=int, default=8, help="this node's LoRA rank (default: 8)")
+    p.add_argument("--rank", default="8", help="this node's LoRA rank, or `auto` to pick one from the device (default: 8)")
     p.add_argument("--task", default="text-classification")
     p.add_argument("--model", default="minilm", help="minilm (default) or tiny-bert (tests)")
     p.add_argument("--max-length", type=int, default=64)
@@ -53,8 +53,22 @@ def build_trainer(args: argparse.Namespace) -> Trainer:
         ds = task.load_silo(args.data, args.text_column, args.label_column)
     else:
         ds = task.builtin_partition(args.partition_id, args.num_partitions, args.dirichlet_alpha)
-    model = AdapterModel(task, select_device(args.device))
-    return Trainer(model, task.encode(ds), args.rank)
+    device = select_device(args.device)
+    model = AdapterModel(task, device)
+    return Trainer(model, task.encode(ds), parse_rank(args.rank, str(device)))
+
+
+def parse_rank(value: str, device: str) -> int:
+    """`--rank N` or `--rank auto` (from the device's memory, server.ranks.auto_rank)."""
+    if str(value) == "auto":
+        from client.trainer import memory_bytes
+        from server.ranks import auto_rank
+
+        return auto_rank(device, memory_bytes(device))
+    try:
+        return int(value)
+    except ValueError:
+        raise TrainerError(f"--rank {value!r} is neither an integer nor `auto`.") from None
 
 
 def run_trainer(args: argparse.Namespace, host: str, port: int) -> int:

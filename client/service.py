@@ -29,6 +29,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
                 arrays=wire.decode_tensors(request.arrays), rank=request.rank, base_version=request.base_version,
                 local_steps=request.local_steps, batch_size=request.batch_size, lr=request.lr,
                 prox_mu=request.prox_mu, seed=request.seed, pushed_at=request.pushed_at,
+                frozen=wire.decode_tensors(request.frozen),
                 software_version=request.software_version,
             )
             r = self.trainer.train(job)

@@ -8,6 +8,7 @@ In simulation the same `Trainer` runs inside the Ray actor.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -42,6 +43,7 @@ class TrainJob:
     seed: int = 0
     pushed_at: float = 0.0
     software_version: str = wire.SOFTWARE_VERSION
+    frozen: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,8 @@ class TrainResult:
     queue_s: float
 
 
-def _memory_bytes(device: str) -> int:
+def memory_bytes(device: str) -> int:
+    """Device memory (GPU) or physical RAM (CPU), in bytes."""
     if device.startswith("cuda"):
         import torch
 
@@ -85,7 +88,7 @@ class Trainer:
         """Return the client profile (proto ClientProfile fields)."""
         device = str(self.model.device)
         return {
-            "rank": self.rank, "device": device, "memory_bytes": _memory_bytes(device),
+            "rank": self.rank, "device": device, "memory_bytes": memory_bytes(device),
             "num_examples": len(self.data), "software_version": wire.SOFTWARE_VERSION,
             "model_fingerprint": self.model.fingerprint, "task": self.task.name, "model_loads": training.MODEL_LOADS,
         }
@@ -105,7 +108,7 @@ class Trainer:
         try:
             arrays, stats = self.model.train(
                 job.arrays, job.rank, self.data, steps=job.local_steps, batch_size=job.batch_size,
-                lr=job.lr, seed=job.seed, prox_mu=job.prox_mu,
+                lr=job.lr, seed=job.seed, prox_mu=job.prox_mu, frozen=job.frozen,
             )
         except (ValueError, RuntimeError) as e:
             raise TrainerError(f"training failed: {e}") from e

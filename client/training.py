@@ -100,6 +100,27 @@ class AdapterModel:
         self.base = load_base(task).to(device)
         self.fingerprint = task.fingerprint(self.base)
         self.model: PeftModel | None = None
+        self._base_params = dict(self.base.named_parameters())
+        self._originals: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def set_base_deltas(self, frozen: Mapping[str, np.ndarray]) -> None:
+        """Set each named base weight to original + ΔW; restore weights not named to their original."""
+        wanted = {}
+        for key, dw in frozen.items():
+            if not key.endswith(".base_delta"):
+                raise ValueError(f"frozen array `{key}` is not a `<layer>.base_delta`")
+            name = key.removesuffix(".base_delta").removeprefix(BASE_PREFIX) + ".weight"
+            if name not in self._base_params:
+                raise ValueError(f"frozen array `{key}` matches no base weight")
+            wanted[name] = dw
+        for name in set(self._originals) | set(wanted):
+            p = self._base_params[name]
+            orig = self._originals.setdefault(name, p.detach().clone())
+            if name in wanted:
+                p.copy_(orig + torch.from_numpy(np.asarray(wanted[name], np.float32)).to(p.device))
+            else:
+                p.copy_(orig)
 
     def _activate(self, rank: int) -> PeftModel:
         name = f"r{rank}"
@@ -136,10 +157,16 @@ class AdapterModel:
         lr: float,
         seed: int,
         prox_mu: float = 0.0,
+        frozen: Mapping[str, np.ndarray] | None = None,
     ) -> tuple[dict[str, np.ndarray], TrainStats]:
-        """Train the adapter from `arrays` for `steps` AdamW steps; return new arrays and telemetry."""
+        """Train the adapter from `arrays` for `steps` AdamW steps; return new arrays and telemetry.
+
+        `frozen` (`<layer>.base_delta` → ΔW) is added to the frozen base weights for
+        this job only (FLoRA's merged update); without it the base is the original.
+        """
         started = time.time()
         t0 = time.perf_counter()
+        self.set_base_deltas(frozen or {})
         model = self.load(arrays, rank)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]

@@ -67,7 +67,7 @@ class UpdateMetadata(_message.Message):
     def __init__(self, model_fingerprint: _Optional[str] = ..., base_version: _Optional[int] = ..., rank: _Optional[int] = ..., num_examples: _Optional[int] = ..., loss_mean: _Optional[float] = ..., loss_sq_mean: _Optional[float] = ..., duration_s: _Optional[float] = ..., steps: _Optional[int] = ..., started_at: _Optional[float] = ..., queue_s: _Optional[float] = ..., model_loads: _Optional[int] = ..., trainer_pid: _Optional[int] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("base_version", "rank", "local_steps", "batch_size", "lr", "prox_mu", "seed", "pushed_at", "software_version", "arrays")
+    __slots__ = ("base_version", "rank", "local_steps", "batch_size", "lr", "prox_mu", "seed", "pushed_at", "software_version", "arrays", "frozen")
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class TrainRequest(_message.Message):
     PUSHED_AT_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
     ARRAYS_FIELD_NUMBER: _ClassVar[int]
+    FROZEN_FIELD_NUMBER: _ClassVar[int]
     base_version: int
     rank: int
     local_steps: int
@@ -88,7 +89,8 @@ class TrainRequest(_message.Message):
     pushed_at: float
     software_version: str
     arrays: _containers.RepeatedCompositeFieldContainer[Tensor]
-    def __init__(self, base_version: _Optional[int] = ..., rank: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., prox_mu: _Optional[float] = ..., seed: _Optional[int] = ..., pushed_at: _Optional[float] = ..., software_version: _Optional[str] = ..., arrays: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+    frozen: _containers.RepeatedCompositeFieldContainer[Tensor]
+    def __init__(self, base_version: _Optional[int] = ..., rank: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., prox_mu: _Optional[float] = ..., seed: _Optional[int] = ..., pushed_at: _Optional[float] = ..., software_version: _Optional[str] = ..., arrays: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., frozen: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
 
 class TrainReply(_message.Message):
     __slots__ = ("metadata", "arrays")

@@ -17,6 +17,7 @@ SOFTWARE_VERSION = "0.1.0"
 
 # Flower's own keys.
 ARRAYS = "arrays"
+FROZEN = "frozen-arrays"
 METRICS = "metrics"
 CONFIG = "config"
 NUM_EXAMPLES = "num-examples"
@@ -80,10 +81,12 @@ def decode_tensors(tensors: Iterable[trainer_pb2.Tensor]) -> dict[str, np.ndarra
     for t in tensors:
         if t.dtype not in WIRE_DTYPES:
             raise WireError(f"tensor `{t.name}` has dtype {t.dtype!r}; the wire carries only {WIRE_DTYPES}.")
-        a = np.frombuffer(t.data, dtype=t.dtype)
         expected = int(np.prod(t.shape)) if len(t.shape) else 1
-        if a.size != expected:
-            raise WireError(f"tensor `{t.name}` has {a.size} values but shape {list(t.shape)} needs {expected}.")
+        itemsize = np.dtype(t.dtype).itemsize
+        if len(t.data) != expected * itemsize:
+            raise WireError(f"tensor `{t.name}` has {len(t.data)} bytes but shape {list(t.shape)} of {t.dtype} "
+                            f"needs {expected * itemsize}.")
+        a = np.frombuffer(t.data, dtype=t.dtype)
         if t.name in out:
             raise WireError(f"tensor `{t.name}` appears twice in one message.")
         out[t.name] = a.reshape(tuple(t.shape)).astype(np.float32)

@@ -16,13 +16,14 @@ from typing import Any
 from client.tasks import TaskSpec
 
 MODES = ("sync",)
-AGGREGATIONS = ("fedavg", "fedhl")
+AGGREGATIONS = ("auto", "fedavg", "fedhl", "hetlora", "flexlora", "flora")
 SELECTORS = ("random",)
 MODELS = ("minilm", "tiny-bert")
 TASKS = ("text-classification",)
 DATASETS = ("bbc",)
 FEDHL_WEIGHTINGS = ("truncation", "uniform", "examples")
 SVD_METHODS = ("auto", "exact", "randomized")
+RANK_ASSIGNMENTS = ("tier", "random")
 
 
 class ConfigError(ValueError):
@@ -43,7 +44,8 @@ class RunConfig:
     max_length: int = field(default=64, metadata=_h("tokens per example", low=8))
     out_dir: str = field(default="runs/latest", metadata=_h("run directory (metrics, report, plots)"))
     mode: str = field(default="sync", metadata=_h("driver loop", MODES))
-    aggregation: str = field(default="fedavg", metadata=_h("aggregation rule", AGGREGATIONS))
+    aggregation: str = field(default="auto", metadata=_h("aggregation rule (auto: fedavg at one rank, fedhl for mixed)",
+                                                          AGGREGATIONS))
     selector: str = field(default="random", metadata=_h("client selection", SELECTORS))
     num_rounds: int = field(default=10, metadata=_h("global versions to produce", low=1))
     clients_per_round: int = field(default=4, metadata=_h("clients trained per round", low=1))
@@ -52,7 +54,9 @@ class RunConfig:
     batch_size: int = field(default=16, metadata=_h("examples per local step", low=1))
     lr: float = field(default=1e-3, metadata=_h("client AdamW learning rate", low=0.0))
     prox_mu: float = field(default=0.0, metadata=_h("FedProx proximal weight (0: off)", low=0.0))
-    lora_rank: int = field(default=8, metadata=_h("LoRA rank of simulated clients (deployment: each node's own)", low=1))
+    lora_rank: int = field(default=8, metadata=_h("LoRA rank of simulated clients without `ranks`", low=1))
+    ranks: str = field(default="", metadata=_h("simulated rank mix, e.g. '2,4,8,16,32' (deployment: each node's --rank)"))
+    rank_assignment: str = field(default="tier", metadata=_h("how `ranks` map to simulated nodes", RANK_ASSIGNMENTS))
     lora_alpha: float = field(default=16.0, metadata=_h("LoRA alpha; scale = alpha / rank", low=0.0))
     rslora: bool = field(default=False, metadata=_h("scale = alpha / sqrt(rank)"))
     max_rank: int = field(default=32, metadata=_h("largest rank any client may train (fedhl)", low=1))
@@ -76,6 +80,16 @@ class RunConfig:
             raise ConfigError(f"`lr` = {self.lr!r} must be > 0.")
         if self.lora_rank > self.max_rank:
             raise ConfigError(f"`lora-rank` = {self.lora_rank} exceeds `max-rank` = {self.max_rank}; raise `max-rank`.")
+        for r in self.rank_list():
+            if not 1 <= r <= self.max_rank:
+                raise ConfigError(f"`ranks` holds {r}, outside 1..{self.max_rank} (`max-rank`).")
+
+    def rank_list(self) -> list[int]:
+        """The simulated rank mix (empty: every node at `lora-rank`)."""
+        try:
+            return [int(x) for x in self.ranks.replace(" ", "").split(",") if x]
+        except ValueError:
+            raise ConfigError(f"`ranks` = {self.ranks!r} is not a comma-separated list of integers.") from None
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:

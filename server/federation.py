@@ -10,6 +10,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -47,13 +48,33 @@ def nbytes(arrays: dict[str, np.ndarray]) -> int:
     return int(sum(np.asarray(a).size * 4 for a in arrays.values()))
 
 
-def build_aggregator(cfg: RunConfig, initial: dict[str, np.ndarray]) -> Aggregator:
-    """Look the configured aggregation up in the registry and build it."""
+def resolve_aggregation(cfg: RunConfig, ranks: list[int]) -> tuple[str, int]:
+    """Return (aggregation, rank of the initial adapter) for the ranks of the nodes that joined.
+
+    `auto` is FedAvg when every node has one rank and FedHL when ranks differ.
+    FedAvg's global adapter has the nodes' common rank; the heterogeneous-rank
+    methods start from an adapter at `max-rank`.
+    """
+    name = cfg.aggregation
+    if name == "auto":
+        name = "fedavg" if len(set(ranks)) <= 1 else "fedhl"
+    if name == "fedavg":
+        return name, ranks[0] if ranks else cfg.lora_rank
+    return name, cfg.max_rank
+
+
+def build_aggregator(cfg: RunConfig, name: str, initial: dict[str, np.ndarray]) -> Aggregator:
+    """Look the aggregation up in the registry and build it with its configured options."""
     lora = LoraSpec(alpha=cfg.lora_alpha, rslora=cfg.rslora)
-    cls = AGGREGATORS[cfg.aggregation]
-    if cfg.aggregation == "fedhl":
-        return cls(initial, lora, weighting=cfg.fedhl_weighting, svd=cfg.svd, max_rank=cfg.max_rank)  # type: ignore[call-arg]
-    return cls(initial, lora)
+    cls = AGGREGATORS[name]
+    kwargs: dict[str, Any] = {}
+    if name in ("fedhl", "flexlora"):
+        kwargs.update(svd=cfg.svd)
+    if name == "fedhl":
+        kwargs.update(weighting=cfg.fedhl_weighting)
+    if name != "fedavg":
+        kwargs.update(max_rank=cfg.max_rank)
+    return cls(initial, lora, **kwargs)
 
 
 def build_selector(cfg: RunConfig) -> Selector:
@@ -72,14 +93,50 @@ class Federation:
         self.grid = grid
         self.recorder = RunRecorder(cfg.out_dir, cfg.to_json())
         task = build_task(cfg.task_spec())
+        self.task = task
         self.evaluator = MergedEvaluator(task, select_device())
         self.test_data = task.encode(task.builtin_test())
-        init_rank = cfg.max_rank if cfg.aggregation == "fedhl" else cfg.lora_rank
-        self.aggregator = build_aggregator(cfg, initial_adapter(task, init_rank, cfg.seed))
+        self._aggregator: Aggregator | None = None
         self.selector = build_selector(cfg)
         self.nodes: dict[int, NodeInfo] = {}
         self.refused: dict[int, str] = {}
+
+    @property
+    def aggregator(self) -> Aggregator:
+        """The global model's owner (built by `start`, once the first nodes' ranks are known)."""
+        if self._aggregator is None:
+            raise RuntimeError("Federation.start() must run before the aggregator is used")
+        return self._aggregator
+
+    def start(self) -> list[int]:
+        """Wait for `min-nodes`, build the aggregator for their ranks, evaluate version 0."""
+        from client.training import initial_adapter
+
+        usable = self.refresh_nodes(wait_for=self.cfg.min_nodes, timeout=self.cfg.round_timeout)
+        name, init_rank = resolve_aggregation(self.cfg, [self.nodes[n].rank for n in usable])
+        self._aggregator = build_aggregator(self.cfg, name, initial_adapter(self.task, init_rank, self.cfg.seed))
+        for nid in usable:  # a node whose rank the chosen aggregation cannot serve is refused now
+            reason = self._rank_refusal(self.nodes[nid].rank)
+            if reason:
+                self._refuse(nid, reason)
         log.info("federation: %s", {**self.aggregator.summary(), **self.selector.summary()})
+        self.evaluate(clients=0)
+        return [n for n in usable if n in self.nodes]
+
+    def _refuse(self, nid: int, reason: str) -> None:
+        self.nodes.pop(nid, None)
+        self.refused[nid] = reason
+        log.warning("node %d refused: %s", nid, reason)
+        self.recorder.node({"node": nid, "status": "refused", "reason": reason})
+
+    def _rank_refusal(self, rank: int) -> str | None:
+        if self._aggregator is None:
+            return None
+        try:
+            self._aggregator.dispatch(rank)
+        except (StrategyError, ValueError) as e:
+            return str(e)
+        return None
 
     # ---- nodes -------------------------------------------------------------------------
     def refresh_nodes(self, wait_for: int = 0, timeout: float = 600.0) -> list[int]:
@@ -106,22 +163,18 @@ class Federation:
         for reply in self.grid.send_and_receive(msgs, timeout=self.cfg.round_timeout):
             nid = reply.metadata.src_node_id
             if reply.has_error():
-                self.refused[nid] = f"profile failed: {reply.error.reason}"
-                log.warning("node %d: %s", nid, self.refused[nid])
-                self.recorder.node({"node": nid, "status": "refused", "reason": self.refused[nid]})
+                self._refuse(nid, f"profile failed: {reply.error.reason}")
                 continue
             m, c = reply.content[wire.METRICS], reply.content[wire.CONFIG]
             info = NodeInfo(node_id=nid, rank=int(m[wire.LORA_RANK]), num_examples=int(m[wire.NUM_EXAMPLES]),
                             device=str(c[wire.DEVICE]), fingerprint=str(c[wire.FINGERPRINT]),
                             software_version=str(c[wire.SOFTWARE]), model_loads=int(m[wire.MODEL_LOADS]))
             reason = self._refusal(info)
-            self.recorder.node({"node": nid, "status": "refused" if reason else "ok", "reason": reason,
-                                **info.__dict__})
             if reason:
-                self.refused[nid] = reason
-                log.warning("node %d refused: %s", nid, reason)
+                self._refuse(nid, reason)
             else:
                 self.nodes[nid] = info
+                self.recorder.node({"status": "ok", **info.__dict__})
                 log.info("node %d joined: rank %d, %d examples, %s", nid, info.rank, info.num_examples, info.device)
 
     def _refusal(self, info: NodeInfo) -> str | None:
@@ -131,11 +184,7 @@ class Federation:
         if info.fingerprint != self.evaluator.fingerprint:
             return (f"base model fingerprint {info.fingerprint} differs from the server's "
                     f"{self.evaluator.fingerprint}; start the trainer with the same --model")
-        try:
-            self.aggregator.dispatch(info.rank)
-        except (StrategyError, ValueError) as e:
-            return str(e)
-        return None
+        return self._rank_refusal(info.rank)
 
     def candidates(self, node_ids: list[int]) -> list[Candidate]:
         """Selector view of the usable nodes."""
@@ -154,9 +203,12 @@ class Federation:
         })
         arrays = ArrayRecord(array_dict={k: Array.from_numpy_ndarray(np.asarray(v, np.float32))
                                          for k, v in dispatch.arrays.items()})
-        self.recorder.bytes_down += nbytes(dict(dispatch.arrays))
-        return Message(RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config}), dst_node_id=node_id,
-                       message_type=MessageType.TRAIN)
+        content = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config})
+        if dispatch.frozen:
+            content[wire.FROZEN] = ArrayRecord(array_dict={k: Array.from_numpy_ndarray(np.asarray(v, np.float32))
+                                                           for k, v in dispatch.frozen.items()})
+        self.recorder.bytes_down += nbytes(dict(dispatch.arrays)) + nbytes(dict(dispatch.frozen))
+        return Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN)
 
     # ---- replies -----------------------------------------------------------------------
     def to_update(self, reply: Message, sent: Dispatch, current_version: int) -> ClientUpdate:
@@ -222,7 +274,7 @@ class Federation:
         merged = self.aggregator.merged()
         np.savez(self.recorder.dir / "global.npz", **{f"delta/{k}": v for k, v in merged.deltas.items()},
                  **{f"dense/{k}": v for k, v in merged.dense.items()})
-        summary = self.recorder.finish(aggregation=self.cfg.aggregation, mode=self.cfg.mode)
+        summary = self.recorder.finish(aggregation=self.aggregator.name, mode=self.cfg.mode)
         write_report(self.recorder.dir)
         log.info("run finished: final accuracy %s, peak %s, %.1fs; report in %s",
                  summary["final_accuracy"], summary["peak_accuracy"], summary["wall_s"], self.recorder.dir)

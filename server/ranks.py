@@ -1,10 +1,40 @@
-"""Which LoRA rank a simulated client trains at."""
+"""Which LoRA rank a client trains at: simulated rank mixes, and automatic ranks from the device."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from server.config import RunConfig
+
+GIB = 1024**3
 
 
 def simulated_rank(cfg: RunConfig, partition_id: int) -> int:
-    """Return the rank of simulated node `partition_id` (every node at `lora-rank` for now)."""
-    return cfg.lora_rank
+    """Return the rank of simulated node `partition_id`.
+
+    Without `ranks`, every node trains at `lora-rank`. With `ranks` = r_1,…,r_k:
+    `tier` gives node p the rank r_(p mod k) (equal-sized tiers); `random` draws
+    each node's rank uniformly from the list with a generator seeded by `seed` and
+    the node, so every process agrees on it.
+    """
+    ranks = cfg.rank_list()
+    if not ranks:
+        return cfg.lora_rank
+    if cfg.rank_assignment == "tier":
+        return ranks[partition_id % len(ranks)]
+    return int(np.random.default_rng([cfg.seed, partition_id]).choice(ranks))
+
+
+def auto_rank(device: str, memory_bytes: int) -> int:
+    """Pick a rank a device can afford: larger GPUs train larger adapters; CPUs train small ones.
+
+    The tiers are a heuristic for the adapters this project trains (well below
+    1 % of the model's weights), chosen so each tier roughly doubles the rank.
+    """
+    if not device.startswith("cuda"):
+        return 4
+    gib = memory_bytes / GIB
+    for threshold, rank in ((70, 64), (40, 32), (20, 16), (10, 8)):
+        if gib >= threshold:
+            return rank
+    return 4

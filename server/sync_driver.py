@@ -14,8 +14,7 @@ log = logging.getLogger(f"corolla.{__name__}")
 def run_sync(fed: Federation) -> dict:
     """Run `num-rounds` synchronous rounds; return the run summary."""
     cfg = fed.cfg
-    fed.refresh_nodes(wait_for=cfg.min_nodes, timeout=cfg.round_timeout)
-    fed.evaluate(clients=0)
+    fed.start()
     for rnd in range(1, cfg.num_rounds + 1):
         usable = fed.refresh_nodes()
         picked = fed.selector.select(fed.candidates(usable), cfg.clients_per_round, rnd)

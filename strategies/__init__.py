@@ -14,6 +14,9 @@ from strategies.base import (
 from strategies.exceptions import AggregationError, InvalidUpdateError, RankMismatchError, StrategyError
 from strategies.fedavg import FedAvg
 from strategies.fedhl import FedHL
+from strategies.flexlora import FlexLoRA
+from strategies.flora import FLoRA
+from strategies.hetlora import HetLoRA
 from strategies.registry import AGGREGATORS, SELECTORS
 from strategies.uniform import UniformSelector
 
@@ -26,7 +29,10 @@ __all__ = [
     "ClientUpdate",
     "Dispatch",
     "FedAvg",
+    "FLoRA",
     "FedHL",
+    "FlexLoRA",
+    "HetLoRA",
     "InvalidUpdateError",
     "LoraSpec",
     "MergedModel",

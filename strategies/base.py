@@ -58,6 +58,8 @@ class Dispatch:
     version: int
     arrays: Arrays
     truncation_error: float = 0.0
+    #: arrays the client applies to its frozen base but does not train or return (FLoRA's merged W)
+    frozen: Arrays = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -5,7 +5,10 @@ from __future__ import annotations
 from strategies.base import Aggregator, Selector
 from strategies.fedavg import FedAvg
 from strategies.fedhl import FedHL
+from strategies.flexlora import FlexLoRA
+from strategies.flora import FLoRA
+from strategies.hetlora import HetLoRA
 from strategies.uniform import UniformSelector
 
-AGGREGATORS: dict[str, type[Aggregator]] = {cls.name: cls for cls in (FedAvg, FedHL)}
+AGGREGATORS: dict[str, type[Aggregator]] = {cls.name: cls for cls in (FedAvg, FedHL, FlexLoRA, FLoRA, HetLoRA)}
 SELECTORS: dict[str, type[Selector]] = {cls.name: cls for cls in (UniformSelector,)}

@@ -23,7 +23,7 @@ def test_from_mapping_coerces_strings():
     "values,match",
     [
         ({"num-round": 3}, r"unknown configuration key\(s\) \['num-round'\]; valid keys are: .*num-rounds"),
-        ({"aggregation": "fedsgd"}, r"`aggregation` = 'fedsgd' is not valid; choose one of \['fedavg', 'fedhl'\]"),
+        ({"aggregation": "fedsgd"}, r"`aggregation` = 'fedsgd' is not valid; choose one of \['auto', 'fedavg', 'fedhl', 'hetlora', 'flexlora', 'flora'\]"),
         ({"num-rounds": "three"}, "`num-rounds` = 'three' is not a valid int"),
         ({"num-rounds": 2.5}, "`num-rounds` = 2.5 is not a valid int"),
         ({"num-rounds": 0}, "`num-rounds` = 0 is too small; it must be >= 1"),
@@ -47,3 +47,28 @@ def test_parse_overrides():
     assert parse_overrides(["a=1", "b = x=y"]) == {"a": "1", "b": "x=y"}
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_overrides(["oops"])
+
+
+def test_rank_mix_assignment():
+    from server.ranks import auto_rank, simulated_rank
+
+    cfg = RunConfig.from_mapping({"ranks": "2,4,8", "max-rank": 8})
+    assert [simulated_rank(cfg, p) for p in range(6)] == [2, 4, 8, 2, 4, 8]
+    rnd = RunConfig.from_mapping({"ranks": "2,4,8", "max-rank": 8, "rank-assignment": "random", "seed": 3})
+    draws = [simulated_rank(rnd, p) for p in range(60)]
+    assert draws == [simulated_rank(rnd, p) for p in range(60)] and set(draws) == {2, 4, 8}
+    assert simulated_rank(RunConfig(), 5) == 8
+    with pytest.raises(ConfigError, match="outside 1..8"):
+        RunConfig.from_mapping({"ranks": "2,16", "max-rank": 8})
+    with pytest.raises(ConfigError, match="comma-separated"):
+        RunConfig.from_mapping({"ranks": "2,x"}).rank_list()
+    assert auto_rank("cpu", 64 * 2**30) == 4
+    assert [auto_rank("cuda:0", g * 2**30) for g in (8, 16, 24, 48, 80)] == [4, 8, 16, 32, 64]
+
+
+def test_resolve_aggregation():
+    from server.federation import resolve_aggregation
+
+    assert resolve_aggregation(RunConfig(), [4, 4]) == ("fedavg", 4)
+    assert resolve_aggregation(RunConfig(), [2, 8]) == ("fedhl", 32)
+    assert resolve_aggregation(RunConfig.from_mapping({"aggregation": "flora", "max-rank": 16}), [2]) == ("flora", 16)

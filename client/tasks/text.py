@@ -71,7 +71,10 @@ class TextClassification(Task):
         )
 
     def encode(self, ds: datasets.Dataset) -> Encoded:
-        """Tokenize once to fixed-length tensors."""
+        """Tokenize once to fixed-length tensors (an empty set gives zero rows, refused later by the trainer)."""
+        if len(ds) == 0:
+            empty = torch.zeros((0, self.spec.max_length), dtype=torch.long)
+            return Encoded(inputs={"input_ids": empty, "attention_mask": empty}, labels=torch.zeros(0, dtype=torch.long))
         enc = self.tokenizer(
             list(ds["text"]), truncation=True, padding="max_length", max_length=self.spec.max_length, return_tensors="pt"
         )

@@ -1,0 +1,50 @@
+"""FlexLoRA: example-weighted average of full ΔW, redistributed by SVD at each client's rank."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from strategies import lora_ops
+from strategies.base import Arrays, ClientUpdate, LoraSpec, Weights, example_weights
+from strategies.fedhl import FedHL
+
+
+class FlexLoRA(FedHL):
+    """FlexLoRA (algorithms.md §2), a baseline for FedHL.
+
+    Implementation based on Bai et al., NeurIPS 2024 (https://arxiv.org/abs/2402.11505).
+    ΔW = Σ_i (n_i / Σn) s_i B_i A_i *replaces* the global update (FedHL instead adds
+    each client's change against its own truncated start, which is what removes
+    the truncation bias); a client of rank r receives the rank-r SVD split of ΔW,
+    exactly as FedHL distributes. `server_lr` interpolates: W ← W + lr (ΔW − W).
+    """
+
+    name = "flexlora"
+
+    def __init__(self, initial: Arrays, lora: LoraSpec, *, svd: str = "auto", max_rank: int | None = None) -> None:
+        super().__init__(initial, lora, weighting="examples", svd=svd, max_rank=max_rank)
+
+    def weights(self, updates: Sequence[ClientUpdate]) -> Weights:
+        """Example weights for everything."""
+        w = example_weights(updates)
+        return Weights(lora=w, dense=w)
+
+    def apply(self, updates: Sequence[ClientUpdate], weights: Weights, server_lr: float = 1.0) -> None:
+        """W ← W + lr (Σ p_i s_i B_i A_i − W), one GEMM over stacked factors per layer."""
+        for layer, w in self.w.items():
+            left = [float(p) * self.lora.scale(u.rank) * torch.from_numpy(np.asarray(u.arrays[lora_ops.b_key(layer)],
+                                                                                    np.float32))
+                    for p, u in zip(weights.lora, updates)]
+            right = [torch.from_numpy(np.asarray(u.arrays[lora_ops.a_key(layer)], np.float32)) for u in updates]
+            w.mul_(1.0 - server_lr).addmm_(torch.cat(left, 1), torch.cat(right, 0), alpha=server_lr)
+        self._apply_dense(updates, weights.dense, server_lr)
+        self.version += 1
+
+    def summary(self) -> dict:
+        """Hyper-parameters (the weighting is fixed to examples)."""
+        out = super().summary()
+        out.pop("weighting", None)
+        return out
