@@ -65,7 +65,7 @@ class FedHL(Aggregator):
         init_rank = lora_ops.rank_of(initial)
         self.max_rank = max_rank or init_rank
         self.init_a = {layer: np.asarray(initial[lora_ops.a_key(layer)], np.float32) for layer in self.layers}
-        for layer, a in self.init_a.items():
+        for a in self.init_a.values():
             if a.shape[0] < self.max_rank:
                 raise ValueError(
                     f"fedhl: the initial adapter has rank {a.shape[0]} but clients may ask for rank "
@@ -78,16 +78,21 @@ class FedHL(Aggregator):
             )
             for layer in self.layers
         }
-        self._svd_cache: tuple[int, int, dict[str, lora_ops.TopSVD]] | None = None
+        # version -> top-r_max SVD per layer. Every dispatch of a version is a slice of it, so the
+        # server can rebuild any client's starting point W^(r) from it instead of storing it.
+        self._svds_by_version: dict[int, dict[str, lora_ops.TopSVD]] = {}
+        self.keep_versions = 1
 
     def _svds(self, rank: int) -> dict[str, lora_ops.TopSVD]:
-        """Top-r SVD of every layer, cached per version (many clients share one version)."""
-        cache = self._svd_cache
-        if cache is None or cache[0] != self.version or cache[1] < rank:
-            k = max(rank, self.max_rank)
-            svds = {layer: lora_ops.top_svd(w, k, self.svd_method, seed=i) for i, (layer, w) in enumerate(self.w.items())}
-            self._svd_cache = cache = (self.version, k, svds)
-        return cache[2]
+        """Top-r_max SVD of every layer at the current version (computed once per version)."""
+        svds = self._svds_by_version.get(self.version)
+        if svds is None:
+            svds = {layer: lora_ops.top_svd(w, self.max_rank, self.svd_method, seed=i)
+                    for i, (layer, w) in enumerate(self.w.items())}
+            self._svds_by_version[self.version] = svds
+            for v in sorted(self._svds_by_version)[: -self.keep_versions]:
+                del self._svds_by_version[v]  # bounded memory: only versions clients may still reply to
+        return svds
 
     def dispatch(self, rank: int) -> Dispatch:
         """Return the rank-r truncation of W as (A, B) plus its truncation error e."""
@@ -118,19 +123,51 @@ class FedHL(Aggregator):
         return Weights(lora=lora, dense=dense)
 
     def apply(self, updates: Sequence[ClientUpdate], weights: Weights, server_lr: float = 1.0) -> None:
-        """W += lr Σ p_i s_i (B_i A_i − B⁰_i A⁰_i), as one GEMM over stacked factors per layer."""
+        """W += lr Σ p_i (s_i B_i A_i − W^(r_i)) per layer.
+
+        The returned products are one GEMM over stacked factors (in chunks that bound
+        memory). The starting points are not rebuilt client by client: every client
+        of version v started from a slice of v's top-r_max SVD, so
+        Σ_i p_i W^(r_i) = U diag(σ_j Σ_{i: r_i > j} p_i) Vᵀ — one rank-r_max product per
+        layer. Updates of a version whose SVD is no longer kept fall back to their
+        stored starting factors.
+        """
+        coef = [float(p) * server_lr for p in weights.lora]
+        compact = [i for i, u in enumerate(updates) if u.sent.version in self._svds_by_version]
+        stored = [i for i in range(len(updates)) if i not in set(compact)]
         for layer, w in self.w.items():
             ka, kb = lora_ops.a_key(layer), lora_ops.b_key(layer)
-            left, right = [], []
-            for p, u in zip(weights.lora, updates):
-                c = float(p) * self.lora.scale(u.rank) * server_lr
-                left += [c * torch.from_numpy(np.asarray(u.arrays[kb], np.float32)),
-                         -c * torch.from_numpy(np.asarray(u.sent.arrays[kb], np.float32))]
-                right += [torch.from_numpy(np.asarray(u.arrays[ka], np.float32)),
-                          torch.from_numpy(np.asarray(u.sent.arrays[ka], np.float32))]
-            w.addmm_(torch.cat(left, dim=1), torch.cat(right, dim=0))
+            self._add_products(w, [(coef[i] * self.lora.scale(u.rank), u.arrays[kb], u.arrays[ka])
+                                   for i, u in enumerate(updates)])
+            self._add_products(w, [(-coef[i] * self.lora.scale(updates[i].rank), updates[i].sent.arrays[kb],
+                                    updates[i].sent.arrays[ka]) for i in stored])
+            for version in sorted({updates[i].sent.version for i in compact}):
+                svd = self._svds_by_version[version][layer]
+                mass = torch.zeros(svd.s.shape[0], dtype=torch.float32)
+                for i in compact:
+                    if updates[i].sent.version == version:
+                        mass[: updates[i].rank] += coef[i]
+                live = lora_ops.live_count(svd, svd.s.shape[0])
+                mass[live:] = 0.0  # directions sent as zero columns of B contributed nothing
+                w.addmm_(svd.u * (svd.s * mass), svd.vh, alpha=-1.0)
         self._apply_dense(updates, weights.dense, server_lr)
         self.version += 1
+
+    @staticmethod
+    def _add_products(w: torch.Tensor, terms: list[tuple[float, np.ndarray, np.ndarray]],
+                      max_cols: int = 4096) -> None:
+        """W += Σ c_i B_i A_i as few GEMMs as possible (stacked factors, at most `max_cols` wide)."""
+        start = 0
+        while start < len(terms):
+            stop, cols = start, 0
+            while stop < len(terms) and (stop == start or cols + terms[stop][1].shape[1] <= max_cols):
+                cols += terms[stop][1].shape[1]
+                stop += 1
+            chunk = terms[start:stop]
+            left = torch.cat([c * torch.from_numpy(np.asarray(b, np.float32)) for c, b, _ in chunk], dim=1)
+            right = torch.cat([torch.from_numpy(np.asarray(a, np.float32)) for _, _, a in chunk], dim=0)
+            w.addmm_(left, right)
+            start = stop
 
     def merged(self) -> MergedModel:
         """Return the full-rank W per layer."""

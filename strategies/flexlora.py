@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
-import torch
-
 from strategies import lora_ops
 from strategies.base import Arrays, ClientUpdate, LoraSpec, Weights, example_weights
 from strategies.fedhl import FedHL
@@ -35,11 +32,9 @@ class FlexLoRA(FedHL):
     def apply(self, updates: Sequence[ClientUpdate], weights: Weights, server_lr: float = 1.0) -> None:
         """W ← W + lr (Σ p_i s_i B_i A_i − W), one GEMM over stacked factors per layer."""
         for layer, w in self.w.items():
-            left = [float(p) * self.lora.scale(u.rank) * torch.from_numpy(np.asarray(u.arrays[lora_ops.b_key(layer)],
-                                                                                    np.float32))
-                    for p, u in zip(weights.lora, updates)]
-            right = [torch.from_numpy(np.asarray(u.arrays[lora_ops.a_key(layer)], np.float32)) for u in updates]
-            w.mul_(1.0 - server_lr).addmm_(torch.cat(left, 1), torch.cat(right, 0), alpha=server_lr)
+            w.mul_(1.0 - server_lr)
+            self._add_products(w, [(float(p) * server_lr * self.lora.scale(u.rank), u.arrays[lora_ops.b_key(layer)],
+                                    u.arrays[lora_ops.a_key(layer)]) for p, u in zip(weights.lora, updates)])
         self._apply_dense(updates, weights.dense, server_lr)
         self.version += 1
 

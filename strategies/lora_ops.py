@@ -172,6 +172,13 @@ def top_svd(w: torch.Tensor, k: int, method: str = "auto", seed: int = 0) -> Top
     raise ValueError(f"`svd` must be one of auto, exact, randomized; got {method!r}")
 
 
+def live_count(svd: TopSVD, rank: int, tol: float = 1e-7) -> int:
+    """Number of leading singular values (within `rank`) that carry information (σ > tol·σ_max)."""
+    k = min(rank, svd.s.shape[0])
+    smax = float(svd.s[0]) if svd.s.numel() else 0.0
+    return int((svd.s[:k] > tol * smax).sum()) if smax > 0 else 0
+
+
 def split_factors(
     svd: TopSVD, rank: int, scale: float, init_a: np.ndarray, tol: float = 1e-7
 ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
@@ -182,11 +189,9 @@ def split_factors(
     are taken from `init_a` (peft's random A initialisation) and their B columns
     are zero, so a fresh adapter starts exactly as peft would start it.
     """
-    k = min(rank, svd.s.shape[0])
     a = np.array(init_a[:rank], dtype=np.float32, copy=True)
     b = np.zeros((svd.u.shape[0], rank), np.float32)
-    smax = float(svd.s[0]) if svd.s.numel() else 0.0
-    live = int((svd.s[:k] > tol * max(smax, 1e-30)).sum()) if smax > 0 else 0
+    live = live_count(svd, rank, tol)
     if live:
         a[:live] = svd.vh[:live].numpy()
         b[:, :live] = (svd.u[:, :live] * svd.s[:live]).numpy() / np.float32(scale)

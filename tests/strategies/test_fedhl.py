@@ -149,3 +149,35 @@ def test_rank_above_max_rank_is_refused():
         FedHL(adapter(2, 0, b_zero=True), LoraSpec(), max_rank=4)
     with pytest.raises(ValueError, match="fedhl-weighting"):
         FedHL(adapter(2, 0, b_zero=True), LoraSpec(), weighting="bogus")
+
+
+def test_compact_start_point_equals_stored_factors():
+    """Rebuilding Σ p_i W^(r_i) from the version's SVD equals subtracting each client's stored start."""
+    import copy
+
+    agg = fedhl_with_w([3.0, 2.0, 1.0, 0.5])
+    ds = [agg.dispatch(r) for r in (1, 2, 4, 2)]
+    ups = [update(i, d, perturbed(d, i), n=5 + i) for i, d in enumerate(ds)]
+    stored = copy.deepcopy(agg)
+    stored._svds_by_version.clear()  # forces the per-client stored-factor path
+    agg.aggregate(ups)
+    stored.aggregate(ups)
+    for k in LAYERS:
+        torch.testing.assert_close(agg.w[k], stored.w[k], atol=1e-5, rtol=0)
+
+
+def test_stale_update_uses_its_own_start_after_the_version_moved_on():
+    agg = fedhl_with_w([3.0, 2.0, 1.0])
+    d_old = agg.dispatch(2)
+    out_old = perturbed(d_old, 1)
+    d = agg.dispatch(2)
+    agg.aggregate([update(0, d, perturbed(d, 0))])  # version 0 -> 1
+    agg.dispatch(2)  # a freed client gets version 1; version 0's SVD is dropped (keep_versions = 1)
+    assert list(agg._svds_by_version) == [1]
+    before = {k: v.clone() for k, v in agg.w.items()}
+    agg.aggregate([update(1, d_old, out_old)])
+    s = agg.lora.scale(2)
+    for k in LAYERS:
+        dw = lora_ops.delta(out_old[f"{k}.lora_A.weight"], out_old[f"{k}.lora_B.weight"], s)
+        start = lora_ops.delta(d_old.arrays[f"{k}.lora_A.weight"], d_old.arrays[f"{k}.lora_B.weight"], s)
+        np.testing.assert_allclose(agg.w[k].numpy(), before[k].numpy() + dw - start, atol=1e-5)
