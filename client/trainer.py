@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from client.tasks import Encoded, Task
 from client import training
+from client.tasks import Encoded, Task
 from client.training import AdapterModel, EvalStats, TrainStats
 from proto import wire
 

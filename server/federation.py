@@ -87,7 +87,7 @@ class Federation:
 
     def __init__(self, cfg: RunConfig, grid: Grid) -> None:
         from client.tasks import build_task
-        from client.training import MergedEvaluator, initial_adapter, select_device
+        from client.training import MergedEvaluator, select_device
 
         self.cfg = cfg
         self.grid = grid
@@ -198,7 +198,8 @@ class Federation:
         config = ConfigRecord({
             wire.SERVER_ROUND: dispatch.version + 1, wire.MODEL_VERSION: dispatch.version,
             wire.LORA_RANK: dispatch.rank, wire.LOCAL_STEPS: cfg.local_steps, wire.BATCH_SIZE: cfg.batch_size,
-            wire.LR: cfg.lr, wire.PROX_MU: cfg.prox_mu, wire.SEED: seed, wire.PUSHED_AT: time.time(),
+            wire.LR: cfg.lr * cfg.lr_decay**dispatch.version, wire.PROX_MU: cfg.prox_mu, wire.SEED: seed,
+            wire.PUSHED_AT: time.time(),
             wire.SOFTWARE: wire.SOFTWARE_VERSION,
         })
         arrays = ArrayRecord(array_dict={k: Array.from_numpy_ndarray(np.asarray(v, np.float32))

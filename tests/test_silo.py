@@ -33,7 +33,8 @@ def test_loads_every_format_with_names_or_ids(tmp_path, name):
     [
         (lambda t: t / "nope.csv", {}, "does not exist; pass --data"),
         (lambda t: (t / "s.txt").write_text("x") and t / "s.txt", {}, "unknown format"),
-        (lambda t: write(t, "s.csv", {"body": ["x"], "label": ["tech"]}), {}, r"no column\(s\) \['text'\]; its columns are \['body', 'label'\]"),
+        (lambda t: write(t, "s.csv", {"body": ["x"], "label": ["tech"]}), {},
+         r"no column\(s\) \['text'\]; its columns are \['body', 'label'\]"),
         (lambda t: write(t, "s.csv", {"text": ["x"], "label": ["tech"]}), {"label_column": "cls"}, "--label-column"),
         (lambda t: (t / "e.csv").write_text("text,label\n") and t / "e.csv", {}, "has no rows"),
         (lambda t: write(t, "s.csv", {"text": ["x", "y"], "label": ["tech", "cooking"]}), {}, "unknown label 'cooking'"),

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from strategies import AGGREGATORS, FlexLoRA, FLoRA, HetLoRA, LoraSpec, RankMismatchError
-from strategies import lora_ops
+from strategies import AGGREGATORS, FlexLoRA, FLoRA, HetLoRA, LoraSpec, RankMismatchError, lora_ops
 from strategies.hetlora import norm_weights
 from tests.strategies.helpers import LAYERS, adapter, perturbed, update
 

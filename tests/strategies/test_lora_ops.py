@@ -1,8 +1,7 @@
 import numpy as np
 import pytest
 
-from strategies import InvalidUpdateError, LoraSpec, RankMismatchError
-from strategies import lora_ops
+from strategies import InvalidUpdateError, LoraSpec, RankMismatchError, lora_ops
 from tests.strategies.helpers import adapter
 
 
