@@ -1,0 +1,128 @@
+"""FedBuff, FedAsync, FedFix and staleness weights against hand-computed cases; the clock is injected."""
+
+import copy
+
+import numpy as np
+import pytest
+
+from strategies import FedAvg, FedHL, InvalidUpdateError, LoraSpec
+from strategies.base import ClientUpdate
+from strategies.fedbuff import FedAsync, FedBuff
+from strategies.fedfix import FedFix
+from strategies.staleness import ConstantStaleness, HingeStaleness, PolynomialStaleness
+from tests.strategies.helpers import LAYERS, adapter, perturbed
+
+
+def upd(node, d, arrays, n=10, staleness=0):
+    return ClientUpdate(node_id=node, arrays=arrays, sent=d, num_examples=n, staleness=staleness)
+
+
+@pytest.mark.parametrize("tau,expected", [(0, 1.0), (3, 0.5), (8, 1 / 3)])
+def test_polynomial_staleness(tau, expected):
+    assert PolynomialStaleness(0.5).weight(tau) == pytest.approx(expected)
+
+
+def test_hinge_and_constant_staleness():
+    h = HingeStaleness(a=10, b=4)
+    assert h.weight(4) == 1.0 and h.weight(5) == pytest.approx(1 / 11)
+    assert ConstantStaleness().weight(100) == 1.0
+    with pytest.raises(ValueError, match="future version"):
+        ConstantStaleness().weight(-1)
+
+
+def test_fedbuff_waits_for_k_then_applies_staleness_weights():
+    agg = FedAvg(adapter(2, 0), LoraSpec(alpha=4))
+    rule = FedBuff(agg, PolynomialStaleness(0.5), buffer_size=2)
+    d = agg.dispatch(2)
+    a1, a2 = perturbed(d, 1), perturbed(d, 2)
+    rule.admit(upd(1, d, a1, n=10, staleness=0))
+    assert rule.step(now=0.0) is None and agg.version == 0
+    rule.admit(upd(2, d, a2, n=30, staleness=3))
+    step = rule.step(now=1.0)
+    assert step is not None and agg.version == 1 and rule.buffer == []
+    np.testing.assert_allclose(step.lora_weights, [0.25 * 1.0, 0.75 * 0.5])
+    k = f"{LAYERS[0]}.lora_A.weight"
+    expected = d.arrays[k] + 0.25 * (a1[k] - d.arrays[k]) + 0.375 * (a2[k] - d.arrays[k])
+    np.testing.assert_allclose(agg.dispatch(2).arrays[k], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("base", ["fedavg", "fedhl"])
+def test_fedbuff_with_constant_weight_and_full_buffer_equals_sync(base):
+    make = (lambda: FedAvg(adapter(4, 0), LoraSpec(alpha=8))) if base == "fedavg" else \
+        (lambda: FedHL(adapter(4, 0, b_zero=True), LoraSpec(alpha=8), max_rank=4))
+    sync, asyn = make(), make()
+    ranks = [4, 4, 4] if base == "fedavg" else [1, 2, 4]
+    ds = [sync.dispatch(r) for r in ranks]
+    outs = [perturbed(d, i) for i, d in enumerate(ds)]
+    sync.aggregate([upd(i, d, o, n=10 * (i + 1)) for i, (d, o) in enumerate(zip(ds, outs))])
+    rule = FedBuff(asyn, ConstantStaleness(), buffer_size=3)
+    ds2 = [asyn.dispatch(r) for r in ranks]
+    for i, (d, o) in enumerate(zip(ds2, outs)):
+        rule.admit(upd(i, d, o, n=10 * (i + 1)))
+    rule.step(now=0.0)
+    for k, v in sync.merged().deltas.items():
+        np.testing.assert_allclose(asyn.merged().deltas[k], v, atol=1e-5)
+
+
+def test_async_drops_stale_duplicate_and_malformed_updates_without_touching_state():
+    agg = FedAvg(adapter(2, 0), LoraSpec())
+    rule = FedBuff(agg, PolynomialStaleness(), buffer_size=1, max_staleness=2)
+    d = agg.dispatch(2)
+    before = copy.deepcopy(agg.merged().deltas)
+    with pytest.raises(InvalidUpdateError, match="3 versions stale, above max-staleness 2"):
+        rule.admit(upd(1, d, perturbed(d, 1), staleness=3))
+    bad = perturbed(d, 2)
+    bad["m.head.weight"] = bad["m.head.weight"][:, :2]
+    with pytest.raises(InvalidUpdateError, match="wrong shape"):
+        rule.admit(upd(2, d, bad))
+    rule.buffer_size = 5
+    good = upd(3, d, perturbed(d, 3))
+    rule.admit(good)
+    with pytest.raises(InvalidUpdateError, match="duplicate"):
+        rule.admit(upd(3, d, perturbed(d, 4)))
+    assert len(rule.buffer) == 1 and agg.version == 0
+    for k, v in before.items():
+        np.testing.assert_array_equal(agg.merged().deltas[k], v)
+
+
+def test_fedasync_applies_every_update():
+    agg = FedAvg(adapter(2, 0), LoraSpec())
+    rule = FedAsync(agg, PolynomialStaleness(), server_lr=0.5)
+    for i in range(3):
+        d = agg.dispatch(2)
+        rule.admit(upd(i, d, perturbed(d, i), staleness=i))
+        assert rule.step(now=float(i)).version == i + 1
+
+
+def test_fedfix_unbiased_weights_and_interval_clock():
+    agg = FedAvg(adapter(2, 0), LoraSpec())
+    rule = FedFix(agg, interval=10.0, start=0.0)
+    for node, n in ((1, 10), (2, 30), (3, 60)):
+        rule.register(node, n)
+    rule.observe_duration(1, 5.0)
+    rule.observe_duration(2, 25.0)
+    rule.observe_duration(2, 25.0)
+    d = agg.dispatch(2)
+    rule.admit(upd(1, d, perturbed(d, 1), n=10))
+    assert rule.step(now=9.9) is None and agg.version == 0
+    rule.admit(upd(2, d, perturbed(d, 2), n=30))
+    step = rule.step(now=10.0)
+    # p = (0.1, 0.3, 0.6); ⌈5/10⌉ = 1, ⌈25/10⌉ = 3
+    np.testing.assert_allclose(step.lora_weights, [0.1, 0.9])
+    assert rule.deadline == 20.0
+    assert rule.step(now=35.0) is None and rule.deadline == 40.0  # empty intervals make no version
+    assert agg.version == 1
+
+
+def test_fedfix_duration_ema_and_bad_values():
+    rule = FedFix(FedAvg(adapter(2, 0), LoraSpec()), interval=10.0, start=0.0, ema=0.5)
+    rule.observe_duration(1, 10.0)
+    rule.observe_duration(1, 30.0)
+    assert rule.durations[1] == 20.0
+    rule.observe_duration(1, float("nan"))
+    rule.observe_duration(1, -3.0)
+    assert rule.durations[1] == 20.0
+    with pytest.raises(ValueError, match="interval"):
+        FedFix(FedAvg(adapter(2, 0), LoraSpec()), interval=0, start=0)
+    with pytest.raises(ValueError, match="buffer-size"):
+        FedBuff(FedAvg(adapter(2, 0), LoraSpec()), ConstantStaleness(), buffer_size=0)
