@@ -40,10 +40,10 @@ def _adapter_model(spec: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=1024)
-def _trainer(spec: Any, partition_id: int, num_partitions: int, alpha: float, rank: int) -> Trainer:
+def _trainer(spec: Any, partition_id: int, num_partitions: int, alpha: float, rank: int, slowdown: float) -> Trainer:
     model = _adapter_model(spec)
     data = model.task.encode(model.task.builtin_partition(partition_id, num_partitions, alpha))
-    return Trainer(model, data, rank)
+    return Trainer(model, data, rank, slowdown)
 
 
 def trainer_for(context: Context) -> Trainer:
@@ -53,9 +53,10 @@ def trainer_for(context: Context) -> Trainer:
     cfg = RunConfig.from_mapping(dict(context.run_config))
     pid = int(context.node_config[wire.NODE_PARTITION])
     n = int(context.node_config[wire.NODE_PARTITIONS])
-    from server.ranks import simulated_rank
+    from server.ranks import simulated_rank, simulated_slowdown
 
-    return _trainer(cfg.task_spec(), pid, n, cfg.dirichlet_alpha, simulated_rank(cfg, pid))
+    return _trainer(cfg.task_spec(), pid, n, cfg.dirichlet_alpha, simulated_rank(cfg, pid),
+                    simulated_slowdown(cfg, pid))
 
 
 def handle(context: Context, method: str, request: Any) -> Any:

@@ -35,6 +35,7 @@ def add_trainer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--slowdown", type=float, default=1.0, help="emulate hardware this many times slower (tests, demos)")
 
 
 def build_trainer(args: argparse.Namespace) -> Trainer:
@@ -55,7 +56,7 @@ def build_trainer(args: argparse.Namespace) -> Trainer:
         ds = task.builtin_partition(args.partition_id, args.num_partitions, args.dirichlet_alpha)
     device = select_device(args.device)
     model = AdapterModel(task, device)
-    return Trainer(model, task.encode(ds), parse_rank(args.rank, str(device)))
+    return Trainer(model, task.encode(ds), parse_rank(args.rank, str(device)), args.slowdown)
 
 
 def parse_rank(value: str, device: str) -> int:

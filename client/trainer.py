@@ -70,7 +70,9 @@ def memory_bytes(device: str) -> int:
 class Trainer:
     """One silo: a shared `AdapterModel`, the silo's encoded data and the node's LoRA rank."""
 
-    def __init__(self, model: AdapterModel, data: Encoded, rank: int) -> None:
+    def __init__(self, model: AdapterModel, data: Encoded, rank: int, slowdown: float = 1.0) -> None:
+        if slowdown < 1:
+            raise TrainerError(f"--slowdown must be >= 1 (a factor of the real duration), got {slowdown}.")
         if rank < 1:
             raise TrainerError(f"LoRA rank must be >= 1, got {rank}; pass --rank with a positive integer.")
         if len(data) == 0:
@@ -78,6 +80,7 @@ class Trainer:
         self.model = model
         self.data = data
         self.rank = rank
+        self.slowdown = slowdown
 
     @property
     def task(self) -> Task:
@@ -112,6 +115,9 @@ class Trainer:
             )
         except (ValueError, RuntimeError) as e:
             raise TrainerError(f"training failed: {e}") from e
+        if self.slowdown > 1:  # emulate slower hardware: stretch the job to slowdown × its real duration
+            time.sleep((self.slowdown - 1) * stats.duration_s)
+            stats = dataclasses.replace(stats, duration_s=stats.duration_s * self.slowdown)
         queue_s = stats.started_at - job.pushed_at if job.pushed_at > 0 else float("nan")
         log.info("train: version %d, rank %d, %d steps, loss %.4f, %.2fs (queued %.2fs)",
                  job.base_version, job.rank, stats.steps, stats.loss_mean, stats.duration_s, queue_s)

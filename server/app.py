@@ -5,6 +5,7 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from server.async_driver import run_async
 from server.config import RunConfig
 from server.federation import Federation
 from server.logs import setup_logging
@@ -19,4 +20,4 @@ def main(grid: Grid, context: Context) -> None:
     setup_logging()
     cfg = RunConfig.from_mapping(dict(context.run_config))
     fed = Federation(cfg, grid)
-    run_sync(fed)
+    (run_async if cfg.mode == "async" else run_sync)(fed)

@@ -99,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(s)
     s.add_argument("--nodes", type=int, default=20, help="simulated SuperNodes (silos)")
     s.add_argument("--cpus-per-client", type=int, default=1, help="CPUs per Ray actor")
-    s.add_argument("--cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
+    s.add_argument("--cpus", type=int, default=None,
+                   help="logical CPUs Ray may use = concurrent actors (default: all cores); raise it when simulated "
+                   "clients mostly wait (speed profiles)")
     s.set_defaults(fn=cmd_sim)
 
     s = sub.add_parser("server", help="start a SuperLink and run the federation over real SuperNodes")

@@ -15,7 +15,10 @@ from typing import Any
 
 from client.tasks import TaskSpec
 
-MODES = ("sync",)
+MODES = ("sync", "async")
+ASYNC_RULES = ("fedbuff", "fedfix", "fedasync")
+STALENESS = ("polynomial", "constant", "hinge")
+SPEED_PROFILES = ("none", "tiers", "lognormal")
 AGGREGATIONS = ("auto", "fedavg", "fedhl", "hetlora", "flexlora", "flora")
 SELECTORS = ("random",)
 MODELS = ("minilm", "tiny-bert")
@@ -65,6 +68,16 @@ class RunConfig:
     svd: str = field(default="auto", metadata=_h("FedHL SVD method", SVD_METHODS))
     server_lr: float = field(default=1.0, metadata=_h("server learning rate η_g", low=0.0))
     dirichlet_alpha: float = field(default=0.5, metadata=_h("label skew of simulated silos (<= 0: IID)"))
+    async_rule: str = field(default="fedbuff", metadata=_h("asynchronous rule (mode=async)", ASYNC_RULES))
+    concurrency: int = field(default=4, metadata=_h("clients training at once (mode=async)", low=1))
+    buffer_size: int = field(default=2, metadata=_h("FedBuff: updates per new version (K)", low=1))
+    staleness: str = field(default="polynomial", metadata=_h("staleness weight s(τ)", STALENESS))
+    staleness_exponent: float = field(default=0.5, metadata=_h("polynomial s(τ) = (1+τ)^-a", low=0.0))
+    max_staleness: int = field(default=-1, metadata=_h("drop updates staler than this (-1: never)", low=-1))
+    interval: float = field(default=20.0, metadata=_h("FedFix: seconds between aggregations (Δt)", low=0.001))
+    speed_profile: str = field(default="none", metadata=_h("simulated client speeds", SPEED_PROFILES))
+    speed_tiers: str = field(default="1,2,5,10", metadata=_h("slowdown factors of the `tiers` profile"))
+    speed_sigma: float = field(default=1.0, metadata=_h("σ of the `lognormal` slowdown profile", low=0.0))
     eval_every: int = field(default=1, metadata=_h("evaluate the global model every N versions", low=1))
     round_timeout: float = field(default=600.0, metadata=_h("seconds to wait for a round's replies", low=1.0))
     seed: int = field(default=0, metadata=_h("seed of every random choice the server makes"))

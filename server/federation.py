@@ -192,7 +192,7 @@ class Federation:
                           telemetry=self.nodes[n].telemetry) for n in node_ids]
 
     # ---- dispatch ----------------------------------------------------------------------
-    def train_message(self, node_id: int, dispatch: Dispatch, seed: int) -> Message:
+    def train_message(self, node_id: int, dispatch: Dispatch, seed: int, ttl: float | None = None) -> Message:
         """Build the train message for one node from its dispatch."""
         cfg = self.cfg
         config = ConfigRecord({
@@ -209,7 +209,7 @@ class Federation:
             content[wire.FROZEN] = ArrayRecord(array_dict={k: Array.from_numpy_ndarray(np.asarray(v, np.float32))
                                                            for k, v in dispatch.frozen.items()})
         self.recorder.bytes_down += nbytes(dict(dispatch.arrays)) + nbytes(dict(dispatch.frozen))
-        return Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN)
+        return Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN, ttl=ttl)
 
     # ---- replies -----------------------------------------------------------------------
     def to_update(self, reply: Message, sent: Dispatch, current_version: int) -> ClientUpdate:

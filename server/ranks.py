@@ -1,4 +1,4 @@
-"""Which LoRA rank a client trains at: simulated rank mixes, and automatic ranks from the device."""
+"""Per-node properties of a simulated fleet (LoRA rank, speed) and automatic ranks from the device."""
 
 from __future__ import annotations
 
@@ -38,3 +38,19 @@ def auto_rank(device: str, memory_bytes: int) -> int:
         if gib >= threshold:
             return rank
     return 4
+
+
+def simulated_slowdown(cfg: RunConfig, partition_id: int) -> float:
+    """Return how many times slower than the machine simulated node `partition_id` trains.
+
+    `tiers`: node p gets tier p mod k of `speed-tiers` (e.g. 1×, 2×, 5×, 10×);
+    `lognormal`: exp(σ·z) with z ~ N(0, 1) seeded by `seed` and the node, floored at 1.
+    The trainer stretches each job to this factor × its real duration.
+    """
+    if cfg.speed_profile == "none":
+        return 1.0
+    if cfg.speed_profile == "tiers":
+        tiers = [float(x) for x in cfg.speed_tiers.split(",") if x.strip()]
+        return tiers[partition_id % len(tiers)]
+    z = np.random.default_rng([cfg.seed, partition_id, 7]).standard_normal()
+    return float(max(1.0, np.exp(cfg.speed_sigma * z)))

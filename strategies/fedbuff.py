@@ -63,12 +63,17 @@ class AsyncRule:
         if not self.ready(now) or not self.buffer:
             self._after_step(now, aggregated=False)
             return None
-        updates, self.buffer = self.buffer, []
+        updates = self._take()
         w = self.weights(updates, now)
         self.aggregator.apply(updates, w, self.server_lr)
         self._after_step(now, aggregated=True)
         return AsyncStep([u.node_id for u in updates], [u.staleness for u in updates], w.lora.tolist(),
                          w.dense.tolist(), self.aggregator.version)
+
+    def _take(self) -> list[ClientUpdate]:
+        """Remove and return the updates that form the next version (default: all buffered)."""
+        updates, self.buffer = self.buffer, []
+        return updates
 
     def _after_step(self, now: float, aggregated: bool) -> None:
         pass
@@ -102,6 +107,11 @@ class FedBuff(AsyncRule):
     def ready(self, now: float) -> bool:
         """True once K updates are buffered."""
         return len(self.buffer) >= self.buffer_size
+
+    def _take(self) -> list[ClientUpdate]:
+        """The first K buffered updates (arrival order); later arrivals wait for the next version."""
+        updates, self.buffer = self.buffer[: self.buffer_size], self.buffer[self.buffer_size :]
+        return updates
 
     def weights(self, updates: Sequence[ClientUpdate], now: float) -> Weights:
         """p_i · s(τ_i)."""

@@ -126,3 +126,13 @@ def test_fedfix_duration_ema_and_bad_values():
         FedFix(FedAvg(adapter(2, 0), LoraSpec()), interval=0, start=0)
     with pytest.raises(ValueError, match="buffer-size"):
         FedBuff(FedAvg(adapter(2, 0), LoraSpec()), ConstantStaleness(), buffer_size=0)
+
+
+def test_fedbuff_takes_exactly_k_in_arrival_order():
+    agg = FedAvg(adapter(2, 0), LoraSpec())
+    rule = FedBuff(agg, ConstantStaleness(), buffer_size=2)
+    d = agg.dispatch(2)
+    for i in range(3):
+        rule.admit(upd(i, d, perturbed(d, i)))
+    assert rule.step(now=0.0).node_ids == [0, 1]
+    assert [u.node_id for u in rule.buffer] == [2] and rule.step(now=0.0) is None
