@@ -113,7 +113,7 @@ def run_async(fed: Federation) -> dict:
         if step is not None:
             buffered = buffered[: len(step.node_ids)]
             for u, w in zip(buffered, step.lora_weights):
-                fed.record_update(u, u.node_id, "accepted", weight=w)
+                fed.record_update(u, u.node_id, "accepted", weight=w, applied_version=step.version)
             fed.selector.observe(buffered, step.version)
             log.info("async: version %d from %d updates (staleness %s)", step.version, len(buffered), step.staleness)
             if step.version % cfg.eval_every == 0 or step.version >= cfg.num_rounds:

@@ -247,9 +247,9 @@ class Federation:
         return update
 
     def record_update(self, update: ClientUpdate | None, node_id: int, status: str, reason: str = "",
-                      weight: float | None = None) -> None:
-        """Append one reply's outcome to updates.jsonl."""
-        row: dict = {"node": node_id, "status": status, "reason": reason}
+                      weight: float | None = None, applied_version: int | None = None) -> None:
+        """Append one reply's outcome to updates.jsonl (`applied_version`: the version it produced)."""
+        row: dict = {"node": node_id, "status": status, "reason": reason, "applied_version": applied_version}
         if update is not None:
             m = update.metrics
             row.update(rank=update.rank, base_version=update.sent.version, staleness=update.staleness,

@@ -44,7 +44,7 @@ def run_sync(fed: Federation) -> dict:
                 fed.record_update(u, u.node_id, "rejected", e.reason)
             continue
         for u, w in zip(updates, weights.lora):
-            fed.record_update(u, u.node_id, "accepted", weight=float(w))
+            fed.record_update(u, u.node_id, "accepted", weight=float(w), applied_version=fed.aggregator.version)
         fed.selector.observe(updates, rnd)
         log.info("round %d: aggregated %d of %d updates", rnd, len(updates), len(picked))
         if fed.aggregator.version % cfg.eval_every == 0 or rnd == cfg.num_rounds:

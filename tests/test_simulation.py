@@ -43,3 +43,38 @@ def test_simulation_trains_and_writes_the_run_directory(tmp_path):
     assert (out / "report.md").read_text().startswith("# corolla run report")
     assert (out / "curves.png").stat().st_size > 10_000
     assert (out / "config.json").exists() and json.loads((out / "config.json").read_text())["model"] == "tiny-bert"
+
+
+def test_async_simulation_with_slow_clients(tmp_path):
+    out = tmp_path / "run"
+    sets = {"model": "tiny-bert", "mode": "async", "async-rule": "fedbuff", "num-rounds": 5, "concurrency": 3,
+            "buffer-size": 2, "local-steps": 2, "max-length": 32, "speed-profile": "tiers", "speed-tiers": "1,10",
+            "min-nodes": 4, "lr": 0.01}
+    cmd = [*COROLLA, "sim", "--out", str(out), "--nodes", "4", "--cpus", "3"]
+    for k, v in sets.items():
+        cmd += ["--set", f"{k}={v}"]
+    with processes() as procs:
+        from server import launch
+
+        p = launch.start(cmd, launch.flower_env(tmp_path / "home"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        procs.append(p)
+        stdout, _ = p.communicate(timeout=400)
+    assert p.returncode == 0, stdout.decode()[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["versions"] == 5 and summary["mode"] == "async"
+    accepted = [u for u in read_jsonl(out / "updates.jsonl") if u["status"] == "accepted"]
+    assert len(accepted) == 10  # K = 2 updates per version, exactly
+    # staleness is measured against the version the update was applied to
+    assert all(u["staleness"] == u["applied_version"] - 1 - u["base_version"] for u in accepted)
+    assert any(u["staleness"] > 0 for u in accepted)
+    # tiers 1x and 10x: the slow nodes' jobs are stretched to about ten times the fast nodes'
+    by_node = {}
+    for u in accepted:
+        by_node.setdefault(u["node"], []).append(u["duration_s"])
+    medians = sorted(sorted(v)[len(v) // 2] for v in by_node.values())
+    assert medians[-1] > 5 * medians[0]
+    weights = {round(u["weight"], 6) for u in accepted}
+    assert len(weights) > 1
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["version"] for m in metrics] == [0, 1, 2, 3, 4, 5]
+    assert all("mean_staleness" in m for m in metrics[1:])
