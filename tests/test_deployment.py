@@ -49,3 +49,41 @@ def test_superlink_supernodes_and_trainers_over_grpc(tmp_path, tiny_silos):
     assert all(u["model_loads"] == 1 for u in updates)
     assert all(u["queue_s"] is not None and 0 < u["queue_s"] < 60 for u in updates)
     assert sum(abs(u["weight"]) for u in updates) > 0
+
+
+def test_async_federation_survives_a_killed_supernode(tmp_path, tiny_silos):
+    """Three SuperNodes of different speeds; one client (trainer + SuperNode) is killed mid-run."""
+    out = tmp_path / "run"
+    fleet = f"127.0.0.1:{launch.free_port()}"
+    sets = {"model": "tiny-bert", "mode": "async", "async-rule": "fedbuff", "buffer-size": 1, "concurrency": 3,
+            "num-rounds": 8, "min-nodes": 3, "local-steps": 2, "max-length": 32, "round-timeout": 90}
+    server_cmd = [*COROLLA, "server", "--out", str(out), "--fleet-address", fleet]
+    for k, v in sets.items():
+        server_cmd += ["--set", f"{k}={v}"]
+    with processes() as procs:
+        server = launch.start(server_cmd, launch.flower_env(tmp_path / "server-home"), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT)
+        procs.append(server)
+        read_line(server, "corolla-server fleet API on", timeout=90)
+        clients = []
+        for i, (silo, slowdown) in enumerate(zip(tiny_silos, (1, 3, 6), strict=True)):
+            cmd = [*COROLLA, "client", "--superlink", fleet, "--data", str(silo), "--rank", "8", "--model", "tiny-bert",
+                   "--max-length", "32", "--threads", "1", "--slowdown", str(slowdown),
+                   "--flwr-home", str(tmp_path / f"node{i}")]
+            clients.append(launch.start(cmd, launch.flower_env(tmp_path / f"node{i}"),
+                                        log_path=tmp_path / f"client{i}.log"))
+            procs.append(clients[-1])
+        # kill the fastest client once the federation has produced its first versions
+        launch.wait_for(lambda: len(read_jsonl(out / "metrics.jsonl")) >= 3, 240, "first async versions",
+                        proc=server)
+        launch.stop(clients[0])
+        killed_at = len(read_jsonl(out / "metrics.jsonl")) - 1
+        stdout, _ = server.communicate(timeout=420)
+        assert server.returncode == 0, stdout.decode()[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["versions"] == 8 and summary["mode"] == "async"
+    accepted = [u for u in read_jsonl(out / "updates.jsonl") if u["status"] == "accepted"]
+    assert len(accepted) == 8
+    assert killed_at < 8  # versions after the kill came from the surviving, slower nodes
+    survivors = {u["node"] for u in accepted if u["applied_version"] > killed_at + 1}
+    assert survivors and len(survivors) <= 2
