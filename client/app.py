@@ -30,6 +30,7 @@ def _metadata_metrics(meta: trainer_pb2.UpdateMetadata) -> MetricRecord:
         wire.LOSS_SQ_MEAN: float(meta.loss_sq_mean), wire.DURATION_S: float(meta.duration_s),
         wire.STEPS: int(meta.steps), wire.STARTED_AT: float(meta.started_at), wire.QUEUE_S: float(meta.queue_s),
         wire.MODEL_LOADS: int(meta.model_loads), wire.TRAINER_PID: int(meta.trainer_pid),
+        wire.SAMPLES: int(meta.samples),
     })
 
 

@@ -41,7 +41,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
             model_fingerprint=r.fingerprint, base_version=r.base_version, rank=r.rank,
             num_examples=r.stats.num_examples, loss_mean=r.stats.loss_mean, loss_sq_mean=r.stats.loss_sq_mean,
             duration_s=r.stats.duration_s, steps=r.stats.steps, started_at=r.stats.started_at, queue_s=r.queue_s,
-            model_loads=training.MODEL_LOADS, trainer_pid=os.getpid(),
+            model_loads=training.MODEL_LOADS, trainer_pid=os.getpid(), samples=r.stats.samples,
         )
         return trainer_pb2.TrainReply(metadata=meta, arrays=wire.encode_tensors(r.arrays))
 

@@ -60,6 +60,7 @@ class TrainStats:
     loss_sq_mean: float
     duration_s: float
     started_at: float
+    samples: int = 0
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,7 @@ class AdapterModel:
             loss_sq_mean=float((arr**2).mean()) if arr.size else math.nan,
             duration_s=time.perf_counter() - t0,
             started_at=started,
+            samples=len(losses),
         )
         return self.state(rank), stats
 

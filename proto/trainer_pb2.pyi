@@ -39,7 +39,7 @@ class ClientProfile(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., num_examples: _Optional[int] = ..., software_version: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., task: _Optional[str] = ..., model_loads: _Optional[int] = ...) -> None: ...
 
 class UpdateMetadata(_message.Message):
-    __slots__ = ("model_fingerprint", "base_version", "rank", "num_examples", "loss_mean", "loss_sq_mean", "duration_s", "steps", "started_at", "queue_s", "model_loads", "trainer_pid")
+    __slots__ = ("model_fingerprint", "base_version", "rank", "num_examples", "loss_mean", "loss_sq_mean", "duration_s", "steps", "started_at", "queue_s", "model_loads", "trainer_pid", "samples")
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class UpdateMetadata(_message.Message):
     QUEUE_S_FIELD_NUMBER: _ClassVar[int]
     MODEL_LOADS_FIELD_NUMBER: _ClassVar[int]
     TRAINER_PID_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
     model_fingerprint: str
     base_version: int
     rank: int
@@ -64,7 +65,8 @@ class UpdateMetadata(_message.Message):
     queue_s: float
     model_loads: int
     trainer_pid: int
-    def __init__(self, model_fingerprint: _Optional[str] = ..., base_version: _Optional[int] = ..., rank: _Optional[int] = ..., num_examples: _Optional[int] = ..., loss_mean: _Optional[float] = ..., loss_sq_mean: _Optional[float] = ..., duration_s: _Optional[float] = ..., steps: _Optional[int] = ..., started_at: _Optional[float] = ..., queue_s: _Optional[float] = ..., model_loads: _Optional[int] = ..., trainer_pid: _Optional[int] = ...) -> None: ...
+    samples: int
+    def __init__(self, model_fingerprint: _Optional[str] = ..., base_version: _Optional[int] = ..., rank: _Optional[int] = ..., num_examples: _Optional[int] = ..., loss_mean: _Optional[float] = ..., loss_sq_mean: _Optional[float] = ..., duration_s: _Optional[float] = ..., steps: _Optional[int] = ..., started_at: _Optional[float] = ..., queue_s: _Optional[float] = ..., model_loads: _Optional[int] = ..., trainer_pid: _Optional[int] = ..., samples: _Optional[int] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
     __slots__ = ("base_version", "rank", "local_steps", "batch_size", "lr", "prox_mu", "seed", "pushed_at", "software_version", "arrays", "frozen")

@@ -77,7 +77,7 @@ def run_async(fed: Federation) -> dict:
         idle = [n for n in usable if n not in busy]
         free = cfg.concurrency - len(in_flight)
         if free > 0 and idle:
-            picked = fed.selector.select(fed.candidates(idle), free, fed.aggregator.version)
+            picked = fed.select(idle, free, fed.aggregator.version)
             jobs = []
             for n in picked:
                 seq += 1

@@ -19,7 +19,18 @@ from flwr.serverapp import Grid
 from proto import wire
 from server.config import RunConfig
 from server.records import RunRecorder
-from strategies import AGGREGATORS, SELECTORS, Aggregator, Candidate, ClientUpdate, Dispatch, LoraSpec, Selector
+from strategies import (
+    AGGREGATORS,
+    SELECTORS,
+    Aggregator,
+    Candidate,
+    ClientUpdate,
+    Dispatch,
+    HeteRoSelect,
+    HeteRoSelectConfig,
+    LoraSpec,
+    Selector,
+)
 from strategies.exceptions import StrategyError
 
 log = logging.getLogger(f"corolla.{__name__}")
@@ -79,6 +90,9 @@ def build_aggregator(cfg: RunConfig, name: str, initial: dict[str, np.ndarray]) 
 
 def build_selector(cfg: RunConfig) -> Selector:
     """Look the configured selector up in the registry and build it."""
+    if cfg.selector == "heteroselect":
+        conf = HeteRoSelectConfig(total_steps=cfg.num_rounds)
+        return HeteRoSelect(conf, lora=LoraSpec(alpha=cfg.lora_alpha, rslora=cfg.rslora), seed=cfg.seed)
     return SELECTORS[cfg.selector](seed=cfg.seed)  # type: ignore[call-arg]
 
 
@@ -185,6 +199,18 @@ class Federation:
             return (f"base model fingerprint {info.fingerprint} differs from the server's "
                     f"{self.evaluator.fingerprint}; start the trainer with the same --model")
         return self._rank_refusal(info.rank)
+
+    def select(self, node_ids: list[int], k: int, step: int) -> list[int]:
+        """Ask the selector for k of `node_ids`; record every candidate's scores and the picks."""
+        picked = self.selector.select(self.candidates(node_ids), k, step)
+        scores = getattr(self.selector, "last_scores", {})
+        problems = getattr(self.selector, "problems", {})
+        self.recorder.selection({"step": step, "picked": picked, "candidates": len(node_ids),
+                                 "scores": {str(n): s for n, s in scores.items()},
+                                 "telemetry_problems": {str(n): p for n, p in problems.items()}})
+        for n, p in problems.items():
+            log.warning("node %d telemetry: %s (scored as neutral)", n, "; ".join(p))
+        return picked
 
     def candidates(self, node_ids: list[int]) -> list[Candidate]:
         """Selector view of the usable nodes."""

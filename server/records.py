@@ -4,6 +4,7 @@
 - metrics.jsonl one object per evaluation: version, wall_s, accuracy, loss, bytes_up, bytes_down, clients
 - updates.jsonl one object per client reply: node, rank, accepted or the rejection reason, weights, telemetry
 - nodes.jsonl   one object per node profile seen
+- selection.jsonl one object per selection: every candidate's score terms, the picks, telemetry problems
 - global.npz    the final global model: `delta/<layer>` ΔW per LoRA layer, `dense/<key>` trained parameters
 - summary.json  final_accuracy, peak_accuracy, stability_drop, wall_s (+ counts)
 - report.md, curves.png  written by server/report.py
@@ -34,7 +35,7 @@ class RunRecorder:
     def __init__(self, out_dir: str | Path, config_json: str) -> None:
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        for name in ("metrics.jsonl", "updates.jsonl", "nodes.jsonl", "summary.json"):
+        for name in ("metrics.jsonl", "updates.jsonl", "nodes.jsonl", "selection.jsonl", "summary.json"):
             (self.dir / name).unlink(missing_ok=True)
         (self.dir / "config.json").write_text(config_json + "\n")
         self.t0 = time.monotonic()
@@ -51,6 +52,10 @@ class RunRecorder:
     def _append(self, name: str, row: dict[str, Any]) -> None:
         with (self.dir / name).open("a") as f:
             f.write(json.dumps(_clean(row), sort_keys=True) + "\n")
+
+    def selection(self, row: dict[str, Any]) -> None:
+        """Record one selection: candidates' scores (every term) and the picks."""
+        self._append("selection.jsonl", {"wall_s": round(self.wall_s(), 3), **row})
 
     def node(self, row: dict[str, Any]) -> None:
         """Record a node profile."""

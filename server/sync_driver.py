@@ -17,7 +17,7 @@ def run_sync(fed: Federation) -> dict:
     fed.start()
     for rnd in range(1, cfg.num_rounds + 1):
         usable = fed.refresh_nodes()
-        picked = fed.selector.select(fed.candidates(usable), cfg.clients_per_round, rnd)
+        picked = fed.select(usable, cfg.clients_per_round, rnd)
         sent = {n: fed.aggregator.dispatch(fed.nodes[n].rank) for n in picked}
         msgs = [fed.train_message(n, d, seed=cfg.seed * 100_003 + rnd * 1_009 + i) for i, (n, d) in enumerate(sent.items())]
         replies = fed.grid.send_and_receive(msgs, timeout=cfg.round_timeout)

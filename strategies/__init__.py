@@ -16,7 +16,9 @@ from strategies.fedavg import FedAvg
 from strategies.fedhl import FedHL
 from strategies.flexlora import FlexLoRA
 from strategies.flora import FLoRA
+from strategies.hetero_select import HeteRoSelect, HeteRoSelectConfig
 from strategies.hetlora import HetLoRA
+from strategies.oort import Oort, OortConfig
 from strategies.registry import AGGREGATORS, SELECTORS
 from strategies.uniform import UniformSelector
 
@@ -33,6 +35,10 @@ __all__ = [
     "FedHL",
     "FlexLoRA",
     "HetLoRA",
+    "HeteRoSelect",
+    "HeteRoSelectConfig",
+    "Oort",
+    "OortConfig",
     "InvalidUpdateError",
     "LoraSpec",
     "MergedModel",

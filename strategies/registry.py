@@ -7,8 +7,10 @@ from strategies.fedavg import FedAvg
 from strategies.fedhl import FedHL
 from strategies.flexlora import FlexLoRA
 from strategies.flora import FLoRA
+from strategies.hetero_select import HeteRoSelect
 from strategies.hetlora import HetLoRA
+from strategies.oort import Oort
 from strategies.uniform import UniformSelector
 
 AGGREGATORS: dict[str, type[Aggregator]] = {cls.name: cls for cls in (FedAvg, FedHL, FlexLoRA, FLoRA, HetLoRA)}
-SELECTORS: dict[str, type[Selector]] = {cls.name: cls for cls in (UniformSelector,)}
+SELECTORS: dict[str, type[Selector]] = {cls.name: cls for cls in (UniformSelector, Oort, HeteRoSelect)}
