@@ -56,9 +56,27 @@ def builtin_partition(
     partition_id: int, num_partitions: int, alpha: float, seed: int = 0, name: str = "bbc"
 ) -> datasets.Dataset:
     """Return one client's share of the built-in training split (Dirichlet label skew; alpha <= 0 means IID)."""
+    train, _ = builtin_split(name, seed=seed)
+    return partition_dataset(train, partition_id, num_partitions, alpha, seed)
+
+
+def partition_dataset(
+    train: datasets.Dataset, partition_id: int, num_partitions: int, alpha: float, seed: int = 0
+) -> datasets.Dataset:
+    """Return one client's share of `train` (flwr-datasets' Dirichlet partitioner; alpha <= 0 means IID)."""
     if not 0 <= partition_id < num_partitions:
         raise SiloError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}; check `num-partitions`.")
-    train, _ = builtin_split(name, seed=seed)
+    return _partitioner(train, num_partitions, alpha, seed).load_partition(partition_id)
+
+
+_PARTITIONERS: dict[tuple, object] = {}
+
+
+def _partitioner(train: datasets.Dataset, num_partitions: int, alpha: float, seed: int):  # noqa: ANN202
+    """One partitioner per (dataset, n, alpha, seed): the Dirichlet draw is computed once per process."""
+    key = (train._fingerprint, num_partitions, alpha, seed)
+    if key in _PARTITIONERS:
+        return _PARTITIONERS[key]
     if alpha > 0:
         part = DirichletPartitioner(
             num_partitions=num_partitions, partition_by="label", alpha=alpha, min_partition_size=2,
@@ -67,7 +85,8 @@ def builtin_partition(
     else:
         part = IidPartitioner(num_partitions=num_partitions)
     part.dataset = train
-    return part.load_partition(partition_id)
+    _PARTITIONERS[key] = part
+    return part
 
 
 def load_silo_file(

@@ -73,8 +73,10 @@ class Trainer:
     def __init__(self, model: AdapterModel, data: Encoded, rank: int, slowdown: float = 1.0) -> None:
         if slowdown < 1:
             raise TrainerError(f"--slowdown must be >= 1 (a factor of the real duration), got {slowdown}.")
-        if rank < 1:
+        if model.task.uses_lora and rank < 1:
             raise TrainerError(f"LoRA rank must be >= 1, got {rank}; pass --rank with a positive integer.")
+        if not model.task.uses_lora:
+            rank = 0  # full-model task: no adapter
         if len(data) == 0:
             raise TrainerError("the silo holds no examples; a client needs at least one labelled example.")
         self.model = model

@@ -78,14 +78,14 @@ def _batches(n: int, batch_size: int) -> Iterator[torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, data: Encoded, device: torch.device, batch_size: int = 64) -> EvalStats:
+def evaluate_model(model: nn.Module, data: Encoded, device: torch.device, task: Task, batch_size: int = 64) -> EvalStats:
     """Mean cross-entropy and accuracy of `model` on all of `data`."""
     model.eval()
     total_loss, correct = 0.0, 0
     for idx in _batches(len(data), batch_size):
         inputs, labels = data.batch(idx, device)
         with autocast(device):
-            logits = model(**inputs).logits.float()
+            logits = task.logits(model, inputs).float()
         total_loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
         correct += int((logits.argmax(-1) == labels).sum())
     n = max(len(data), 1)
@@ -123,7 +123,12 @@ class AdapterModel:
             else:
                 p.copy_(orig)
 
-    def _activate(self, rank: int) -> PeftModel:
+    def _activate(self, rank: int) -> nn.Module:
+        if not self.task.uses_lora:  # full-model task: the model itself is trained and exchanged
+            if rank != 0:
+                raise ValueError(f"task {self.task.name} trains the full model: rank must be 0, got {rank}")
+            self.base.requires_grad_(True)
+            return self.base
         name = f"r{rank}"
         if self.model is None:
             self.model = get_peft_model(self.base, self.task.lora_config(rank), adapter_name=name)
@@ -136,6 +141,13 @@ class AdapterModel:
         """Set the adapter of `rank` to `arrays` (peft names); raise ValueError on unknown keys."""
         model = self._activate(rank)
         sd = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in arrays.items()}
+        if not self.task.uses_lora:
+            result = model.load_state_dict(sd, strict=False)
+            if result.missing_keys:
+                raise ValueError(f"model arrays miss keys the model has: {result.missing_keys[:3]}")
+            if result.unexpected_keys:
+                raise ValueError(f"model arrays have keys the model does not know: {result.unexpected_keys[:3]}")
+            return model
         result = set_peft_model_state_dict(model, sd, adapter_name=f"r{rank}")
         if result.unexpected_keys:
             raise ValueError(f"adapter arrays have keys the model does not know: {result.unexpected_keys[:3]}")
@@ -143,6 +155,8 @@ class AdapterModel:
 
     def state(self, rank: int) -> dict[str, np.ndarray]:
         """Return the adapter of `rank` as float32 numpy arrays keyed by peft's names."""
+        if not self.task.uses_lora:
+            return {k: v.detach().float().cpu().numpy().copy() for k, v in self.base.state_dict().items()}
         assert self.model is not None
         sd = get_peft_model_state_dict(self.model, adapter_name=f"r{rank}")
         return {k: v.detach().float().cpu().numpy() for k, v in sd.items()}
@@ -180,7 +194,7 @@ class AdapterModel:
             idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
             inputs, labels = data.batch(idx, self.device)
             with autocast(self.device):
-                logits = model(**inputs).logits.float()
+                logits = self.task.logits(model, inputs).float()
             per_example = nn.functional.cross_entropy(logits, labels, reduction="none")
             loss = per_example.mean()
             if prox_mu > 0:
@@ -204,11 +218,13 @@ class AdapterModel:
 
     def evaluate(self, arrays: Mapping[str, np.ndarray], rank: int, data: Encoded) -> EvalStats:
         """Evaluate the adapter `arrays` at `rank` on `data`."""
-        return evaluate_model(self.load(arrays, rank), data, self.device)
+        return evaluate_model(self.load(arrays, rank), data, self.device, self.task)
 
 
 def initial_adapter(task: Task, rank: int, seed: int) -> dict[str, np.ndarray]:
     """Return peft's freshly initialised adapter at `rank` (seeded: identical on every host)."""
+    if not task.uses_lora:
+        return {k: v.detach().float().cpu().numpy().copy() for k, v in load_base(task).state_dict().items()}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = get_peft_model(load_base(task), task.lora_config(rank), adapter_name="init")
@@ -228,10 +244,10 @@ class MergedEvaluator:
         self.device = device
         self.model = load_base(task).to(device)
         self.fingerprint = task.fingerprint(self.model)
-        self.params = dict(self.model.named_parameters())
+        self.params = dict(self.model.state_dict(keep_vars=True))  # buffers too (full-model tasks)
         self.original = {k: p.detach().clone() for k, p in self.params.items()}
 
-    def _param(self, peft_key: str) -> nn.Parameter:
+    def _param(self, peft_key: str) -> torch.Tensor:
         name = peft_key.removeprefix(BASE_PREFIX)
         if name not in self.params:
             raise KeyError(f"global model key {peft_key!r} matches no parameter of the base model")
@@ -245,4 +261,4 @@ class MergedEvaluator:
             self.params[name].copy_(self.original[name] + torch.from_numpy(np.asarray(dw)).to(self.device))
         for key, value in dense.items():
             self._param(key).copy_(torch.from_numpy(np.asarray(value)).to(self.device))
-        return evaluate_model(self.model, data, self.device)
+        return evaluate_model(self.model, data, self.device, self.task)

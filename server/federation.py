@@ -17,7 +17,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 from flwr.serverapp import Grid
 
 from proto import wire
-from server.config import RunConfig
+from server.config import ConfigError, RunConfig
 from server.records import RunRecorder
 from strategies import (
     AGGREGATORS,
@@ -71,6 +71,8 @@ def resolve_aggregation(cfg: RunConfig, ranks: list[int]) -> tuple[str, int]:
         name = "fedavg" if len(set(ranks)) <= 1 else "fedhl"
     if name == "fedavg":
         return name, ranks[0] if ranks else cfg.lora_rank
+    if 0 in ranks:
+        raise ConfigError(f"aggregation `{name}` needs LoRA clients; this task trains the full model: use fedavg.")
     return name, cfg.max_rank
 
 

@@ -17,6 +17,8 @@ def simulated_rank(cfg: RunConfig, partition_id: int) -> int:
     each node's rank uniformly from the list with a generator seeded by `seed` and
     the node, so every process agrees on it.
     """
+    if cfg.task == "image-classification":
+        return 0  # the full model is trained: no adapter rank
     ranks = cfg.rank_list()
     if not ranks:
         return cfg.lora_rank

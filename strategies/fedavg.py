@@ -75,7 +75,7 @@ class FedAvg(Aggregator):
 
     def merged(self) -> MergedModel:
         """Return ΔW = s·B·A per layer at the global rank."""
-        s = self.lora.scale(self.rank)
+        s = self.lora.scale(self.rank) if self.factors else 0.0  # rank 0: a full-model task, no LoRA layers
         return MergedModel(
             deltas={layer: lora_ops.delta(a, b, s) for layer, (a, b) in self.factors.items()},
             dense={k: v.copy() for k, v in self.dense.items()},

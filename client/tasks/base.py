@@ -50,6 +50,8 @@ class Task(ABC):
     """A model family plus a data kind."""
 
     name: ClassVar[str]
+    #: False for tasks that train and exchange the whole model (no adapter, rank 0)
+    uses_lora: ClassVar[bool] = True
 
     def __init__(self, spec: TaskSpec) -> None:
         self.spec = spec
@@ -66,6 +68,10 @@ class Task(ABC):
     @abstractmethod
     def lora_config(self, rank: int) -> LoraConfig:
         """Return the peft config of an adapter at `rank` (targets, alpha, trained head)."""
+
+    def logits(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Run the model; transformers models return an output object with `.logits`."""
+        return model(**inputs).logits
 
     @abstractmethod
     def encode(self, ds: datasets.Dataset) -> Encoded:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from client.tasks.base import Task, TaskSpec
+from client.tasks.image import ImageClassification
 from client.tasks.text import TextClassification
 
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (TextClassification,)}
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (TextClassification, ImageClassification)}
 
 
 def build_task(spec: TaskSpec) -> Task:
