@@ -15,9 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import sys
 from pathlib import Path
 
-from harness import RESULTS, mean_spread, plot_groups, read_run, run_inprocess
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.harness import RESULTS, mean_spread, plot_groups, read_run, run_inprocess  # noqa: E402
 
 SELECTORS = ("random", "oort", "heteroselect")
 
