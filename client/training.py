@@ -159,7 +159,8 @@ class AdapterModel:
             return {k: v.detach().float().cpu().numpy().copy() for k, v in self.base.state_dict().items()}
         assert self.model is not None
         sd = get_peft_model_state_dict(self.model, adapter_name=f"r{rank}")
-        return {k: v.detach().float().cpu().numpy() for k, v in sd.items()}
+        # copies: the returned arrays must not alias live parameters that the next job overwrites
+        return {k: v.detach().float().cpu().numpy().copy() for k, v in sd.items()}
 
     def train(
         self,

@@ -65,7 +65,8 @@ def run_async(fed: Federation) -> dict:
     in_flight: dict[str, Job] = {}
     last_refresh = time.monotonic()
     seq = 0
-    while fed.aggregator.version < cfg.num_rounds:
+    last_eval = 0.0
+    while fed.aggregator.version < cfg.num_rounds and not fed.out_of_time():
         now = time.monotonic()
         if now - last_refresh > NODE_REFRESH_S:
             usable = fed.refresh_nodes()
@@ -116,8 +117,12 @@ def run_async(fed: Federation) -> dict:
                 fed.record_update(u, u.node_id, "accepted", weight=w, applied_version=step.version)
             fed.selector.observe(buffered, step.version)
             log.info("async: version %d from %d updates (staleness %s)", step.version, len(buffered), step.staleness)
-            if step.version % cfg.eval_every == 0 or step.version >= cfg.num_rounds:
+            due = step.version % cfg.eval_every == 0 and time.monotonic() - last_eval >= cfg.eval_interval
+            if due or step.version >= cfg.num_rounds:
+                last_eval = time.monotonic()
                 fed.evaluate(clients=len(buffered), in_flight=len(in_flight),
                              mean_staleness=sum(step.staleness) / len(step.staleness))
         time.sleep(POLL_S)
+    if fed.recorder.evals[-1]["version"] != fed.aggregator.version:
+        fed.evaluate(clients=0, in_flight=len(in_flight))  # the final version is always evaluated
     return fed.finish()

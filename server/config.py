@@ -79,6 +79,11 @@ class RunConfig:
     speed_tiers: str = field(default="1,2,5,10", metadata=_h("slowdown factors of the `tiers` profile"))
     speed_sigma: float = field(default=1.0, metadata=_h("σ of the `lognormal` slowdown profile", low=0.0))
     eval_every: int = field(default=1, metadata=_h("evaluate the global model every N versions", low=1))
+    eval_examples: int = field(default=0, metadata=_h("evaluate on the first N test examples (0: all)", low=0))
+    eval_interval: float = field(default=0.0, metadata=_h("async: evaluate at most every N seconds (0: every eval-every)",
+                                                          low=0.0))
+    time_budget: float = field(default=0.0, metadata=_h("stop after this many seconds of training (0: no limit)",
+                                                        low=0.0))
     round_timeout: float = field(default=600.0, metadata=_h("seconds to wait for a round's replies", low=1.0))
     seed: int = field(default=0, metadata=_h("seed of every random choice the server makes"))
 

@@ -111,7 +111,10 @@ class Federation:
         task = build_task(cfg.task_spec())
         self.task = task
         self.evaluator = MergedEvaluator(task, select_device())
-        self.test_data = task.encode(task.builtin_test())
+        test = task.builtin_test()
+        if cfg.eval_examples:
+            test = test.select(range(min(cfg.eval_examples, len(test))))
+        self.test_data = task.encode(test)
         self._aggregator: Aggregator | None = None
         self.selector = build_selector(cfg)
         self.nodes: dict[int, NodeInfo] = {}
@@ -137,6 +140,7 @@ class Federation:
                 self._refuse(nid, reason)
         log.info("federation: %s", {**self.aggregator.summary(), **self.selector.summary()})
         self.evaluate(clients=0)
+        self.train_start = time.monotonic()
         return [n for n in usable if n in self.nodes]
 
     def _refuse(self, nid: int, reason: str) -> None:
@@ -295,6 +299,10 @@ class Federation:
         row = self.recorder.evaluation(self.aggregator.version, s.accuracy, s.loss, clients, **extra)
         log.info("version %d: accuracy %.4f, loss %.4f (%.1fs)", row["version"], s.accuracy, s.loss, row["wall_s"])
         return row
+
+    def out_of_time(self) -> bool:
+        """True once `time-budget` seconds have passed since training started."""
+        return self.cfg.time_budget > 0 and time.monotonic() - self.train_start > self.cfg.time_budget
 
     def finish(self) -> dict:
         """Write summary.json and the report."""

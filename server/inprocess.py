@@ -39,14 +39,17 @@ class InProcessGrid(Grid):
         TaskIdentity.task_id = 1
 
     @property
-    def run(self) -> Any:  # noqa: D102 - Grid's abstract property; unused here
+    def run(self) -> Any:
+        """Grid's abstract property; the in-process grid has no Run record."""
         return None
 
-    def set_run(self, run_id: int) -> None:  # noqa: D102
+    def set_run(self, run_id: int) -> None:
+        """Set the run id."""
         self.run_id = run_id
 
     def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:  # noqa: D102
+                       ttl: float | None = None) -> Message:
+        """Build a message (Grid's abstract method)."""
         return Message(content, dst_node_id=dst_node_id, message_type=message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:

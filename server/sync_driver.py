@@ -16,6 +16,9 @@ def run_sync(fed: Federation) -> dict:
     cfg = fed.cfg
     fed.start()
     for rnd in range(1, cfg.num_rounds + 1):
+        if fed.out_of_time():
+            log.info("time budget of %.0fs spent after %d rounds", cfg.time_budget, rnd - 1)
+            break
         usable = fed.refresh_nodes()
         picked = fed.select(usable, cfg.clients_per_round, rnd)
         sent = {n: fed.aggregator.dispatch(fed.nodes[n].rank) for n in picked}
@@ -49,4 +52,6 @@ def run_sync(fed: Federation) -> dict:
         log.info("round %d: aggregated %d of %d updates", rnd, len(updates), len(picked))
         if fed.aggregator.version % cfg.eval_every == 0 or rnd == cfg.num_rounds:
             fed.evaluate(clients=len(updates))
+    if fed.recorder.evals[-1]["version"] != fed.aggregator.version:
+        fed.evaluate(clients=0)  # the final version is always evaluated
     return fed.finish()

@@ -95,3 +95,14 @@ def test_trainer_refuses_empty_silo_and_bad_rank(task):
     empty = task.encode(task.builtin_partition(0, 8, 0.5).select([]))
     with pytest.raises(TrainerError, match="no examples"):
         Trainer(model, empty, rank=4)
+
+
+def test_returned_arrays_do_not_alias_the_live_model(task):
+    model = AdapterModel(task, select_device("cpu"))
+    data = task.encode(task.builtin_partition(0, 8, 0.5))
+    init = initial_adapter(task, 4, seed=0)
+    out, _ = model.train(init, 4, data, steps=2, batch_size=4, lr=1e-2, seed=0)
+    snapshot = {k: v.copy() for k, v in out.items()}
+    model.train(init, 4, data, steps=2, batch_size=4, lr=1e-2, seed=1)  # the next job reuses the same parameters
+    assert all(np.array_equal(out[k], snapshot[k]) for k in out)
+    assert any(not np.array_equal(out[k], init[k]) for k in out)
