@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--root-certificates", help="CA certificate for TLS to the SuperLink")
     s.add_argument("--auth-key", help="node private key (SuperNode authentication)")
     s.add_argument("--flwr-home", help="Flower's state folder for this node (default ~/.flwr)")
+    s.add_argument("--poll-interval", type=float, default=0.5,
+                   help="seconds an idle SuperNode waits between polls of the SuperLink (Flower's default: 3)")
     s.set_defaults(fn=cmd_client)
 
     s = sub.add_parser("trainer", help="start only a silo's trainer process (advanced)")

@@ -61,14 +61,14 @@ def run_client(args: argparse.Namespace) -> int:
     server, port = serve(trainer, "127.0.0.1:0")
     node_config = {"trainer-address": f"127.0.0.1:{port}", "partition-id": args.partition_id,
                    "num-partitions": args.num_partitions}
-    cmd = [str(launch.BIN / "flower-supernode"), "--superlink", args.superlink, "--grpc-rere",
+    cmd = [sys.executable, "-m", "client.supernode", "--superlink", args.superlink, "--grpc-rere",
            "--node-config", launch.run_config_arg(node_config),
            "--host", "127.0.0.1", "--port", str(args.node_port or launch.free_port())]
     cmd += ["--root-certificates", args.root_certificates] if args.root_certificates else ["--insecure"]
     if args.auth_key:
         cmd += ["--auth-supernode-private-key", args.auth_key]
     flwr_home = Path(args.flwr_home or Path.home() / ".flwr")
-    node = launch.start(cmd, launch.flower_env(flwr_home))
+    node = launch.start(cmd, launch.flower_env(flwr_home, {"COROLLA_SUPERNODE_POLL_S": str(args.poll_interval)}))
     print(f"corolla-client trainer on 127.0.0.1:{port}, supernode pid {node.pid} -> {args.superlink}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -55,3 +55,17 @@ def test_shim_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env=launch.flower_env(launch.PROJECT_DIR / ".flwr-test"))
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_supernode_idle_sleep_is_shortened_and_other_sleeps_kept():
+    import time
+
+    from client.supernode import _patched_time
+
+    shim = _patched_time(0.05)
+    t0 = time.monotonic()
+    shim.sleep(3)  # Flower's hard-coded idle wait
+    shim.sleep(0.1)
+    elapsed = time.monotonic() - t0
+    assert 0.14 <= elapsed < 1.0
+    assert shim.monotonic is time.monotonic
