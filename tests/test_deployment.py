@@ -87,3 +87,31 @@ def test_async_federation_survives_a_killed_supernode(tmp_path, tiny_silos):
     assert killed_at < 8  # versions after the kill came from the surviving, slower nodes
     survivors = {u["node"] for u in accepted if u["applied_version"] > killed_at + 1}
     assert survivors and len(survivors) <= 2
+
+
+def test_tls_federation(tmp_path, tiny_silos):
+    """SuperLink with a certificate from deploy/certs.sh; SuperNodes verify it; one round completes."""
+    certs = tmp_path / "certs"
+    subprocess.run(["bash", str(launch.PROJECT_DIR / "deploy" / "certs.sh"), str(certs), "127.0.0.1"], check=True,
+                   capture_output=True, timeout=120)
+    out = tmp_path / "run"
+    fleet = f"127.0.0.1:{launch.free_port()}"
+    server_cmd = [*COROLLA, "server", "--out", str(out), "--fleet-address", fleet, "--ssl-ca", str(certs / "ca.crt"),
+                  "--ssl-cert", str(certs / "server.crt"), "--ssl-key", str(certs / "server.key")]
+    for k, v in {"model": "tiny-bert", "num-rounds": 1, "clients-per-round": 2, "min-nodes": 2, "local-steps": 1,
+                 "max-length": 32}.items():
+        server_cmd += ["--set", f"{k}={v}"]
+    with processes() as procs:
+        server = launch.start(server_cmd, launch.flower_env(tmp_path / "server-home"), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT)
+        procs.append(server)
+        read_line(server, "corolla-server fleet API on", timeout=90)
+        for i, silo in enumerate(tiny_silos[:2]):
+            cmd = [*COROLLA, "client", "--superlink", fleet, "--data", str(silo), "--rank", "8", "--model",
+                   "tiny-bert", "--max-length", "32", "--threads", "1", "--root-certificates", str(certs / "ca.crt"),
+                   "--flwr-home", str(tmp_path / f"node{i}")]
+            procs.append(launch.start(cmd, launch.flower_env(tmp_path / f"node{i}"),
+                                      log_path=tmp_path / f"client{i}.log"))
+        stdout, _ = server.communicate(timeout=300)
+        assert server.returncode == 0, stdout.decode()[-3000:]
+    assert json.loads((out / "summary.json").read_text())["versions"] == 1
