@@ -237,8 +237,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "aggregation_speed.json").write_text(json.dumps(rows, indent=2))
-    lines = ["| layout | FedHL aggregate + redistribute s | dense route s (extrap.) | speedup (same layers) | FedHL peak RSS GB | "
-             "dense state GB | (RSS − runtime) / state | read floor s |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| layout | FedHL aggregate + redistribute s | dense route s (extrap.) | speedup (same layers) | "
+             "FedHL peak RSS GB | dense state GB | (RSS − runtime) / state | read floor s |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['layout']} ({r['layers']}×{r['d']}²) | {r['fedhl_full_s']:.1f} | "
                      f"{r['dense_full_s_extrapolated']:.1f} | {r['speedup']:.1f}× | {r['fedhl_peak_rss_gb']:.2f} | "
