@@ -23,7 +23,7 @@ from server import launch  # noqa: E402
 
 COMMON = {"task": "image-classification", "model": "cnn", "dataset": "fashion-mnist", "dirichlet-alpha": 0.5,
           "local-steps": 40, "batch-size": 32, "lr": 2e-3, "eval-examples": 2000, "speed-profile": "tiers",
-          "speed-tiers": "1,2,5,10", "num-rounds": 100000, "round-timeout": 120}
+          "speed-tiers": "1,2,5,10", "num-rounds": 100000, "round-timeout": 120, "lr-decay": 1.0}
 METHODS = {
     "sync-fedavg": {"mode": "sync", "clients-per-round": 8},
     "fedasync": {"mode": "async", "async-rule": "fedasync", "concurrency": 8, "server-lr": 0.5, "eval-interval": 2},
@@ -46,6 +46,7 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     args = p.parse_args()
     out = RESULTS / "async_speed"
+    out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[Path]] = {m: [] for m in args.methods}
     for seed in args.seeds:
         for m in args.methods:

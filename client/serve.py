@@ -13,6 +13,8 @@ import signal
 import sys
 import threading
 
+import grpc
+
 from client.data import SiloError
 from client.trainer import Trainer, TrainerError
 
@@ -72,8 +74,8 @@ def parse_rank(value: str, device: str) -> int:
         raise TrainerError(f"--rank {value!r} is neither an integer nor `auto`.") from None
 
 
-def run_trainer(args: argparse.Namespace, host: str, port: int) -> int:
-    """Build the trainer, serve it, block until a signal; return an exit code."""
+def start_trainer(args: argparse.Namespace, address: str, prog: str) -> tuple[grpc.Server, int] | None:
+    """Load the model and silo, serve the trainer on `address`; None (reason on stderr) when it cannot start."""
     from client.service import serve
     from server.logs import setup_logging
 
@@ -81,12 +83,21 @@ def run_trainer(args: argparse.Namespace, host: str, port: int) -> int:
     try:
         trainer = build_trainer(args)
     except (SiloError, TrainerError, ValueError) as e:
-        sys.stderr.write(f"corolla trainer: {e}\n")
-        return 2
-    server, bound = serve(trainer, f"{host}:{port}")
+        sys.stderr.write(f"{prog}: {e}\n")
+        return None
+    server, bound = serve(trainer, address)
     p = trainer.describe()
     log.info("trainer ready: %d examples, rank %d, device %s, model %s", p["num_examples"], p["rank"], p["device"],
              p["model_fingerprint"])
+    return server, bound
+
+
+def run_trainer(args: argparse.Namespace, host: str, port: int) -> int:
+    """Build the trainer, serve it, block until a signal; return an exit code."""
+    started = start_trainer(args, f"{host}:{port}", "corolla trainer")
+    if started is None:
+        return 2
+    server, bound = started
     print(f"corolla-trainer listening on {host}:{bound}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

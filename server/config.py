@@ -56,7 +56,8 @@ class RunConfig:
     local_steps: int = field(default=10, metadata=_h("optimizer steps per local job", low=1))
     batch_size: int = field(default=16, metadata=_h("examples per local step", low=1))
     lr: float = field(default=3e-3, metadata=_h("client AdamW learning rate", low=0.0))
-    lr_decay: float = field(default=0.9, metadata=_h("client lr × lr-decay^version (1: constant)", low=0.0))
+    lr_decay: float = field(default=0.9, metadata=_h("client lr × lr-decay^version (1: constant); per *version*, so "
+                                                                 "async runs, with many more versions, want 1.0", low=0.0))
     prox_mu: float = field(default=0.0, metadata=_h("FedProx proximal weight (0: off)", low=0.0))
     lora_rank: int = field(default=8, metadata=_h("LoRA rank of simulated clients without `ranks`", low=1))
     ranks: str = field(default="", metadata=_h("simulated rank mix, e.g. '2,4,8,16,32' (deployment: each node's --rank)"))

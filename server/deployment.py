@@ -46,19 +46,12 @@ def run_server(cfg: RunConfig, fleet_address: str, flwr_home: Path | None = None
 
 def run_client(args: argparse.Namespace) -> int:
     """Start the trainer in this process and a SuperNode beside it; run until signalled or the SuperNode exits."""
-    from client.data import SiloError
-    from client.serve import build_trainer
-    from client.service import serve
-    from client.trainer import TrainerError
-    from server.logs import setup_logging
+    from client.serve import start_trainer
 
-    setup_logging()
-    try:
-        trainer = build_trainer(args)
-    except (SiloError, TrainerError, ValueError) as e:
-        sys.stderr.write(f"corolla client: {e}\n")
+    started = start_trainer(args, "127.0.0.1:0", "corolla client")
+    if started is None:
         return 2
-    server, port = serve(trainer, "127.0.0.1:0")
+    server, port = started
     node_config = {"trainer-address": f"127.0.0.1:{port}", "partition-id": args.partition_id,
                    "num-partitions": args.num_partitions}
     cmd = [sys.executable, "-m", "client.supernode", "--superlink", args.superlink, "--grpc-rere",
