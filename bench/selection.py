@@ -49,17 +49,19 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--text", action="store_true", help="also one run per selector on BBC + MiniLM LoRA (α = 0.1)")
     p.add_argument("--text-rounds", type=int, default=12)
+    p.add_argument("--text-only", action="store_true", help="only the BBC runs (reuses nothing, writes selection_text.md)")
     args = p.parse_args()
     out = RESULTS / "selection"
-    jobs = [("image", s, seed, args.rounds, 100, str(out / f"image-{s}-{seed}")) for seed in args.seeds
-            for s in SELECTORS]
-    if args.text:
+    jobs = [] if args.text_only else [("image", s, seed, args.rounds, 100, str(out / f"image-{s}-{seed}"))
+                                      for seed in args.seeds for s in SELECTORS]
+    if args.text or args.text_only:
         jobs += [("text", s, 0, args.text_rounds, 20, str(out / f"text-{s}-0")) for s in SELECTORS]
     with mp.get_context("spawn").Pool(args.workers) as pool:
         for selector, seed, run in pool.imap_unordered(_job, jobs):
             print(f"done: {selector} seed {seed} -> {run}", flush=True)
     rows, groups, results = [], {}, {}
-    for kind in ("image", "text") if args.text else ("image",):
+    kinds = ("text",) if args.text_only else (("image", "text") if args.text else ("image",))
+    for kind in kinds:
         for s in SELECTORS:
             runs = [read_run(Path(j[5])) for j in jobs if j[0] == kind and j[1] == s]
             summ = [r[0] for r in runs]
@@ -72,6 +74,13 @@ def main() -> None:
     table = ["| task | selector | runs | peak accuracy | final accuracy | stability drop (peak − final) |",
              "|---|---|---|---|---|---|", *rows]
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.text_only:
+        (RESULTS / "selection_text.md").write_text(
+            f"# Selection, BBC + MiniLM LoRA, 20 clients, α = 0.1, 4/round, {args.text_rounds} rounds, seed 0\n\n"
+            + "\n".join(table) + "\n")
+        (RESULTS / "selection_text.json").write_text(json.dumps(results, indent=2))
+        print("\n".join(table))
+        return
     (RESULTS / "selection.md").write_text(
         f"# Selection, Fashion-MNIST CNN, 100 clients, α = 0.1, 10/round, {args.rounds} rounds\n\n"
         + "\n".join(table) + "\n\n![curves](selection.png)\n")
