@@ -133,7 +133,3 @@ class Trainer:
         except (ValueError, RuntimeError) as e:
             raise TrainerError(f"evaluation failed: {e}") from e
 
-
-def now() -> float:
-    """Wall-clock time, the unit of `pushed_at` and `started_at`."""
-    return time.time()

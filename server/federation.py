@@ -7,7 +7,6 @@ send, aggregate and evaluate.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -317,7 +316,3 @@ class Federation:
                  summary["final_accuracy"], summary["peak_accuracy"], summary["wall_s"], self.recorder.dir)
         return summary
 
-
-def finite_or_nan(x: float) -> float:
-    """Return x if finite else NaN (telemetry hygiene)."""
-    return x if math.isfinite(x) else math.nan

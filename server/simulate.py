@@ -8,7 +8,6 @@ SuperLink and Ray when the run ends or fails.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,3 @@ def run_simulation(cfg: RunConfig, num_supernodes: int, cpus_per_client: int = 1
                            + (f" and {log_path}" if log_path else ""))
     return json.loads(summary_path.read_text())
 
-
-if __name__ == "__main__":
-    sys.exit("use `corolla sim`")

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 from numpy.typing import NDArray
 
-from strategies.exceptions import AggregationError, InvalidUpdateError
+from strategies.exceptions import AggregationError
 
 Arrays = Mapping[str, NDArray[np.floating]]
 
@@ -217,11 +217,3 @@ class StalenessWeight(ABC):
     def weight(self, staleness: int) -> float:
         """Return the multiplier for an update of this staleness."""
 
-
-def check_finite(arrays: Arrays, node_id: int) -> None:
-    """Raise InvalidUpdateError when any array holds NaN or infinity."""
-    for k, v in arrays.items():
-        if not np.all(np.isfinite(v)):
-            raise InvalidUpdateError(
-                f"node {node_id}: array `{k}` holds NaN or infinite values; the update is rejected."
-            )

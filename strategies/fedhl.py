@@ -134,7 +134,7 @@ class FedHL(Aggregator):
         """
         coef = [float(p) * server_lr for p in weights.lora]
         compact = [i for i, u in enumerate(updates) if u.sent.version in self._svds_by_version]
-        stored = [i for i in range(len(updates)) if i not in set(compact)]
+        stored = [i for i, u in enumerate(updates) if u.sent.version not in self._svds_by_version]
         for layer, w in self.w.items():
             ka, kb = lora_ops.a_key(layer), lora_ops.b_key(layer)
             self._add_products(w, [(coef[i] * self.lora.scale(u.rank), u.arrays[kb], u.arrays[ka])

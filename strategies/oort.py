@@ -131,7 +131,7 @@ class Oort(Selector):
             return []
         ranked = sorted(scores, key=lambda i: scores[i]["score"], reverse=True)
         cut = scores[ranked[min(n, len(ranked) - 1)]]["score"] * self.config.cut_off
-        pool = [i for j, i in enumerate(ranked) if scores[i]["score"] >= cut or j < n or j < 10 * n]
+        pool = [i for j, i in enumerate(ranked) if scores[i]["score"] >= cut or j < 10 * n]
         return sample_without_replacement(self.rng, pool, np.array([scores[i]["score"] for i in pool]), n)
 
     def _explore(self, unexplored: list[int], n: int, t_pref: float) -> list[int]:
