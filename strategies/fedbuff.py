@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -20,6 +20,7 @@ class AsyncStep:
     lora_weights: list[float]
     dense_weights: list[float]
     version: int
+    updates: list[ClientUpdate] = field(default_factory=list, repr=False)
 
 
 class AsyncRule:
@@ -50,6 +51,20 @@ class AsyncRule:
         self.aggregator.check(update)
         self.buffer.append(update)
 
+    def expire(self) -> list[tuple[ClientUpdate, str]]:
+        """Remove buffered updates that grew older than max-staleness while they waited; return them with why.
+
+        An update admitted at τ = max-staleness is one version too old once the buffer ahead of
+        it becomes a version, so the bound is checked again before every aggregation.
+        """
+        if self.max_staleness is None:
+            return []
+        v = self.aggregator.version
+        expired = [u for u in self.buffer if v - u.sent.version > self.max_staleness]
+        self.buffer = [u for u in self.buffer if v - u.sent.version <= self.max_staleness]
+        return [(u, f"node {u.node_id}: update became {v - u.sent.version} versions stale while buffered, above "
+                    f"max-staleness {self.max_staleness}; it is dropped.") for u in expired]
+
     def ready(self, now: float) -> bool:
         """True when the buffered updates should become a new version."""
         raise NotImplementedError
@@ -63,12 +78,14 @@ class AsyncRule:
         if not self.ready(now) or not self.buffer:
             self._after_step(now, aggregated=False)
             return None
-        updates = self._take()
+        # τ is measured when the update is applied, not when it arrived: an update left in the
+        # buffer behind a full one (FedBuff) is applied to a newer version than it was received at.
+        updates = [replace(u, staleness=self.aggregator.version - u.sent.version) for u in self._take()]
         w = self.weights(updates, now)
         self.aggregator.apply(updates, w, self.server_lr)
         self._after_step(now, aggregated=True)
         return AsyncStep([u.node_id for u in updates], [u.staleness for u in updates], w.lora.tolist(),
-                         w.dense.tolist(), self.aggregator.version)
+                         w.dense.tolist(), self.aggregator.version, updates)
 
     def _take(self) -> list[ClientUpdate]:
         """Remove and return the updates that form the next version (default: all buffered)."""

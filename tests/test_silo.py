@@ -3,7 +3,16 @@ import json
 import pandas as pd
 import pytest
 
-from client.data import BBC_LABELS, SiloError, builtin_partition, builtin_split, load_silo_file, write_silos
+from client.data import (
+    BBC_LABELS,
+    WORDNET_LABELS,
+    SiloError,
+    _read_wordnet_nouns,
+    builtin_partition,
+    builtin_split,
+    load_silo_file,
+    write_silos,
+)
 
 
 def write(tmp_path, name, rows):
@@ -61,3 +70,50 @@ def test_builtin_split_and_partitions_are_disjoint_and_reproducible(tmp_path):
     rows = [json.loads(line) for line in paths[0].read_text().splitlines()]
     assert rows and set(r["label"] for r in rows) <= set(BBC_LABELS)
     assert len(load_silo_file(paths[0], BBC_LABELS)) == len(builtin_partition(0, 2, 0.5))
+
+
+WORDNET_SAMPLE = """  1 This software and database is being provided to you, the LICENSEE, by
+  2 Princeton University under the following license.
+00001740 03 n 01 entity 0 001 ~ 00001930 n 0000 | that which is perceived or known or inferred \
+to have its own distinct existence (living or nonliving)
+02084071 05 n 02 dog 0 domestic_dog 0 001 @ 02083346 n 0000 | a member of the genus Canis; "the dog barked all night"
+15122231 28 n 01 time 0 000 | the continuum of experience in which events pass from the future through the present to the past;
+"""
+
+
+def test_wordnet_reader_keeps_definitions_and_lexicographer_labels(tmp_path):
+    f = tmp_path / "data.noun"
+    f.write_text(WORDNET_SAMPLE)
+    texts, labels = _read_wordnet_nouns(f)
+    assert texts == [
+        "that which is perceived or known or inferred to have its own distinct existence (living or nonliving)",
+        "a member of the genus Canis",
+        "the continuum of experience in which events pass from the future through the present to the past",
+    ]
+    assert [WORDNET_LABELS[i] for i in labels] == ["Tops", "animal", "time"]
+
+
+def test_missing_wordnet_names_the_package(tmp_path):
+    with pytest.raises(SiloError, match="apt-get install wordnet-base"):
+        _read_wordnet_nouns(tmp_path / "nope")
+
+
+def test_wordnet_corpus_split_has_all_26_categories():
+    train, test = builtin_split("wordnet")
+    assert len(train) + len(test) == 82_115  # every noun synset of WordNet 3.0
+    assert train.features["label"].names == list(WORDNET_LABELS) and len(WORDNET_LABELS) == 26
+    assert set(test["label"]) == set(range(26))  # stratified: even noun.motive (42 synsets) is in the test split
+    part = builtin_partition(3, 20, 0.3, name="wordnet")
+    assert len(part) > 0 and set(part["label"]) <= set(range(26))
+
+
+def test_text_silo_uses_the_configured_corpus_labels(tmp_path):
+    from client.tasks.base import TaskSpec
+    from client.tasks.text import TextClassification
+
+    f = tmp_path / "s.csv"
+    pd.DataFrame({"text": ["a young dog", "a long while"], "label": ["animal", "time"]}).to_csv(f, index=False)
+    ds = TextClassification(TaskSpec(dataset="wordnet")).load_silo(str(f), "text", "label")
+    assert ds["label"] == [2, 25]
+    with pytest.raises(SiloError, match="unknown label 'animal'"):
+        TextClassification(TaskSpec(dataset="bbc")).load_silo(str(f), "text", "label")

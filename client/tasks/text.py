@@ -25,7 +25,7 @@ def minilm_path() -> str:
 
 
 class TextClassification(Task):
-    """all-MiniLM-L6-v2 (or a tiny BERT from a config, for tests) on BBC News or a user silo.
+    """all-MiniLM-L6-v2 (or a tiny BERT from a config, for tests) on BBC News, WordNet nouns or a user silo.
 
     `tiny-bert` is a 2-layer, 64-wide BERT built from a config with a fixed seed:
     every process builds bit-identical weights without any file, which makes
@@ -37,8 +37,11 @@ class TextClassification(Task):
 
     @property
     def label_names(self) -> tuple[str, ...]:
-        """BBC's five classes."""
-        return data.BBC_LABELS
+        """The classes of the configured built-in corpus (BBC's five, or WordNet's 26 noun categories)."""
+        try:
+            return data.TEXT_LABELS[self.spec.dataset]
+        except KeyError:
+            raise ValueError(f"dataset {self.spec.dataset!r} is not a text corpus; valid: {sorted(data.TEXT_LABELS)}") from None
 
     @functools.cached_property
     def tokenizer(self):  # noqa: ANN201 - transformers' tokenizer type
@@ -82,13 +85,13 @@ class TextClassification(Task):
         return Encoded(inputs=inputs, labels=torch.tensor(list(ds["label"]), dtype=torch.long))
 
     def builtin_partition(self, partition_id: int, num_partitions: int, alpha: float) -> datasets.Dataset:
-        """BBC training split, Dirichlet-partitioned by label."""
+        """The corpus's training split, Dirichlet-partitioned by label."""
         return data.builtin_partition(partition_id, num_partitions, alpha, seed=self.spec.seed, name=self.spec.dataset)
 
     def builtin_test(self) -> datasets.Dataset:
-        """BBC held-out test split (20 %, stratified)."""
+        """The corpus's held-out test split (20 %, stratified)."""
         return data.builtin_split(self.spec.dataset, seed=self.spec.seed)[1]
 
     def load_silo(self, path: str, text_column: str, label_column: str) -> datasets.Dataset:
-        """Load a CSV / JSONL / Parquet silo with BBC's label names."""
+        """Load a CSV / JSONL / Parquet silo labelled with the configured corpus's class names."""
         return data.load_silo_file(path, self.label_names, text_column, label_column)

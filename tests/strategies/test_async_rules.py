@@ -33,16 +33,20 @@ def test_hinge_and_constant_staleness():
 def test_fedbuff_waits_for_k_then_applies_staleness_weights():
     agg = FedAvg(adapter(2, 0), LoraSpec(alpha=4))
     rule = FedBuff(agg, PolynomialStaleness(0.5), buffer_size=2)
+    old = agg.dispatch(2)
+    for _ in range(3):  # three versions pass while `old` trains; an unchanged reply leaves the state as it was
+        agg.aggregate([upd(9, agg.dispatch(2), agg.dispatch(2).arrays)])
     d = agg.dispatch(2)
-    a1, a2 = perturbed(d, 1), perturbed(d, 2)
+    assert (old.version, d.version) == (0, 3)
+    a1, a2 = perturbed(d, 1), perturbed(old, 2)
     rule.admit(upd(1, d, a1, n=10, staleness=0))
-    assert rule.step(now=0.0) is None and agg.version == 0
-    rule.admit(upd(2, d, a2, n=30, staleness=3))
+    assert rule.step(now=0.0) is None and agg.version == 3
+    rule.admit(upd(2, old, a2, n=30, staleness=0))  # τ is re-measured when applied: 3, whatever the caller said
     step = rule.step(now=1.0)
-    assert step is not None and agg.version == 1 and rule.buffer == []
+    assert step is not None and agg.version == 4 and rule.buffer == [] and step.staleness == [0, 3]
     np.testing.assert_allclose(step.lora_weights, [0.25 * 1.0, 0.75 * 0.5])
     k = f"{LAYERS[0]}.lora_A.weight"
-    expected = d.arrays[k] + 0.25 * (a1[k] - d.arrays[k]) + 0.375 * (a2[k] - d.arrays[k])
+    expected = d.arrays[k] + 0.25 * (a1[k] - d.arrays[k]) + 0.375 * (a2[k] - old.arrays[k])
     np.testing.assert_allclose(agg.dispatch(2).arrays[k], expected, rtol=1e-5, atol=1e-6)
 
 
@@ -136,3 +140,32 @@ def test_fedbuff_takes_exactly_k_in_arrival_order():
         rule.admit(upd(i, d, perturbed(d, i)))
     assert rule.step(now=0.0).node_ids == [0, 1]
     assert [u.node_id for u in rule.buffer] == [2] and rule.step(now=0.0) is None
+
+
+def test_fedbuff_leftover_update_is_weighted_by_its_staleness_when_applied():
+    """Three replies land together with K = 2: the third is applied to version 1, so τ = 1, not 0."""
+    agg = FedAvg(adapter(2, 0), LoraSpec())
+    rule = FedBuff(agg, PolynomialStaleness(0.5), buffer_size=2)
+    d = agg.dispatch(2)
+    for i in range(4):
+        rule.admit(upd(i, d, perturbed(d, i)))
+    first, second = rule.step(now=0.0), rule.step(now=0.0)
+    assert first.staleness == [0, 0] and second.staleness == [1, 1]
+    assert [u.staleness for u in second.updates] == [1, 1] and second.version == 2
+    np.testing.assert_allclose(second.lora_weights, [0.5 / np.sqrt(2), 0.5 / np.sqrt(2)])
+
+
+def test_buffered_update_that_outgrows_max_staleness_is_expired_untouched():
+    agg = FedAvg(adapter(2, 0), LoraSpec())
+    rule = FedBuff(agg, ConstantStaleness(), buffer_size=2, max_staleness=0)
+    d = agg.dispatch(2)
+    for i in range(3):
+        rule.admit(upd(i, d, perturbed(d, i)))
+    assert rule.expire() == [] and rule.step(now=0.0).version == 1
+    before = copy.deepcopy(agg.merged().deltas)
+    (u, why), = rule.expire()
+    assert u.node_id == 2 and rule.buffer == []
+    assert why == "node 2: update became 1 versions stale while buffered, above max-staleness 0; it is dropped."
+    assert rule.step(now=1.0) is None and agg.version == 1
+    for k, v in before.items():
+        np.testing.assert_array_equal(agg.merged().deltas[k], v)
