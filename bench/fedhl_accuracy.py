@@ -1,11 +1,14 @@
 """Accuracy under heterogeneous LoRA ranks: FedHL vs HetLoRA vs FlexLoRA vs FLoRA vs FedAvg at the smallest rank.
 
-MiniLM + LoRA on BBC News, 20 clients, Dirichlet α = 0.3, ranks {2, 4, 8, 16, 32}
-assigned by tier; FedHL with truncation-aware weights and with `examples`
-weights; FedAvg runs every client at rank 2 (the rank every client can afford).
-Runs the real server stack on an in-process Grid, two runs at a time.
+MiniLM + LoRA on WordNet noun definitions (26 categories) and on BBC News, 20
+clients, Dirichlet α = 0.3, ranks {2, 4, 8, 16, 32} assigned by tier; FedHL with
+truncation-aware weights and with `examples` weights; FedAvg runs every client at
+rank 2 (the rank every client can afford). Runs the real server stack on an
+in-process Grid, two runs at a time; sized to finish in under an hour on 2 cores.
 
-    .venv/bin/python bench/fedhl_accuracy.py [--rounds 10] [--seeds 0 1 2]
+    .venv/bin/python bench/fedhl_accuracy.py [--seeds 0 1 2] [--datasets wordnet bbc]
+
+Writes bench/results/fedhl_accuracy.{md,json} and one plot per corpus.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import argparse
 import json
 import multiprocessing as mp
 import sys
+import time
+from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -27,49 +32,108 @@ METHODS = {
     "flora": {"aggregation": "flora"},
     "fedavg-r2": {"aggregation": "fedavg", "ranks": "", "lora-rank": 2},
 }
+#: per corpus: rounds and sequence length sized so 6 methods × 3 seeds × 2 corpora fit in an hour on 2 cores
+DATASETS = {
+    "wordnet": {"dataset": "wordnet", "num-rounds": 10, "max-length": 32, "local-steps": 10, "eval-examples": 500},
+    "bbc": {"dataset": "bbc", "num-rounds": 6, "max-length": 32, "local-steps": 8},
+}
+NODES = 20
 
 
-def config(method: str, seed: int, rounds: int) -> dict:
-    base = {"ranks": "2,4,8,16,32", "max-rank": 32, "seed": seed, "num-rounds": rounds, "clients-per-round": 5,
-            "local-steps": 10, "lr": 2e-3, "dirichlet-alpha": 0.3}
-    return {**base, **METHODS[method]}
+def config(method: str, dataset: str, seed: int) -> dict:
+    """The run configuration of one (method, corpus, seed) cell."""
+    base = {"ranks": "2,4,8,16,32", "max-rank": 32, "seed": seed, "clients-per-round": 5, "lr": 5e-3,
+            "dirichlet-alpha": 0.3}
+    return {**base, **DATASETS[dataset], **METHODS[method]}
 
 
-def _job(args: tuple) -> str:
-    method, seed, rounds, out = args
-    run_inprocess(config(method, seed, rounds), 20, Path(out))
-    return out
+def _job(args: tuple) -> tuple[str, float]:
+    method, dataset, seed, out = args
+    t = time.monotonic()
+    run_inprocess(config(method, dataset, seed), NODES, Path(out))
+    return out, time.monotonic() - t
+
+
+def weight_by_rank(run_dir: Path) -> dict[int, float]:
+    """Mean aggregation weight a client of each rank received (from updates.jsonl)."""
+    from server.records import read_jsonl
+
+    by_rank: dict[int, list[float]] = defaultdict(list)
+    for u in read_jsonl(run_dir / "updates.jsonl"):
+        if u["status"] == "accepted" and u.get("weight") is not None:
+            by_rank[int(u["rank"])].append(float(u["weight"]))
+    return {r: sum(w) / len(w) for r, w in sorted(by_rank.items())}
+
+
+def report(dataset: str, methods: list[str], seeds: list[int], out: Path) -> tuple[list[str], dict]:
+    """Markdown rows + JSON for one corpus; also writes its plot."""
+    rows, groups, results = [], {}, {}
+    for m in methods:
+        dirs = [out / f"{dataset}-{m}-{s}" for s in seeds]
+        runs = [read_run(d) for d in dirs if (d / "summary.json").exists()]
+        if not runs:
+            continue
+        summ = [r[0] for r in runs]
+        results[m] = {"runs": summ, "weight_by_rank": [weight_by_rank(d) for d in dirs if (d / "summary.json").exists()]}
+        groups[m] = [r[1] for r in runs]
+        rows.append(f"| {dataset} | {m} | {len(runs)} | {mean_spread([x['peak_accuracy'] for x in summ])} | "
+                    f"{mean_spread([x['final_accuracy'] for x in summ])} | "
+                    f"{mean_spread([x['bytes_down'] / 1e6 for x in summ])} | "
+                    f"{sum(x['wall_s'] for x in summ) / len(summ):.0f} |")
+    rounds = DATASETS[dataset]["num-rounds"]
+    plot_groups(groups, "version", RESULTS / f"fedhl_accuracy_{dataset}.png",
+                f"{dataset}: ranks {{2,4,8,16,32}}, α=0.3, {NODES} clients, {len(seeds)} seeds, {rounds} rounds", "round")
+    return rows, results
+
+
+def weight_table(results: dict) -> list[str]:
+    """How truncation-aware and `examples` weights split the mass across ranks (mean over rounds and seeds)."""
+    lines = ["| corpus | FedHL weighting | " + " | ".join(f"rank {r}" for r in (2, 4, 8, 16, 32)) + " |",
+             "|---|---|" + "---|" * 5]
+    for dataset, res in results.items():
+        for m, label in (("fedhl", "truncation-aware"), ("fedhl-examples", "examples")):
+            if m not in res:
+                continue
+            per_rank: dict[int, list[float]] = defaultdict(list)
+            for wr in res[m]["weight_by_rank"]:
+                for r, w in wr.items():
+                    per_rank[int(r)].append(w)
+            cells = [f"{sum(per_rank[r]) / len(per_rank[r]):.3f}" if per_rank[r] else "—" for r in (2, 4, 8, 16, 32)]
+            lines.append(f"| {dataset} | {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     args = p.parse_args()
     out = RESULTS / "fedhl_accuracy"
-    jobs = [(m, seed, args.rounds, str(out / f"{m}-{seed}")) for seed in args.seeds for m in args.methods]
+    jobs = [(m, d, s, str(out / f"{d}-{m}-{s}")) for s in args.seeds for d in args.datasets for m in args.methods]
+    t0 = time.monotonic()
     with mp.get_context("spawn").Pool(args.workers) as pool:
-        for run in pool.imap_unordered(_job, jobs):
-            print(f"done: {run}", flush=True)
-    rows, groups, results = [], {}, {}
-    for m in args.methods:
-        runs = [read_run(Path(j[3])) for j in jobs if j[0] == m]
-        summ = [r[0] for r in runs]
-        results[m] = summ
-        groups[m] = [r[1] for r in runs]
-        rows.append(f"| {m} | {len(runs)} | {mean_spread([x['peak_accuracy'] for x in summ])} | "
-                    f"{mean_spread([x['final_accuracy'] for x in summ])} | "
-                    f"{mean_spread([x['bytes_down'] / 1e6 for x in summ])} |")
-    table = ["| method | runs | peak accuracy | final accuracy | MB sent to clients |", "|---|---|---|---|---|", *rows]
+        for i, (run, secs) in enumerate(pool.imap_unordered(_job, jobs), 1):
+            print(f"[{i}/{len(jobs)}] {Path(run).name}: {secs:.0f}s (bench {time.monotonic() - t0:.0f}s)", flush=True)
+    total = time.monotonic() - t0
+    rows, results = [], {}
+    for d in args.datasets:
+        r, results[d] = report(d, args.methods, args.seeds, out)
+        rows += r
+    table = ["| corpus | method | runs | peak accuracy | final accuracy | MB sent to clients | s per run |",
+             "|---|---|---|---|---|---|---|", *rows]
+    weights = weight_table(results)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    plots = "\n".join(f"![{d}](fedhl_accuracy_{d}.png)" for d in args.datasets)
     (RESULTS / "fedhl_accuracy.md").write_text(
-        f"# Heterogeneous ranks, MiniLM + LoRA on BBC, 20 clients, α = 0.3, ranks 2–32, {args.rounds} rounds\n\n"
-        + "\n".join(table) + "\n\n![curves](fedhl_accuracy.png)\n")
-    (RESULTS / "fedhl_accuracy.json").write_text(json.dumps(results, indent=2))
-    plot_groups(groups, "version", RESULTS / "fedhl_accuracy.png", "BBC, ranks {2,4,8,16,32}, α=0.3", "round")
-    print("\n".join(table))
+        f"# Heterogeneous LoRA ranks: MiniLM + LoRA, {NODES} clients, α = 0.3, ranks {{2,4,8,16,32}}, "
+        f"seeds {args.seeds}\n\nWhole benchmark: {total / 60:.1f} min on this machine ({args.workers} runs at a time).\n\n"
+        + "\n".join(table) + "\n\nMean aggregation weight per update, by the client's rank:\n\n" + "\n".join(weights)
+        + "\n\n" + plots + "\n")
+    (RESULTS / "fedhl_accuracy.json").write_text(json.dumps({"total_s": total, "results": results}, indent=2))
+    print("\n".join(table + [""] + weights))
+    print(f"whole benchmark: {total / 60:.1f} min")
 
 
 if __name__ == "__main__":

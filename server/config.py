@@ -68,6 +68,7 @@ class RunConfig:
     fedhl_weighting: str = field(default="truncation", metadata=_h("FedHL weights", FEDHL_WEIGHTINGS))
     svd: str = field(default="auto", metadata=_h("FedHL SVD method", SVD_METHODS))
     server_lr: float = field(default=1.0, metadata=_h("server learning rate η_g", low=0.0))
+    server_momentum: float = field(default=0.0, metadata=_h("server heavy-ball momentum β in [0, 1) (0: off)", low=0.0))
     dirichlet_alpha: float = field(default=0.5, metadata=_h("label skew of simulated silos (<= 0: IID)"))
     async_rule: str = field(default="fedbuff", metadata=_h("asynchronous rule (mode=async)", ASYNC_RULES))
     concurrency: int = field(default=4, metadata=_h("clients training at once (mode=async)", low=1))
@@ -98,6 +99,8 @@ class RunConfig:
                 raise ConfigError(f"`{key}` = {value!r} is too small; it must be >= {meta['low']}.")
         if self.lr <= 0:
             raise ConfigError(f"`lr` = {self.lr!r} must be > 0.")
+        if not self.server_momentum < 1.0:
+            raise ConfigError(f"`server-momentum` = {self.server_momentum!r} must be below 1 (0 turns momentum off).")
         if self.lora_rank > self.max_rank:
             raise ConfigError(f"`lora-rank` = {self.lora_rank} exceeds `max-rank` = {self.max_rank}; raise `max-rank`.")
         for r in self.rank_list():

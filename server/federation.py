@@ -86,7 +86,9 @@ def build_aggregator(cfg: RunConfig, name: str, initial: dict[str, np.ndarray]) 
         kwargs.update(weighting=cfg.fedhl_weighting)
     if name != "fedavg":
         kwargs.update(max_rank=cfg.max_rank)
-    return cls(initial, lora, **kwargs)
+    aggregator = cls(initial, lora, **kwargs)
+    aggregator.server_momentum = cfg.server_momentum
+    return aggregator
 
 
 def build_selector(cfg: RunConfig) -> Selector:

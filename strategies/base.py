@@ -139,6 +139,9 @@ class Aggregator(ABC):
             k: np.array(initial[k], dtype=np.float32, copy=True) for k in self.dense_keys
         }
         self.version = 0
+        #: heavy-ball server momentum β (FedAvgM / FedBuff's server optimizer); 0 disables it
+        self.server_momentum = 0.0
+        self._velocity: dict[str, Any] = {}
 
     @abstractmethod
     def dispatch(self, rank: int) -> Dispatch:
@@ -156,12 +159,39 @@ class Aggregator(ABC):
     def merged(self) -> MergedModel:
         """Return the exact global model as dense ΔW per layer plus dense parameters."""
 
+    def state(self) -> dict[str, Any]:
+        """The arrays `apply` changes in place (numpy or torch); server momentum acts on them."""
+        return dict(self.dense)
+
+    def step(self, updates: Sequence[ClientUpdate], weights: Weights, server_lr: float = 1.0) -> None:
+        """`apply` followed by server momentum: m ← β m + Δ, state ← state_before + η_g m.
+
+        Δ is whatever `apply` did at η_g = 1, so momentum works on every aggregator's own
+        state — LoRA factors (FedAvg, HetLoRA) or the dense W (FedHL family) — and β = 0 is
+        exactly `apply(…, server_lr)`. The velocity costs one more copy of the state.
+        """
+        beta = self.server_momentum
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"server momentum must be in [0, 1), got {beta}")
+        if beta == 0.0:
+            self.apply(updates, weights, server_lr)
+            return
+        state = self.state()
+        before = {k: v.copy() if isinstance(v, np.ndarray) else v.clone() for k, v in state.items()}
+        self.apply(updates, weights, 1.0)
+        for k, v in state.items():
+            d = v - before[k]
+            m = self._velocity.get(k)
+            m = d if m is None else beta * m + d
+            self._velocity[k] = m
+            v[...] = before[k] + server_lr * m
+
     def aggregate(self, updates: Sequence[ClientUpdate], server_lr: float = 1.0) -> Weights:
-        """Validate, weight and apply a set of updates as one synchronous step."""
+        """Validate, weight and apply a set of updates as one synchronous step (with server momentum if set)."""
         for u in updates:
             self.check(u)
         w = self.weights(updates)
-        self.apply(updates, w, server_lr)
+        self.step(updates, w, server_lr)
         return w
 
     def check(self, update: ClientUpdate) -> None:

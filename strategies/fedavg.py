@@ -63,6 +63,10 @@ class FedAvg(Aggregator):
             )
         super().check(update)
 
+    def state(self) -> dict[str, np.ndarray]:
+        """Global A and B of every layer plus the dense parameters."""
+        return lora_ops.factor_state(self.factors, self.dense)
+
     def apply(self, updates: Sequence[ClientUpdate], weights: Weights, server_lr: float = 1.0) -> None:
         """Move A, B and dense parameters by the weighted mean client change."""
         lr = np.float32(server_lr)

@@ -82,7 +82,7 @@ class AsyncRule:
         # buffer behind a full one (FedBuff) is applied to a newer version than it was received at.
         updates = [replace(u, staleness=self.aggregator.version - u.sent.version) for u in self._take()]
         w = self.weights(updates, now)
-        self.aggregator.apply(updates, w, self.server_lr)
+        self.aggregator.step(updates, w, self.server_lr)
         self._after_step(now, aggregated=True)
         return AsyncStep([u.node_id for u in updates], [u.staleness for u in updates], w.lora.tolist(),
                          w.dense.tolist(), self.aggregator.version, updates)
@@ -98,7 +98,7 @@ class AsyncRule:
     def summary(self) -> dict:
         """Hyper-parameters, logged once at start."""
         return {"async": self.name, "staleness": type(self.staleness).__name__, "max_staleness": self.max_staleness,
-                "server_lr": self.server_lr}
+                "server_lr": self.server_lr, "server_momentum": self.aggregator.server_momentum}
 
 
 class FedBuff(AsyncRule):

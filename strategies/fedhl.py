@@ -122,6 +122,10 @@ class FedHL(Aggregator):
             lora = dense
         return Weights(lora=lora, dense=dense)
 
+    def state(self) -> dict[str, np.ndarray | torch.Tensor]:
+        """The dense global W of every layer plus the dense parameters."""
+        return {**self.dense, **self.w}
+
     def apply(self, updates: Sequence[ClientUpdate], weights: Weights, server_lr: float = 1.0) -> None:
         """W += lr Σ p_i (s_i B_i A_i − W^(r_i)) per layer.
 

@@ -63,6 +63,10 @@ class HetLoRA(Aggregator):
             norms.append(np.sqrt(sq))
         return Weights(lora=norm_weights(norms), dense=example_weights(updates))
 
+    def state(self) -> dict[str, np.ndarray]:
+        """Global zero-padded A and B of every layer plus the dense parameters."""
+        return lora_ops.factor_state(self.factors, self.dense)
+
     def apply(self, updates: Sequence[ClientUpdate], weights: Weights, server_lr: float = 1.0) -> None:
         """Replace the global factors by the weighted sum of zero-padded client factors."""
         lr = np.float32(server_lr)

@@ -196,3 +196,11 @@ def split_factors(
         a[:live] = svd.vh[:live].numpy()
         b[:, :live] = (svd.u[:, :live] * svd.s[:live]).numpy() / np.float32(scale)
     return a, b
+
+
+def factor_state(factors: Mapping[str, tuple[np.ndarray, np.ndarray]], dense: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Name → live array for an aggregator that keeps (A, B) per layer: what server momentum updates in place."""
+    out = dict(dense)
+    for layer, (a, b) in factors.items():
+        out[a_key(layer)], out[b_key(layer)] = a, b
+    return out
