@@ -1,4 +1,4 @@
-"""The `corolla` command: sim, server, client, trainer, report, make-silos."""
+"""The `corolla` command: sim, server, client, trainer, report, status, keys, make-silos."""
 
 from __future__ import annotations
 
@@ -68,6 +68,20 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print what a run is doing; with --watch, again every N seconds until the run finishes."""
+    import time
+
+    from server.status import run_status
+
+    while True:
+        print(run_status(args.run_dir), flush=True)
+        if not args.watch or (Path(args.run_dir) / "summary.json").is_file():
+            return 0
+        time.sleep(args.watch)
+        print()
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     """List every run-configuration key with its default and meaning."""
     import dataclasses
@@ -133,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run_dir")
     s.set_defaults(fn=cmd_report)
 
+    s = sub.add_parser("status", help="show what a running or finished federation is doing (from its run directory)")
+    s.add_argument("run_dir")
+    s.add_argument("--watch", type=float, default=0.0, metavar="SECONDS", help="repeat every SECONDS until the run ends")
+    s.set_defaults(fn=cmd_status)
+
     s = sub.add_parser("keys", help="list run-configuration keys")
     s.set_defaults(fn=cmd_keys)
 
@@ -156,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         sys.stderr.write(f"corolla: configuration error: {e}\n")
         return 2
-    except (RuntimeError, TimeoutError, FileNotFoundError) as e:
+    except (RuntimeError, TimeoutError, FileNotFoundError) as e:  # StatusError and silo errors included
         sys.stderr.write(f"corolla: {e}\n")
         return 1
 

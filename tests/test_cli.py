@@ -22,9 +22,45 @@ def corolla(*args: str) -> subprocess.CompletedProcess:
         (["trainer", "--data", "/nope.csv"], "silo file '/nope.csv' does not exist"),
         (["client", "--superlink", "127.0.0.1:1", "--rank", "big", "--model", "tiny-bert"], "--rank 'big' is neither"),
         (["report", "/tmp"], "is not a run directory"),
+        (["status", "/tmp"], "'/tmp' is not a corolla run directory (no config.json)"),
     ],
 )
 def test_bad_input_exits_with_a_clear_message(args, message):
     out = corolla(*args)
     assert out.returncode != 0
     assert message in out.stderr, out.stderr[-2000:]
+
+
+def test_status_of_a_running_async_run(tmp_path):
+    """A run directory written by hand as the server writes it: the status names versions, refusals and staleness."""
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"mode": "async", "async-rule": "fedbuff", "aggregation": "fedhl",
+                                                      "selector": "random", "num-rounds": 10}))
+    rows = {
+        "metrics.jsonl": [{"version": 0, "accuracy": 0.2, "loss": 1.6, "wall_s": 3.0, "bytes_down": 0, "bytes_up": 0},
+                          {"version": 4, "accuracy": 0.61, "loss": 1.1, "wall_s": 41.2, "bytes_down": 2_500_000,
+                           "bytes_up": 2_000_000, "in_flight": 3},
+                          {"version": 6, "accuracy": 0.55, "loss": 1.2, "wall_s": 60.0, "bytes_down": 3_000_000,
+                           "bytes_up": 2_500_000, "in_flight": 2}],
+        "nodes.jsonl": [{"node": 1, "status": "ok", "rank": 2}, {"node": 2, "status": "ok", "rank": 8},
+                        {"node": 3, "status": "error", "rank": None}],
+        "updates.jsonl": [{"node": 1, "status": "accepted", "staleness": 0, "reason": ""},
+                          {"node": 2, "status": "accepted", "staleness": 3, "reason": ""},
+                          {"node": 2, "status": "rejected", "reason": "node 2: reply has rank 4, it was sent rank 8"}],
+    }
+    for name, lines in rows.items():
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in lines))
+    out = corolla("status", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        f"run {tmp_path}: running · async (fedbuff) · aggregation fedhl · selector random",
+        "version 6 of 10 · accuracy 0.5500 (best 0.6100 at version 4) · loss 1.2000 · 60s",
+        "traffic: 3.0 MB to clients, 2.5 MB back · 2 jobs in flight",
+        "nodes: 2 profiled, ranks {2: 1, 8: 1}, 1 unusable",
+        "updates: 2 accepted, 1 rejected, 0 failed",
+        "staleness of applied updates: mean 1.50, max 3",
+        "  rejected (node 2): node 2: reply has rank 4, it was sent rank 8",
+    ]
+    (tmp_path / "summary.json").write_text("{}")
+    assert "finished" in corolla("status", str(tmp_path), "--watch", "5").stdout.splitlines()[0]

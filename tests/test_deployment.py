@@ -8,31 +8,44 @@ from __future__ import annotations
 import json
 import subprocess
 from collections import Counter
+from pathlib import Path
 
 from server import launch
 from server.records import read_jsonl
 from tests.conftest import COROLLA, processes, read_line
 
 
+def start_server(procs: list, tmp_path: Path, out: Path, fleet: str, sets: dict, *extra: str) -> subprocess.Popen:
+    """`corolla server` in its own process group, waited on until its Fleet API listens."""
+    cmd = [*COROLLA, "server", "--out", str(out), "--fleet-address", fleet, *extra]
+    for k, v in sets.items():
+        cmd += ["--set", f"{k}={v}"]
+    server = launch.start(cmd, launch.flower_env(tmp_path / "server-home"), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT)
+    procs.append(server)
+    read_line(server, "corolla-server fleet API on", timeout=90)
+    return server
+
+
+def start_client(procs: list, tmp_path: Path, i: int, fleet: str, silo: Path, rank: int, *extra: str) -> subprocess.Popen:
+    """`corolla client` (trainer + SuperNode) number `i` on the tiny BERT, logging to client{i}.log."""
+    cmd = [*COROLLA, "client", "--superlink", fleet, "--data", str(silo), "--rank", str(rank), "--model", "tiny-bert",
+           "--max-length", "32", "--threads", "1", "--flwr-home", str(tmp_path / f"node{i}"), *extra]
+    proc = launch.start(cmd, launch.flower_env(tmp_path / f"node{i}"), log_path=tmp_path / f"client{i}.log")
+    procs.append(proc)
+    return proc
+
+
 def test_superlink_supernodes_and_trainers_over_grpc(tmp_path, tiny_silos):
     out = tmp_path / "run"
     fleet = f"127.0.0.1:{launch.free_port()}"
     ranks = (2, 4, 8)
-    server_cmd = [*COROLLA, "server", "--out", str(out), "--fleet-address", fleet, "--set", "model=tiny-bert",
-                  "--set", "aggregation=fedhl", "--set", "max-rank=8", "--set", "lora-rank=2", "--set", "num-rounds=2",
-                  "--set", "clients-per-round=3", "--set", "min-nodes=3", "--set", "local-steps=2",
-                  "--set", "max-length=32", "--set", "round-timeout=240"]
+    sets = {"model": "tiny-bert", "aggregation": "fedhl", "max-rank": 8, "lora-rank": 2, "num-rounds": 2,
+            "clients-per-round": 3, "min-nodes": 3, "local-steps": 2, "max-length": 32, "round-timeout": 240}
     with processes() as procs:
-        server = launch.start(server_cmd, launch.flower_env(tmp_path / "server-home"), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT)
-        procs.append(server)
-        read_line(server, "corolla-server fleet API on", timeout=90)
+        server = start_server(procs, tmp_path, out, fleet, sets)
         for i, (silo, rank) in enumerate(zip(tiny_silos, ranks, strict=True)):
-            cmd = [*COROLLA, "client", "--superlink", fleet, "--data", str(silo), "--rank", str(rank),
-                   "--model", "tiny-bert", "--max-length", "32", "--threads", "1",
-                   "--flwr-home", str(tmp_path / f"node{i}")]
-            procs.append(launch.start(cmd, launch.flower_env(tmp_path / f"node{i}"),
-                                      log_path=tmp_path / f"client{i}.log"))
+            start_client(procs, tmp_path, i, fleet, silo, rank)
         stdout, _ = server.communicate(timeout=420)
         log = stdout.decode()
         assert server.returncode == 0, log[-3000:]
@@ -57,22 +70,10 @@ def test_async_federation_survives_a_killed_supernode(tmp_path, tiny_silos):
     fleet = f"127.0.0.1:{launch.free_port()}"
     sets = {"model": "tiny-bert", "mode": "async", "async-rule": "fedbuff", "buffer-size": 1, "concurrency": 3,
             "num-rounds": 8, "min-nodes": 3, "local-steps": 2, "max-length": 32, "round-timeout": 90}
-    server_cmd = [*COROLLA, "server", "--out", str(out), "--fleet-address", fleet]
-    for k, v in sets.items():
-        server_cmd += ["--set", f"{k}={v}"]
     with processes() as procs:
-        server = launch.start(server_cmd, launch.flower_env(tmp_path / "server-home"), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT)
-        procs.append(server)
-        read_line(server, "corolla-server fleet API on", timeout=90)
-        clients = []
-        for i, (silo, slowdown) in enumerate(zip(tiny_silos, (1, 3, 6), strict=True)):
-            cmd = [*COROLLA, "client", "--superlink", fleet, "--data", str(silo), "--rank", "8", "--model", "tiny-bert",
-                   "--max-length", "32", "--threads", "1", "--slowdown", str(slowdown),
-                   "--flwr-home", str(tmp_path / f"node{i}")]
-            clients.append(launch.start(cmd, launch.flower_env(tmp_path / f"node{i}"),
-                                        log_path=tmp_path / f"client{i}.log"))
-            procs.append(clients[-1])
+        server = start_server(procs, tmp_path, out, fleet, sets)
+        clients = [start_client(procs, tmp_path, i, fleet, silo, 8, "--slowdown", str(slowdown))
+                   for i, (silo, slowdown) in enumerate(zip(tiny_silos, (1, 3, 6), strict=True))]
         # kill the fastest client once the federation has produced its first versions
         launch.wait_for(lambda: len(read_jsonl(out / "metrics.jsonl")) >= 3, 240, "first async versions",
                         proc=server)
@@ -96,22 +97,13 @@ def test_tls_federation(tmp_path, tiny_silos):
                    capture_output=True, timeout=120)
     out = tmp_path / "run"
     fleet = f"127.0.0.1:{launch.free_port()}"
-    server_cmd = [*COROLLA, "server", "--out", str(out), "--fleet-address", fleet, "--ssl-ca", str(certs / "ca.crt"),
-                  "--ssl-cert", str(certs / "server.crt"), "--ssl-key", str(certs / "server.key")]
-    for k, v in {"model": "tiny-bert", "num-rounds": 1, "clients-per-round": 2, "min-nodes": 2, "local-steps": 1,
-                 "max-length": 32}.items():
-        server_cmd += ["--set", f"{k}={v}"]
+    sets = {"model": "tiny-bert", "num-rounds": 1, "clients-per-round": 2, "min-nodes": 2, "local-steps": 1,
+            "max-length": 32}
     with processes() as procs:
-        server = launch.start(server_cmd, launch.flower_env(tmp_path / "server-home"), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT)
-        procs.append(server)
-        read_line(server, "corolla-server fleet API on", timeout=90)
+        server = start_server(procs, tmp_path, out, fleet, sets, "--ssl-ca", str(certs / "ca.crt"),
+                              "--ssl-cert", str(certs / "server.crt"), "--ssl-key", str(certs / "server.key"))
         for i, silo in enumerate(tiny_silos[:2]):
-            cmd = [*COROLLA, "client", "--superlink", fleet, "--data", str(silo), "--rank", "8", "--model",
-                   "tiny-bert", "--max-length", "32", "--threads", "1", "--root-certificates", str(certs / "ca.crt"),
-                   "--flwr-home", str(tmp_path / f"node{i}")]
-            procs.append(launch.start(cmd, launch.flower_env(tmp_path / f"node{i}"),
-                                      log_path=tmp_path / f"client{i}.log"))
+            start_client(procs, tmp_path, i, fleet, silo, 8, "--root-certificates", str(certs / "ca.crt"))
         stdout, _ = server.communicate(timeout=300)
         assert server.returncode == 0, stdout.decode()[-3000:]
     assert json.loads((out / "summary.json").read_text())["versions"] == 1
