@@ -32,6 +32,8 @@ def add_trainer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", default="8", help="this node's LoRA rank, or `auto` to pick one from the device (default: 8)")
     p.add_argument("--task", default="text-classification")
     p.add_argument("--model", default="minilm", help="minilm (default) or tiny-bert (tests)")
+    p.add_argument("--dataset", default="bbc", help="the run's corpus, whose class names the silo uses (bbc, wordnet)")
+    p.add_argument("--labels", default="", help="comma-separated class names of your own data (as the run's `labels`)")
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
@@ -49,8 +51,9 @@ def build_trainer(args: argparse.Namespace) -> Trainer:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    spec = TaskSpec(task=args.task, model=args.model, max_length=args.max_length, lora_alpha=args.lora_alpha,
-                    seed=args.seed)
+    labels = tuple(x.strip() for x in args.labels.split(",") if x.strip())
+    spec = TaskSpec(task=args.task, model=args.model, dataset=args.dataset, labels=labels, max_length=args.max_length,
+                    lora_alpha=args.lora_alpha, seed=args.seed)
     task = build_task(spec)
     if args.data:
         ds = task.load_silo(args.data, args.text_column, args.label_column)

@@ -44,6 +44,10 @@ class RunConfig:
     task: str = field(default="text-classification", metadata=_h("what is learned", TASKS))
     model: str = field(default="minilm", metadata=_h("base model", MODELS))
     dataset: str = field(default="bbc", metadata=_h("built-in corpus for simulation and the test split", DATASETS))
+    labels: str = field(default="", metadata=_h("comma-separated class names of your own data (empty: the dataset's)"))
+    test_data: str = field(default="", metadata=_h("server-side test file, CSV/JSONL/Parquet (empty: built-in test split)"))
+    text_column: str = field(default="text", metadata=_h("text column of test-data"))
+    label_column: str = field(default="label", metadata=_h("label column of test-data"))
     max_length: int = field(default=64, metadata=_h("tokens per example", low=8))
     out_dir: str = field(default="runs/latest", metadata=_h("run directory (metrics, report, plots)"))
     mode: str = field(default="sync", metadata=_h("driver loop", MODES))
@@ -99,6 +103,11 @@ class RunConfig:
                 raise ConfigError(f"`{key}` = {value!r} is too small; it must be >= {meta['low']}.")
         if self.lr <= 0:
             raise ConfigError(f"`lr` = {self.lr!r} must be > 0.")
+        if self.labels and not self.test_data:
+            raise ConfigError("`labels` names your own classes, which have no built-in test split; set `test-data` to "
+                              "a CSV/JSONL/Parquet file the server evaluates on.")
+        if len(self.label_tuple()) == 1:
+            raise ConfigError(f"`labels` = {self.labels!r} holds one class; a classifier needs at least two.")
         if not self.server_momentum < 1.0:
             raise ConfigError(f"`server-momentum` = {self.server_momentum!r} must be below 1 (0 turns momentum off).")
         if self.lora_rank > self.max_rank:
@@ -106,6 +115,10 @@ class RunConfig:
         for r in self.rank_list():
             if not 1 <= r <= self.max_rank:
                 raise ConfigError(f"`ranks` holds {r}, outside 1..{self.max_rank} (`max-rank`).")
+
+    def label_tuple(self) -> tuple[str, ...]:
+        """`labels` as a tuple of names (empty: the dataset's own)."""
+        return tuple(x.strip() for x in self.labels.split(",") if x.strip())
 
     def rank_list(self) -> list[int]:
         """The simulated rank mix (empty: every node at `lora-rank`)."""
@@ -134,7 +147,8 @@ class RunConfig:
 
     def task_spec(self) -> TaskSpec:
         """The part of the configuration the task needs."""
-        return TaskSpec(task=self.task, model=self.model, dataset=self.dataset, max_length=self.max_length,
+        return TaskSpec(task=self.task, model=self.model, dataset=self.dataset, labels=self.label_tuple(),
+                        max_length=self.max_length,
                         lora_alpha=self.lora_alpha, rslora=self.rslora, seed=self.seed)
 
 

@@ -112,7 +112,7 @@ class Federation:
         task = build_task(cfg.task_spec())
         self.task = task
         self.evaluator = MergedEvaluator(task, select_device())
-        test = task.builtin_test()
+        test = task.load_silo(cfg.test_data, cfg.text_column, cfg.label_column) if cfg.test_data else task.builtin_test()
         if cfg.eval_examples:
             test = test.select(range(min(cfg.eval_examples, len(test))))
         self.test_data = task.encode(test)
@@ -204,7 +204,7 @@ class Federation:
                     "install the same version on every node")
         if info.fingerprint != self.evaluator.fingerprint:
             return (f"base model fingerprint {info.fingerprint} differs from the server's "
-                    f"{self.evaluator.fingerprint}; start the trainer with the same --model")
+                    f"{self.evaluator.fingerprint}; start the trainer with the run's --model, --dataset and --labels")
         return self._rank_refusal(info.rank)
 
     def select(self, node_ids: list[int], k: int, step: int) -> list[int]:

@@ -29,6 +29,8 @@ def test_from_mapping_coerces_strings():
         ({"num-rounds": 2.5}, "`num-rounds` = 2.5 is not a valid int"),
         ({"num-rounds": 0}, "`num-rounds` = 0 is too small; it must be >= 1"),
         ({"lr": 0}, "`lr` = 0.0 must be > 0"),
+        ({"labels": "cat,dog"}, "`labels` names your own classes, which have no built-in test split; set `test-data`"),
+        ({"labels": "cat", "test-data": "t.csv"}, "holds one class; a classifier needs at least two"),
         ({"server-momentum": 1}, r"`server-momentum` = 1.0 must be below 1 \(0 turns momentum off\)"),
         ({"dataset": "imagenet"}, r"`dataset` = .imagenet. is not valid; choose one of \[.bbc., .wordnet., .fashion-mnist.\]"),
         ({"rslora": "maybe"}, "`rslora` = 'maybe' is not a valid bool"),

@@ -10,6 +10,9 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
+import pandas as pd
+
+from client.data import BBC_LABELS
 from server import launch
 from server.records import read_jsonl
 from tests.conftest import COROLLA, processes, read_line
@@ -91,19 +94,28 @@ def test_async_federation_survives_a_killed_supernode(tmp_path, tiny_silos):
 
 
 def test_tls_federation(tmp_path, tiny_silos):
-    """SuperLink with a certificate from deploy/certs.sh; SuperNodes verify it; one round completes."""
+    """SuperLink with a certificate from deploy/certs.sh; SuperNodes verify it; one round on the silos' own classes."""
     certs = tmp_path / "certs"
     subprocess.run(["bash", str(launch.PROJECT_DIR / "deploy" / "certs.sh"), str(certs), "127.0.0.1"], check=True,
                    capture_output=True, timeout=120)
     out = tmp_path / "run"
     fleet = f"127.0.0.1:{launch.free_port()}"
+    # the silos carry the institution's own class names, and the server evaluates on its own test file
+    own = dict(zip(BBC_LABELS, ("money", "showbiz", "government", "games", "computing"), strict=True))
+    silos = []
+    for i, silo in enumerate(tiny_silos):
+        df = pd.read_csv(silo).assign(label=lambda d: d["label"].map(own))
+        silos.append(tmp_path / f"own{i}.csv")
+        df.rename(columns={"text": "note"}).to_csv(silos[-1], index=False)
+    labels = ",".join(own.values())
     sets = {"model": "tiny-bert", "num-rounds": 1, "clients-per-round": 2, "min-nodes": 2, "local-steps": 1,
-            "max-length": 32}
+            "max-length": 32, "labels": labels, "test-data": silos[2], "text-column": "note"}
     with processes() as procs:
         server = start_server(procs, tmp_path, out, fleet, sets, "--ssl-ca", str(certs / "ca.crt"),
                               "--ssl-cert", str(certs / "server.crt"), "--ssl-key", str(certs / "server.key"))
-        for i, silo in enumerate(tiny_silos[:2]):
-            start_client(procs, tmp_path, i, fleet, silo, 8, "--root-certificates", str(certs / "ca.crt"))
+        for i, silo in enumerate(silos[:2]):
+            start_client(procs, tmp_path, i, fleet, silo, 8, "--root-certificates", str(certs / "ca.crt"),
+                         "--labels", labels, "--text-column", "note")
         stdout, _ = server.communicate(timeout=300)
         assert server.returncode == 0, stdout.decode()[-3000:]
     assert json.loads((out / "summary.json").read_text())["versions"] == 1

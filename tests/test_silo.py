@@ -117,3 +117,18 @@ def test_text_silo_uses_the_configured_corpus_labels(tmp_path):
     assert ds["label"] == [2, 25]
     with pytest.raises(SiloError, match="unknown label 'animal'"):
         TextClassification(TaskSpec(dataset="bbc")).load_silo(str(f), "text", "label")
+
+
+def test_own_label_set_has_no_builtin_data_and_its_own_fingerprint():
+    from client.tasks.base import TaskSpec
+    from client.tasks.text import TextClassification
+
+    own = TextClassification(TaskSpec(model="tiny-bert", labels=("benign", "malignant")))
+    assert own.label_names == ("benign", "malignant")
+    with pytest.raises(SiloError, match="no built-in data for them: give each client --data and the server `test-data`"):
+        own.builtin_test()
+    bbc = TextClassification(TaskSpec(model="tiny-bert"))
+    assert own.load_base_model().classifier.out_features == 2
+    # same frozen base weights, other classes: the fingerprints differ, so such a node is refused at join
+    assert own.fingerprint(own.load_base_model()) != bbc.fingerprint(bbc.load_base_model())
+    assert bbc.fingerprint(bbc.load_base_model()) == bbc.fingerprint(bbc.load_base_model())

@@ -25,6 +25,8 @@ class TaskSpec:
     task: str = "text-classification"
     model: str = "minilm"
     dataset: str = "bbc"
+    #: the class names of the user's own data; empty: the built-in corpus's classes
+    labels: tuple[str, ...] = ()
     max_length: int = 64
     lora_alpha: float = 16.0
     rslora: bool = False
@@ -93,8 +95,12 @@ class Task(ABC):
     trained_modules: ClassVar[tuple[str, ...]] = ()
 
     def fingerprint(self, model: nn.Module) -> str:
-        """Hash the frozen base weights, so server and clients can prove they share one base model."""
-        h = hashlib.sha256()
+        """Hash the frozen base weights and the label set, so server and clients prove they share one model.
+
+        The label names are part of it: a silo labelled with another class set would
+        train a head the server cannot use, so it is refused when it joins.
+        """
+        h = hashlib.sha256("|".join(self.label_names).encode())
         for name, p in sorted(model.state_dict().items()):
             if p.is_floating_point() and not name.startswith(self.trained_modules):
                 h.update(name.encode())

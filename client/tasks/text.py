@@ -37,7 +37,9 @@ class TextClassification(Task):
 
     @property
     def label_names(self) -> tuple[str, ...]:
-        """The classes of the configured built-in corpus (BBC's five, or WordNet's 26 noun categories)."""
+        """`labels` when given (the user's own classes), else the built-in corpus's (BBC's 5, WordNet's 26)."""
+        if self.spec.labels:
+            return self.spec.labels
         try:
             return data.TEXT_LABELS[self.spec.dataset]
         except KeyError:
@@ -86,11 +88,18 @@ class TextClassification(Task):
 
     def builtin_partition(self, partition_id: int, num_partitions: int, alpha: float) -> datasets.Dataset:
         """The corpus's training split, Dirichlet-partitioned by label."""
+        self._no_builtin_for_custom_labels()
         return data.builtin_partition(partition_id, num_partitions, alpha, seed=self.spec.seed, name=self.spec.dataset)
 
     def builtin_test(self) -> datasets.Dataset:
         """The corpus's held-out test split (20 %, stratified)."""
+        self._no_builtin_for_custom_labels()
         return data.builtin_split(self.spec.dataset, seed=self.spec.seed)[1]
+
+    def _no_builtin_for_custom_labels(self) -> None:
+        if self.spec.labels:
+            raise data.SiloError(f"labels {list(self.spec.labels)} are your own classes, so there is no built-in data "
+                                 "for them: give each client --data and the server `test-data`.")
 
     def load_silo(self, path: str, text_column: str, label_column: str) -> datasets.Dataset:
         """Load a CSV / JSONL / Parquet silo labelled with the configured corpus's class names."""
