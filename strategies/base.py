@@ -50,8 +50,10 @@ class Dispatch:
 
     Every update is applied as a difference against exactly what its client
     started from (FedHL's unbiased rule, FedBuff/FedFix's stale deltas), so the
-    server keeps this record per in-flight client: its size is one adapter at the
-    client's rank plus the dense parameters.
+    server keeps this record per in-flight client. Aggregators hand out one
+    shared, read-only Dispatch per (version, rank), so what the server holds is one
+    adapter per distinct (version, rank) in flight — 5 for a synchronous round of
+    100 clients at 5 ranks — not one per client.
     """
 
     rank: int
@@ -142,10 +144,28 @@ class Aggregator(ABC):
         #: heavy-ball server momentum β (FedAvgM / FedBuff's server optimizer); 0 disables it
         self.server_momentum = 0.0
         self._velocity: dict[str, Any] = {}
+        self._dispatches: dict[tuple[int, int], Dispatch] = {}
+
+    def dispatch(self, rank: int) -> Dispatch:
+        """Return what a client training at `rank` starts from: one shared, read-only Dispatch per (version, rank).
+
+        Every client of one version and rank starts from the same arrays, so they are
+        built once; the arrays are made read-only so no consumer can change what
+        another in-flight client's update will be measured against.
+        """
+        key = (self.version, rank)
+        d = self._dispatches.get(key)
+        if d is None:
+            d = self._make_dispatch(rank)
+            for a in (*d.arrays.values(), *d.frozen.values()):
+                a.flags.writeable = False
+            self._dispatches = {k: v for k, v in self._dispatches.items() if k[0] == self.version}
+            self._dispatches[key] = d  # older versions live on only in the jobs that still hold them
+        return d
 
     @abstractmethod
-    def dispatch(self, rank: int) -> Dispatch:
-        """Return the arrays a client training at `rank` starts from."""
+    def _make_dispatch(self, rank: int) -> Dispatch:
+        """Build the arrays a client training at `rank` starts from (called once per version and rank)."""
 
     @abstractmethod
     def weights(self, updates: Sequence[ClientUpdate]) -> Weights:

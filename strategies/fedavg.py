@@ -35,7 +35,7 @@ class FedAvg(Aggregator):
             for layer in self.layers
         }
 
-    def dispatch(self, rank: int) -> Dispatch:
+    def _make_dispatch(self, rank: int) -> Dispatch:
         """Return the global factors; `rank` must equal the global rank."""
         if rank != self.rank:
             raise RankMismatchError(

@@ -94,7 +94,7 @@ class FedHL(Aggregator):
                 del self._svds_by_version[v]  # bounded memory: only versions clients may still reply to
         return svds
 
-    def dispatch(self, rank: int) -> Dispatch:
+    def _make_dispatch(self, rank: int) -> Dispatch:
         """Return the rank-r truncation of W as (A, B) plus its truncation error e."""
         if rank < 1:
             raise ValueError(f"fedhl: rank must be >= 1, got {rank}")
@@ -168,8 +168,9 @@ class FedHL(Aggregator):
                 cols += terms[stop][1].shape[1]
                 stop += 1
             chunk = terms[start:stop]
-            left = torch.cat([c * torch.from_numpy(np.asarray(b, np.float32)) for c, b, _ in chunk], dim=1)
-            right = torch.cat([torch.from_numpy(np.asarray(a, np.float32)) for _, _, a in chunk], dim=0)
+            # stacked in numpy: the factors may be read-only (shared dispatches), the stacks are fresh arrays
+            left = torch.from_numpy(np.concatenate([np.float32(c) * np.asarray(b, np.float32) for c, b, _ in chunk], axis=1))
+            right = torch.from_numpy(np.concatenate([np.asarray(a, np.float32) for _, _, a in chunk], axis=0))
             w.addmm_(left, right)
             start = stop
 

@@ -33,7 +33,7 @@ class FLoRA(FedHL):
     def __init__(self, initial: Arrays, lora: LoraSpec, *, max_rank: int | None = None) -> None:
         super().__init__(initial, lora, weighting="examples", max_rank=max_rank)
 
-    def dispatch(self, rank: int) -> Dispatch:
+    def _make_dispatch(self, rank: int) -> Dispatch:
         """Fresh LoRA at `rank` plus the frozen merged base update per layer."""
         if not 1 <= rank <= self.max_rank:
             raise ValueError(f"flora: rank {rank} is outside 1..{self.max_rank} (max-rank).")

@@ -43,7 +43,7 @@ class HetLoRA(Aggregator):
                 raise ValueError(f"hetlora: the initial adapter has rank {a.shape[0]}, below max rank {self.max_rank}.")
             self.factors[layer] = (np.array(a[: self.max_rank], np.float32), np.array(b[:, : self.max_rank], np.float32))
 
-    def dispatch(self, rank: int) -> Dispatch:
+    def _make_dispatch(self, rank: int) -> Dispatch:
         """Return the first `rank` rows of A and columns of B."""
         if not 1 <= rank <= self.max_rank:
             raise RankMismatchError(f"hetlora: rank {rank} is outside 1..{self.max_rank} (max-rank).")
