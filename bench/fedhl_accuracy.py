@@ -82,7 +82,8 @@ def report(dataset: str, methods: list[str], seeds: list[int], out: Path) -> tup
                     f"{sum(x['wall_s'] for x in summ) / len(summ):.0f} |")
     rounds = DATASETS[dataset]["num-rounds"]
     plot_groups(groups, "version", RESULTS / f"fedhl_accuracy_{dataset}.png",
-                f"{dataset}: ranks {{2,4,8,16,32}}, α=0.3, {NODES} clients, {len(seeds)} seeds, {rounds} rounds", "round")
+                f"{dataset}: ranks {{2,4,8,16,32}}, α=0.3, {NODES} clients, {len(seeds)} seeds, {rounds} rounds", "round",
+                mean=True)
     return rows, results
 
 
@@ -109,14 +110,19 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    p.add_argument("--report-only", action="store_true", help="rewrite the tables and plots from the existing runs")
     args = p.parse_args()
     out = RESULTS / "fedhl_accuracy"
     jobs = [(m, d, s, str(out / f"{d}-{m}-{s}")) for s in args.seeds for d in args.datasets for m in args.methods]
     t0 = time.monotonic()
-    with mp.get_context("spawn").Pool(args.workers) as pool:
-        for i, (run, secs) in enumerate(pool.imap_unordered(_job, jobs), 1):
-            print(f"[{i}/{len(jobs)}] {Path(run).name}: {secs:.0f}s (bench {time.monotonic() - t0:.0f}s)", flush=True)
-    total = time.monotonic() - t0
+    if args.report_only:
+        total = json.loads((RESULTS / "fedhl_accuracy.json").read_text())["total_s"]
+    else:
+        with mp.get_context("spawn").Pool(args.workers) as pool:
+            for i, (run, secs) in enumerate(pool.imap_unordered(_job, jobs), 1):
+                print(f"[{i}/{len(jobs)}] {Path(run).name}: {secs:.0f}s (bench {time.monotonic() - t0:.0f}s)",
+                      flush=True)
+        total = time.monotonic() - t0
     rows, results = [], {}
     for d in args.datasets:
         r, results[d] = report(d, args.methods, args.seeds, out)

@@ -51,8 +51,10 @@ def mean_spread(values: Sequence[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {sd:.4f}"
 
 
-def plot_groups(groups: Mapping[str, list[list[dict]]], x: str, path: Path, title: str, xlabel: str) -> None:
-    """One line per run, one colour per group (method), accuracy against `x`."""
+def plot_groups(groups: Mapping[str, list[list[dict]]], x: str, path: Path, title: str, xlabel: str,
+                mean: bool = False) -> None:
+    """Accuracy against `x`, one colour per group (method): one line per run, or (`mean`) the mean over runs
+    with a band from the lowest to the highest run — for runs evaluated at the same `x` values (sync rounds)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -60,6 +62,12 @@ def plot_groups(groups: Mapping[str, list[list[dict]]], x: str, path: Path, titl
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for ci, (name, runs) in enumerate(groups.items()):
+        if mean and runs:
+            xs = sorted(set.intersection(*({e[x] for e in ev} for ev in runs)))
+            acc = [[next(e["accuracy"] for e in ev if e[x] == v) for ev in runs] for v in xs]
+            ax.plot(xs, [statistics.mean(a) for a in acc], color=f"C{ci}", lw=1.8, label=f"{name} (mean of {len(runs)})")
+            ax.fill_between(xs, [min(a) for a in acc], [max(a) for a in acc], color=f"C{ci}", alpha=0.12)
+            continue
         for ri, evals in enumerate(runs):
             ax.plot([e[x] for e in evals], [e["accuracy"] for e in evals], color=f"C{ci}", alpha=0.8, lw=1.2,
                     label=name if ri == 0 else None)
