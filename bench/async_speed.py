@@ -36,16 +36,17 @@ METHODS = {
     "sync-fedavg": {"mode": "sync", "clients-per-round": 8},
     "fedasync": {"mode": "async", "async-rule": "fedasync", "concurrency": 8, "server-lr": 0.5, "eval-interval": 2},
     "fedbuff": {"mode": "async", "async-rule": "fedbuff", "concurrency": 8, "buffer-size": 4, "eval-interval": 2},
-    "fedfix": {"mode": "async", "async-rule": "fedfix", "concurrency": 8, "interval": 2.0, "eval-interval": 2},
 }
-#: FedFix settings tried once (seed 0) before the 3-seed run: Δt, and η_g = N / C = 2, which undoes the
-#: unbiased weights' p_i = n_i / Σn over all 16 registered clients while only 8 train at once
+_FEDFIX = {"mode": "async", "async-rule": "fedfix", "concurrency": 8, "eval-interval": 2}
+#: FedFix settings tried on seed 0 (75 s budget) before the 3-seed run. η_g = N / C = 2 undoes the unbiased
+#: weights' p_i = n_i / Σn over all 16 registered clients while only 8 train at once.
 VARIANTS = {
-    "fedfix-dt1": {**METHODS["fedfix"], "interval": 1.0},
-    "fedfix-dt4": {**METHODS["fedfix"], "interval": 4.0},
-    "fedfix-lr2": {**METHODS["fedfix"], "server-lr": 2.0},
-    "fedfix-dt4-lr2": {**METHODS["fedfix"], "interval": 4.0, "server-lr": 2.0},
+    "fedfix-dt2": {**_FEDFIX, "interval": 2.0},
+    "fedfix-dt1": {**_FEDFIX, "interval": 1.0},
+    "fedfix-lr2": {**_FEDFIX, "interval": 2.0, "server-lr": 2.0},
+    "fedfix-dt4-lr2": {**_FEDFIX, "interval": 4.0, "server-lr": 2.0},
 }
+METHODS["fedfix"] = VARIANTS["fedfix-dt4-lr2"]  # the sweep's best: 20.2 s to 0.70, against 34.3 s for Δt = 2, η_g = 1
 
 
 def time_to(evals: list[dict], target: float) -> float | None:
