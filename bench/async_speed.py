@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -107,8 +108,10 @@ def report(runs: dict[str, list[Path]], args: argparse.Namespace) -> None:
         rows.append(f"| {m} | {mean_spread([s['final_accuracy'] for s, _ in runs_m])} | "
                     f"{mean_spread([s['peak_accuracy'] for s, _ in runs_m])} | "
                     f"{mean_spread([s['stability_drop'] for s, _ in runs_m])} | "
+                    f"{mean_spread([late_std(ev) for _, ev in runs_m])} | "
                     f"{mean_spread([float(s['versions']) for s, _ in runs_m])} |")
-    outcome = ["| method | final accuracy | peak accuracy | stability drop | versions |", "|---|---|---|---|---|", *rows]
+    outcome = ["| method | final accuracy | peak accuracy | stability drop | late-run std | versions |",
+               "|---|---|---|---|---|---|", *rows]
     timing = ["| method | " + " | ".join(f"to {t:.2f}: s (reached) · vs sync" for t in args.targets) + " |",
               "|---|" + "---|" * len(args.targets)]
     for m in data:
@@ -132,6 +135,16 @@ def report(runs: dict[str, list[Path]], args: argparse.Namespace) -> None:
     plot_groups(groups, "t", RESULTS / f"{args.name}.png", "accuracy against wall-clock, 10× speed spread",
                 "seconds since training started")
     print("\n".join(outcome + [""] + timing + [""] + checks))
+
+
+def late_std(evals: list[dict]) -> float:
+    """Standard deviation of accuracy over the second half of the run's wall-clock time.
+
+    Peak − final looks at two points only; this sees the swings between them.
+    """
+    t0, t1 = evals[0]["wall_s"], evals[-1]["wall_s"]
+    late = [e["accuracy"] for e in evals if e["wall_s"] - t0 >= (t1 - t0) / 2]
+    return statistics.pstdev(late) if len(late) > 1 else 0.0
 
 
 def mean_time(results: dict, m: str, target: float, budget: float) -> tuple[float, bool] | None:
