@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -168,9 +169,10 @@ class FedHL(Aggregator):
                 cols += terms[stop][1].shape[1]
                 stop += 1
             chunk = terms[start:stop]
-            # stacked in numpy: the factors may be read-only (shared dispatches), the stacks are fresh arrays
-            left = torch.from_numpy(np.concatenate([np.float32(c) * np.asarray(b, np.float32) for c, b, _ in chunk], axis=1))
-            right = torch.from_numpy(np.concatenate([np.asarray(a, np.float32) for _, _, a in chunk], axis=0))
+            with warnings.catch_warnings():  # shared dispatches are read-only; these views are only read (cat copies)
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                left = torch.cat([c * torch.from_numpy(np.asarray(b, np.float32)) for c, b, _ in chunk], dim=1)
+                right = torch.cat([torch.from_numpy(np.asarray(a, np.float32)) for _, _, a in chunk], dim=0)
             w.addmm_(left, right)
             start = stop
 
