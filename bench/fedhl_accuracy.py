@@ -69,12 +69,12 @@ def report(dataset: str, methods: list[str], seeds: list[int], out: Path) -> tup
     """Markdown rows + JSON for one corpus; also writes its plot."""
     rows, groups, results = [], {}, {}
     for m in methods:
-        dirs = [out / f"{dataset}-{m}-{s}" for s in seeds]
-        runs = [read_run(d) for d in dirs if (d / "summary.json").exists()]
-        if not runs:
+        dirs = [d for s in seeds if ((d := out / f"{dataset}-{m}-{s}") / "summary.json").exists()]
+        if not dirs:
             continue
+        runs = [read_run(d) for d in dirs]
         summ = [r[0] for r in runs]
-        results[m] = {"runs": summ, "weight_by_rank": [weight_by_rank(d) for d in dirs if (d / "summary.json").exists()]}
+        results[m] = {"runs": summ, "weight_by_rank": [weight_by_rank(d) for d in dirs]}
         groups[m] = [r[1] for r in runs]
         rows.append(f"| {dataset} | {m} | {len(runs)} | {mean_spread([x['peak_accuracy'] for x in summ])} | "
                     f"{mean_spread([x['final_accuracy'] for x in summ])} | "

@@ -46,13 +46,13 @@ def build_trainer(args: argparse.Namespace) -> Trainer:
     """Load the base model once and the silo; raise SiloError/TrainerError with a clear message."""
     import torch
 
-    from client.tasks import TaskSpec, build_task
+    from client.tasks import TaskSpec, build_task, parse_labels
     from client.training import AdapterModel, select_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    labels = tuple(x.strip() for x in args.labels.split(",") if x.strip())
-    spec = TaskSpec(task=args.task, model=args.model, dataset=args.dataset, labels=labels, max_length=args.max_length,
+    spec = TaskSpec(task=args.task, model=args.model, dataset=args.dataset, labels=parse_labels(args.labels),
+                    max_length=args.max_length,
                     lora_alpha=args.lora_alpha, seed=args.seed)
     task = build_task(spec)
     if args.data:

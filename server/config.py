@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from client.tasks import TaskSpec
+from client.tasks import TaskSpec, parse_labels
 
 MODES = ("sync", "async")
 ASYNC_RULES = ("fedbuff", "fedfix", "fedasync")
@@ -118,7 +118,7 @@ class RunConfig:
 
     def label_tuple(self) -> tuple[str, ...]:
         """`labels` as a tuple of names (empty: the dataset's own)."""
-        return tuple(x.strip() for x in self.labels.split(",") if x.strip())
+        return parse_labels(self.labels)
 
     def rank_list(self) -> list[int]:
         """The simulated rank mix (empty: every node at `lora-rank`)."""

@@ -15,12 +15,20 @@ from strategies.exceptions import InvalidUpdateError
 class AsyncStep:
     """What one asynchronous aggregation did (for the run directory)."""
 
-    node_ids: list[int]
-    staleness: list[int]
+    updates: list[ClientUpdate] = field(repr=False)
     lora_weights: list[float]
     dense_weights: list[float]
     version: int
-    updates: list[ClientUpdate] = field(default_factory=list, repr=False)
+
+    @property
+    def node_ids(self) -> list[int]:
+        """The nodes whose updates formed this version, in arrival order."""
+        return [u.node_id for u in self.updates]
+
+    @property
+    def staleness(self) -> list[int]:
+        """Each update's τ, measured against the version it was applied to."""
+        return [u.staleness for u in self.updates]
 
 
 class AsyncRule:
@@ -59,11 +67,16 @@ class AsyncRule:
         """
         if self.max_staleness is None:
             return []
-        v = self.aggregator.version
-        expired = [u for u in self.buffer if v - u.sent.version > self.max_staleness]
-        self.buffer = [u for u in self.buffer if v - u.sent.version <= self.max_staleness]
-        return [(u, f"node {u.node_id}: update became {v - u.sent.version} versions stale while buffered, above "
-                    f"max-staleness {self.max_staleness}; it is dropped.") for u in expired]
+        kept, expired = [], []
+        for u in self.buffer:
+            tau = self.aggregator.version - u.sent.version
+            if tau <= self.max_staleness:
+                kept.append(u)
+            else:
+                expired.append((u, f"node {u.node_id}: update became {tau} versions stale while buffered, above "
+                                   f"max-staleness {self.max_staleness}; it is dropped."))
+        self.buffer = kept
+        return expired
 
     def ready(self, now: float) -> bool:
         """True when the buffered updates should become a new version."""
@@ -84,8 +97,7 @@ class AsyncRule:
         w = self.weights(updates, now)
         self.aggregator.step(updates, w, self.server_lr)
         self._after_step(now, aggregated=True)
-        return AsyncStep([u.node_id for u in updates], [u.staleness for u in updates], w.lora.tolist(),
-                         w.dense.tolist(), self.aggregator.version, updates)
+        return AsyncStep(updates, w.lora.tolist(), w.dense.tolist(), self.aggregator.version)
 
     def _take(self) -> list[ClientUpdate]:
         """Remove and return the updates that form the next version (default: all buffered)."""

@@ -33,6 +33,11 @@ class TaskSpec:
     seed: int = 0
 
 
+def parse_labels(text: str) -> tuple[str, ...]:
+    """'a, b,c' → ('a', 'b', 'c'): the comma-separated class names of `labels` / `--labels` (empty: none)."""
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
 @dataclass(frozen=True)
 class Encoded:
     """A silo or test set as model-ready tensors (encoded once, reused every round)."""
