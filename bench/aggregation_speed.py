@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from strategies import (  # noqa: E402
+from corolla.strategies import (  # noqa: E402
     ClientUpdate,
     Dispatch,
     FedHL,

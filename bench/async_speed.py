@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.harness import RESULTS, mean_spread, plot_groups, read_run  # noqa: E402
-from server import launch  # noqa: E402
+from corolla import launch  # noqa: E402
 
 TASKS = {
     "image": {"task": "image-classification", "model": "cnn", "dataset": "fashion-mnist", "local-steps": 40,
@@ -84,7 +84,7 @@ def main() -> None:
                 continue
             cfg = {**COMMON, **{**METHODS, **VARIANTS}[m], **TASKS[args.task], "seed": seed, "time-budget": args.budget,
                    "min-nodes": args.nodes}
-            cmd = [sys.executable, "-m", "server.cli", "sim", "--out", str(run), "--nodes", str(args.nodes),
+            cmd = [sys.executable, "-m", "corolla.cli", "sim", "--out", str(run), "--nodes", str(args.nodes),
                    "--cpus", "8"] + [x for k, v in cfg.items() for x in ("--set", f"{k}={v}")]
             print(f"running {m} seed {seed} ...", flush=True)
             proc = launch.start(cmd, launch.flower_env(run / ".home"), log_path=out / f"{m}-{seed}.log")

@@ -56,7 +56,7 @@ def _job(args: tuple) -> tuple[str, float]:
 
 def weight_by_rank(run_dir: Path) -> dict[int, float]:
     """Mean aggregation weight a client of each rank received (from updates.jsonl)."""
-    from server.records import read_jsonl
+    from corolla.server.records import read_jsonl
 
     by_rank: dict[int, list[float]] = defaultdict(list)
     for u in read_jsonl(run_dir / "updates.jsonl"):

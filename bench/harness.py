@@ -21,24 +21,25 @@ def run_inprocess(overrides: Mapping[str, Any], nodes: int, out_dir: Path) -> di
     import torch
 
     torch.set_num_threads(1)
-    from server.async_driver import run_async
-    from server.config import RunConfig
-    from server.federation import Federation
-    from server.inprocess import InProcessGrid
-    from server.logs import setup_logging
+    from bench.inprocess import InProcessGrid
+    from corolla.config import RunConfig
+    from corolla.logs import setup_logging
+    from corolla.server.async_driver import run_async
+    from corolla.server.evaluation import TaskEvaluator
+    from corolla.server.federation import Federation
 
     setup_logging()
     cfg = RunConfig.from_mapping({**overrides, "out-dir": str(out_dir), "min-nodes": nodes})
     grid = InProcessGrid(nodes, cfg.to_mapping())
-    fed = Federation(cfg, grid)
-    from server.sync_driver import run_sync
+    fed = Federation(cfg, grid, TaskEvaluator(cfg))
+    from corolla.server.sync_driver import run_sync
 
     return (run_async if cfg.mode == "async" else run_sync)(fed)
 
 
 def read_run(run_dir: Path) -> tuple[dict, list[dict]]:
     """summary.json and metrics.jsonl of a run directory."""
-    from server.records import read_jsonl
+    from corolla.server.records import read_jsonl
 
     return json.loads((run_dir / "summary.json").read_text()), read_jsonl(run_dir / "metrics.jsonl")
 

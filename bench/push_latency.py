@@ -23,11 +23,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from client.data import write_silos  # noqa: E402
-from server import launch  # noqa: E402
-from server.records import read_jsonl  # noqa: E402
+from corolla import launch  # noqa: E402
+from corolla.client.data import write_silos  # noqa: E402
+from corolla.server.records import read_jsonl  # noqa: E402
 
-COROLLA = [sys.executable, "-m", "server.cli"]
+COROLLA = [sys.executable, "-m", "corolla.cli"]
 
 
 def run_federation(kind: str, work: Path, rounds: int, model: str, n: int = 3) -> list[dict]:

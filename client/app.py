@@ -12,7 +12,8 @@ from __future__ import annotations
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from proto import trainer_pb2, wire
+from corolla.proto import trainer_pb2, wire
+from corolla.spec import LoraSpec
 
 app = ClientApp()
 
@@ -43,14 +44,19 @@ def _train_request(msg: Message) -> trainer_pb2.TrainRequest:
         local_steps=int(cfg[wire.LOCAL_STEPS]), batch_size=int(cfg[wire.BATCH_SIZE]), lr=float(cfg[wire.LR]),
         prox_mu=float(cfg[wire.PROX_MU]), seed=int(cfg[wire.SEED]), pushed_at=float(cfg[wire.PUSHED_AT]),
         software_version=str(cfg[wire.SOFTWARE]), arrays=wire.encode_tensors(arrays),
-        frozen=wire.encode_tensors(frozen),
+        frozen=wire.encode_tensors(frozen), lora=_lora(LoraSpec.from_record(cfg)),
     )
+
+
+def _lora(spec: LoraSpec) -> trainer_pb2.LoraSpec:
+    return trainer_pb2.LoraSpec(alpha=spec.alpha, rslora=spec.rslora, target_modules=list(spec.target_modules),
+                                dtype=spec.dtype)
 
 
 def _remote(address: str) -> object:
     import grpc
 
-    from proto import trainer_pb2_grpc
+    from corolla.proto import trainer_pb2_grpc
 
     channel = grpc.insecure_channel(address, options=wire.GRPC_OPTIONS)
     return trainer_pb2_grpc.TrainerStub(channel), channel
@@ -77,7 +83,7 @@ def _dispatch(context: Context, method: str, request: object) -> object:
     address = context.node_config.get(wire.NODE_TRAINER)
     if address:
         return _call(str(address), method, request)
-    from client import local  # simulation: torch is imported inside the long-lived Ray actor
+    from corolla.client import local  # simulation: torch is imported inside the long-lived Ray actor
 
     return local.handle(context, method, request)
 

@@ -13,9 +13,12 @@ from typing import Any
 
 from flwr.app import Context
 
-from client.service import TrainerServicer
-from client.trainer import Trainer
-from proto import wire
+from corolla.client.service import TrainerServicer
+from corolla.client.trainer import Trainer
+from corolla.config import RunConfig
+from corolla.fleet import simulated_rank, simulated_slowdown
+from corolla.logs import quiet_libraries
+from corolla.proto import wire
 
 
 class _Abort(Exception):
@@ -31,9 +34,8 @@ class _Context:
 
 @functools.lru_cache(maxsize=2)
 def _adapter_model(spec: Any) -> Any:
-    from client.tasks import build_task
-    from client.training import AdapterModel, select_device
-    from server.logs import quiet_libraries
+    from corolla.client.tasks import build_task
+    from corolla.client.training import AdapterModel, select_device
 
     quiet_libraries()
     return AdapterModel(build_task(spec), select_device())
@@ -48,20 +50,16 @@ def _trainer(spec: Any, partition_id: int, num_partitions: int, alpha: float, ra
 
 def trainer_for(context: Context) -> Trainer:
     """Return this simulated node's trainer (built on first use, then cached in the actor)."""
-    from server.config import RunConfig
-
     cfg = RunConfig.from_mapping(dict(context.run_config))
     pid = int(context.node_config[wire.NODE_PARTITION])
     n = int(context.node_config[wire.NODE_PARTITIONS])
-    from server.ranks import simulated_rank, simulated_slowdown
-
     return _trainer(cfg.task_spec(), pid, n, cfg.dirichlet_alpha, simulated_rank(cfg, pid),
                     simulated_slowdown(cfg, pid))
 
 
 def handle(context: Context, method: str, request: Any) -> Any:
     """Run `method` (Describe/Train) of the servicer in-process."""
-    from client.app import ClientJobError
+    from corolla.client.app import ClientJobError
 
     servicer = TrainerServicer(trainer_for(context))
     try:

@@ -1,4 +1,4 @@
-"""Start a silo's trainer process: `python -m client.serve --data silo.csv --rank 8 --port 0`.
+"""Start a silo's trainer process: `python -m corolla.client.serve --data silo.csv --rank 8 --port 0`.
 
 Prints `corolla-trainer listening on HOST:PORT` once the model is loaded and the
 service is bound (tests and `corolla client` read that line), then serves until
@@ -15,8 +15,9 @@ import threading
 
 import grpc
 
-from client.data import SiloError
-from client.trainer import Trainer, TrainerError
+from corolla.client.data import SiloError
+from corolla.client.trainer import Trainer, TrainerError, auto_rank, memory_bytes
+from corolla.spec import TaskSpec, parse_labels
 
 log = logging.getLogger("corolla.trainer")
 
@@ -35,7 +36,6 @@ def add_trainer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="bbc", help="the run's corpus, whose class names the silo uses (bbc, wordnet)")
     p.add_argument("--labels", default="", help="comma-separated class names of your own data (as the run's `labels`)")
     p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
@@ -46,14 +46,13 @@ def build_trainer(args: argparse.Namespace) -> Trainer:
     """Load the base model once and the silo; raise SiloError/TrainerError with a clear message."""
     import torch
 
-    from client.tasks import TaskSpec, build_task, parse_labels
-    from client.training import AdapterModel, select_device
+    from corolla.client.tasks import build_task
+    from corolla.client.training import AdapterModel, select_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = TaskSpec(task=args.task, model=args.model, dataset=args.dataset, labels=parse_labels(args.labels),
-                    max_length=args.max_length,
-                    lora_alpha=args.lora_alpha, seed=args.seed)
+                    max_length=args.max_length, seed=args.seed)
     task = build_task(spec)
     if args.data:
         ds = task.load_silo(args.data, args.text_column, args.label_column)
@@ -67,9 +66,6 @@ def build_trainer(args: argparse.Namespace) -> Trainer:
 def parse_rank(value: str, device: str) -> int:
     """`--rank N` or `--rank auto` (from the device's memory, server.ranks.auto_rank)."""
     if str(value) == "auto":
-        from client.trainer import memory_bytes
-        from server.ranks import auto_rank
-
         return auto_rank(device, memory_bytes(device))
     try:
         return int(value)
@@ -79,8 +75,8 @@ def parse_rank(value: str, device: str) -> int:
 
 def start_trainer(args: argparse.Namespace, address: str, prog: str) -> tuple[grpc.Server, int] | None:
     """Load the model and silo, serve the trainer on `address`; None (reason on stderr) when it cannot start."""
-    from client.service import serve
-    from server.logs import setup_logging
+    from corolla.client.service import serve
+    from corolla.logs import setup_logging
 
     setup_logging()
     try:
@@ -111,7 +107,7 @@ def run_trainer(args: argparse.Namespace, host: str, port: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m client.serve`."""
+    """Entry point of `python -m corolla.client.serve`."""
     p = argparse.ArgumentParser(prog="corolla trainer", description=__doc__)
     add_trainer_args(p)
     p.add_argument("--host", default="127.0.0.1")

@@ -7,9 +7,10 @@ from concurrent import futures
 
 import grpc
 
-from client import training
-from client.trainer import Trainer, TrainerError, TrainJob
-from proto import trainer_pb2, trainer_pb2_grpc, wire
+from corolla.client import training
+from corolla.client.trainer import Trainer, TrainerError, TrainJob
+from corolla.proto import trainer_pb2, trainer_pb2_grpc, wire
+from corolla.spec import LoraSpec
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
@@ -30,10 +31,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
                 local_steps=request.local_steps, batch_size=request.batch_size, lr=request.lr,
                 prox_mu=request.prox_mu, seed=request.seed, pushed_at=request.pushed_at,
                 frozen=wire.decode_tensors(request.frozen),
-                software_version=request.software_version,
+                software_version=request.software_version, lora=lora_from_proto(request.lora),
             )
             r = self.trainer.train(job)
-        except wire.WireError as e:
+        except (wire.WireError, ValueError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except TrainerError as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
@@ -48,14 +49,29 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
     def Evaluate(self, request: trainer_pb2.EvaluateRequest, context: grpc.ServicerContext) -> trainer_pb2.EvaluateReply:  # noqa: N802
         """Evaluate an adapter on the silo."""
         try:
-            s = self.trainer.evaluate(wire.decode_tensors(request.arrays), request.rank, request.software_version)
-        except wire.WireError as e:
+            s = self.trainer.evaluate(wire.decode_tensors(request.arrays), request.rank, request.software_version,
+                                      lora_from_proto(request.lora))
+        except (wire.WireError, ValueError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except TrainerError as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         return trainer_pb2.EvaluateReply(
             loss=s.loss, accuracy=s.accuracy, num_examples=s.num_examples, model_fingerprint=self.trainer.model.fingerprint
         )
+
+
+def lora_from_proto(msg: trainer_pb2.LoraSpec) -> LoraSpec:
+    """The job's LoRA specification; raise ValueError (INVALID_ARGUMENT) when it is missing or invalid."""
+    if not msg.dtype:
+        raise ValueError("the job carries no LoRA specification; the server runs an older corolla: install the "
+                         "same version on the server and every client")
+    return LoraSpec(alpha=msg.alpha, rslora=msg.rslora, target_modules=tuple(msg.target_modules), dtype=msg.dtype)
+
+
+def lora_to_proto(lora: LoraSpec) -> trainer_pb2.LoraSpec:
+    """The proto form of a LoRA specification."""
+    return trainer_pb2.LoraSpec(alpha=lora.alpha, rslora=lora.rslora, target_modules=list(lora.target_modules),
+                                dtype=lora.dtype)
 
 
 def serve(trainer: Trainer, address: str = "127.0.0.1:0") -> tuple[grpc.Server, int]:

@@ -9,6 +9,7 @@ In simulation the same `Trainer` runs inside the Ray actor.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import time
@@ -17,10 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from client import training
-from client.tasks import Encoded, Task
-from client.training import AdapterModel, EvalStats, TrainStats
-from proto import wire
+from corolla.client import training
+from corolla.client.tasks import Encoded, Task
+from corolla.client.training import AdapterModel, EvalStats, TrainStats
+from corolla.proto import wire
+from corolla.spec import LoraSpec
 
 log = logging.getLogger(f"corolla.{__name__}")
 
@@ -44,6 +46,7 @@ class TrainJob:
     pushed_at: float = 0.0
     software_version: str = wire.SOFTWARE_VERSION
     frozen: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    lora: LoraSpec = dataclasses.field(default_factory=LoraSpec)
 
 
 @dataclass(frozen=True)
@@ -58,13 +61,44 @@ class TrainResult:
     queue_s: float
 
 
+GIB = 1024**3
+
+
 def memory_bytes(device: str) -> int:
-    """Device memory (GPU) or physical RAM (CPU), in bytes."""
+    """Memory of `device` (that GPU's, not GPU 0's) or physical RAM (CPU), in bytes."""
     if device.startswith("cuda"):
         import torch
 
-        return int(torch.cuda.get_device_properties(0).total_memory)
+        return int(torch.cuda.get_device_properties(torch.device(device)).total_memory)
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def auto_rank(device: str, memory: int) -> int:
+    """Pick a rank a device can afford: larger GPUs train larger adapters; CPUs train small ones.
+
+    The tiers are a heuristic for the adapters this project trains (well below
+    1 % of the model's weights), chosen so each tier roughly doubles the rank.
+    """
+    if not device.startswith("cuda"):
+        return 4
+    gib = memory / GIB
+    for threshold, rank in ((70, 64), (40, 32), (20, 16), (10, 8)):
+        if gib >= threshold:
+            return rank
+    return 4
+
+
+def data_digest(data: Encoded) -> int:
+    """A 31-bit digest of a silo's encoded content, mixed into every job's seed.
+
+    A node's randomness then depends on its data and the server's seed, never on
+    the position it was picked in (simulation and deployment train alike).
+    """
+    h = hashlib.sha256()
+    h.update(data.labels.numpy().tobytes())
+    for k in sorted(data.inputs):
+        h.update(data.inputs[k][:64].numpy().tobytes())
+    return int.from_bytes(h.digest()[:4], "little") & 0x7FFFFFFF
 
 
 class Trainer:
@@ -83,6 +117,7 @@ class Trainer:
         self.data = data
         self.rank = rank
         self.slowdown = slowdown
+        self.digest = data_digest(data)
 
     @property
     def task(self) -> Task:
@@ -112,8 +147,8 @@ class Trainer:
             raise TrainerError(f"the server sent a rank-{job.rank} adapter to a rank-{self.rank} trainer.")
         try:
             arrays, stats = self.model.train(
-                job.arrays, job.rank, self.data, steps=job.local_steps, batch_size=job.batch_size,
-                lr=job.lr, seed=job.seed, prox_mu=job.prox_mu, frozen=job.frozen,
+                job.arrays, job.rank, self.data, lora=job.lora, steps=job.local_steps, batch_size=job.batch_size,
+                lr=job.lr, seed=(job.seed * 1_000_003 + self.digest) % 2**62, prox_mu=job.prox_mu, frozen=job.frozen,
             )
         except (ValueError, RuntimeError) as e:
             raise TrainerError(f"training failed: {e}") from e
@@ -125,11 +160,12 @@ class Trainer:
                  job.base_version, job.rank, stats.steps, stats.loss_mean, stats.duration_s, queue_s)
         return TrainResult(arrays, stats, job.base_version, job.rank, self.model.fingerprint, queue_s)
 
-    def evaluate(self, arrays: Mapping[str, np.ndarray], rank: int, software_version: str) -> EvalStats:
+    def evaluate(self, arrays: Mapping[str, np.ndarray], rank: int, software_version: str,
+                 lora: LoraSpec | None = None) -> EvalStats:
         """Evaluate an adapter on this silo."""
         self._check_version(software_version)
         try:
-            return self.model.evaluate(arrays, rank, self.data)
+            return self.model.evaluate(arrays, rank, self.data, lora or LoraSpec())
         except (ValueError, RuntimeError) as e:
             raise TrainerError(f"evaluation failed: {e}") from e
 

@@ -1,4 +1,4 @@
-"""The one training/evaluation path, shared by the trainer process, Ray actors and the server.
+"""The one training/evaluation path, shared by the trainer process, Ray actors and the server's evaluator.
 
 `AdapterModel` owns one frozen base model and any number of LoRA adapters, one
 per rank (peft's named adapters), so a Ray actor that serves clients of several
@@ -9,6 +9,7 @@ peft's `get_/set_peft_model_state_dict`, keyed by peft's names.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import time
 from collections.abc import Iterator, Mapping
@@ -19,7 +20,8 @@ import torch
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
-from client.tasks.base import Encoded, Task
+from corolla.client.tasks.base import Encoded, Task
+from corolla.spec import LoraSpec
 
 BASE_PREFIX = "base_model.model."
 
@@ -43,11 +45,18 @@ def select_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (weights stay fp32, the wire stays fp32); nothing on CPU."""
-    if device.type == "cuda":
+def autocast(device: torch.device, dtype: str = "auto") -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA for `auto`/`bfloat16` (weights and the wire stay fp32); nothing for float32 or on CPU."""
+    if device.type == "cuda" and dtype in ("auto", "bfloat16"):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def check_lora_spec(lora: LoraSpec, device: torch.device) -> None:
+    """Raise ValueError when this process cannot train under `lora` (the reason goes back to the server)."""
+    if lora.dtype == "bfloat16" and device.type != "cuda":
+        raise ValueError(f"the run asks for lora-dtype=bfloat16, which needs a CUDA device; this trainer runs on "
+                         f"{device}. Use lora-dtype=auto or float32, or start the trainer on a GPU.")
 
 
 @dataclass(frozen=True)
@@ -123,23 +132,37 @@ class AdapterModel:
             else:
                 p.copy_(orig)
 
-    def _activate(self, rank: int) -> nn.Module:
+    @staticmethod
+    def adapter_name(rank: int, lora: LoraSpec) -> str:
+        """One peft adapter per (rank, LoRA specification): a run that changes alpha or targets gets a new one."""
+        digest = hashlib.sha256(repr(lora).encode()).hexdigest()[:8]
+        return f"r{rank}-{digest}"
+
+    def _activate(self, rank: int, lora: LoraSpec) -> nn.Module:
+        check_lora_spec(lora, self.device)
         if not self.task.uses_lora:  # full-model task: the model itself is trained and exchanged
             if rank != 0:
                 raise ValueError(f"task {self.task.name} trains the full model: rank must be 0, got {rank}")
             self.base.requires_grad_(True)
             return self.base
-        name = f"r{rank}"
-        if self.model is None:
-            self.model = get_peft_model(self.base, self.task.lora_config(rank), adapter_name=name)
-        elif name not in self.model.peft_config:
-            self.model.add_adapter(name, self.task.lora_config(rank))
+        name = self.adapter_name(rank, lora)
+        try:
+            if self.model is None:
+                self.model = get_peft_model(self.base, self.task.lora_config(rank, lora), adapter_name=name)
+            elif name not in self.model.peft_config:
+                self.model.add_adapter(name, self.task.lora_config(rank, lora))
+        except ValueError as e:
+            if lora.target_modules:
+                raise ValueError(f"lora-target-modules {list(lora.target_modules)} cannot be applied to this model "
+                                 f"({str(e)[:120]}); set lora-target-modules to module names the model has, or leave "
+                                 "it empty for the task's default") from None
+            raise
         self.model.set_adapter(name)
         return self.model
 
-    def load(self, arrays: Mapping[str, np.ndarray], rank: int) -> PeftModel:
-        """Set the adapter of `rank` to `arrays` (peft names); raise ValueError on unknown keys."""
-        model = self._activate(rank)
+    def load(self, arrays: Mapping[str, np.ndarray], rank: int, lora: LoraSpec) -> PeftModel:
+        """Set the adapter of (`rank`, `lora`) to `arrays` (peft names); raise ValueError on unknown keys."""
+        model = self._activate(rank, lora)
         sd = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in arrays.items()}
         if not self.task.uses_lora:
             result = model.load_state_dict(sd, strict=False)
@@ -148,17 +171,17 @@ class AdapterModel:
             if result.unexpected_keys:
                 raise ValueError(f"model arrays have keys the model does not know: {result.unexpected_keys[:3]}")
             return model
-        result = set_peft_model_state_dict(model, sd, adapter_name=f"r{rank}")
+        result = set_peft_model_state_dict(model, sd, adapter_name=self.adapter_name(rank, lora))
         if result.unexpected_keys:
             raise ValueError(f"adapter arrays have keys the model does not know: {result.unexpected_keys[:3]}")
         return model
 
-    def state(self, rank: int) -> dict[str, np.ndarray]:
-        """Return the adapter of `rank` as float32 numpy arrays keyed by peft's names."""
+    def state(self, rank: int, lora: LoraSpec) -> dict[str, np.ndarray]:
+        """Return the adapter of (`rank`, `lora`) as float32 numpy arrays keyed by peft's names."""
         if not self.task.uses_lora:
             return {k: v.detach().float().cpu().numpy().copy() for k, v in self.base.state_dict().items()}
         assert self.model is not None
-        sd = get_peft_model_state_dict(self.model, adapter_name=f"r{rank}")
+        sd = get_peft_model_state_dict(self.model, adapter_name=self.adapter_name(rank, lora))
         # copies: the returned arrays must not alias live parameters that the next job overwrites
         return {k: v.detach().float().cpu().numpy().copy() for k, v in sd.items()}
 
@@ -168,6 +191,7 @@ class AdapterModel:
         rank: int,
         data: Encoded,
         *,
+        lora: LoraSpec,
         steps: int,
         batch_size: int,
         lr: float,
@@ -183,7 +207,7 @@ class AdapterModel:
         started = time.time()
         t0 = time.perf_counter()
         self.set_base_deltas(frozen or {})
-        model = self.load(arrays, rank)
+        model = self.load(arrays, rank, lora)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         anchor = [p.detach().clone() for p in params] if prox_mu > 0 else []
@@ -194,7 +218,7 @@ class AdapterModel:
         for _ in range(steps):
             idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
             inputs, labels = data.batch(idx, self.device)
-            with autocast(self.device):
+            with autocast(self.device, lora.dtype):
                 logits = self.task.logits(model, inputs).float()
             per_example = nn.functional.cross_entropy(logits, labels, reduction="none")
             loss = per_example.mean()
@@ -215,51 +239,19 @@ class AdapterModel:
             started_at=started,
             samples=len(losses),
         )
-        return self.state(rank), stats
+        return self.state(rank, lora), stats
 
-    def evaluate(self, arrays: Mapping[str, np.ndarray], rank: int, data: Encoded) -> EvalStats:
+    def evaluate(self, arrays: Mapping[str, np.ndarray], rank: int, data: Encoded, lora: LoraSpec) -> EvalStats:
         """Evaluate the adapter `arrays` at `rank` on `data`."""
-        return evaluate_model(self.load(arrays, rank), data, self.device, self.task)
+        return evaluate_model(self.load(arrays, rank, lora), data, self.device, self.task)
 
 
-def initial_adapter(task: Task, rank: int, seed: int) -> dict[str, np.ndarray]:
-    """Return peft's freshly initialised adapter at `rank` (seeded: identical on every host)."""
+def initial_adapter(task: Task, rank: int, lora: LoraSpec, seed: int) -> dict[str, np.ndarray]:
+    """Return peft's freshly initialised adapter at `rank` under `lora` (seeded: identical on every host)."""
     if not task.uses_lora:
         return {k: v.detach().float().cpu().numpy().copy() for k, v in load_base(task).state_dict().items()}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = get_peft_model(load_base(task), task.lora_config(rank), adapter_name="init")
+        model = get_peft_model(load_base(task), task.lora_config(rank, lora), adapter_name="init")
     sd = get_peft_model_state_dict(model, adapter_name="init")
     return {k: v.detach().float().cpu().numpy() for k, v in sd.items()}
-
-
-class MergedEvaluator:
-    """Evaluates a strategy's exact global model: base weights + ΔW per layer, dense params set.
-
-    Works for every aggregator, whatever its internal form (factors, a full-rank
-    W, a merged base), because it consumes `MergedModel`.
-    """
-
-    def __init__(self, task: Task, device: torch.device) -> None:
-        self.task = task
-        self.device = device
-        self.model = load_base(task).to(device)
-        self.fingerprint = task.fingerprint(self.model)
-        self.params = dict(self.model.state_dict(keep_vars=True))  # buffers too (full-model tasks)
-        self.original = {k: p.detach().clone() for k, p in self.params.items()}
-
-    def _param(self, peft_key: str) -> torch.Tensor:
-        name = peft_key.removeprefix(BASE_PREFIX)
-        if name not in self.params:
-            raise KeyError(f"global model key {peft_key!r} matches no parameter of the base model")
-        return self.params[name]
-
-    @torch.no_grad()
-    def evaluate(self, deltas: Mapping[str, np.ndarray], dense: Mapping[str, np.ndarray], data: Encoded) -> EvalStats:
-        """Load W0 + ΔW and the dense parameters, then evaluate."""
-        for layer, dw in deltas.items():
-            name = layer.removeprefix(BASE_PREFIX) + ".weight"
-            self.params[name].copy_(self.original[name] + torch.from_numpy(np.asarray(dw)).to(self.device))
-        for key, value in dense.items():
-            self._param(key).copy_(torch.from_numpy(np.asarray(value)).to(self.device))
-        return evaluate_model(self.model, data, self.device, self.task)

@@ -68,8 +68,20 @@ class UpdateMetadata(_message.Message):
     samples: int
     def __init__(self, model_fingerprint: _Optional[str] = ..., base_version: _Optional[int] = ..., rank: _Optional[int] = ..., num_examples: _Optional[int] = ..., loss_mean: _Optional[float] = ..., loss_sq_mean: _Optional[float] = ..., duration_s: _Optional[float] = ..., steps: _Optional[int] = ..., started_at: _Optional[float] = ..., queue_s: _Optional[float] = ..., model_loads: _Optional[int] = ..., trainer_pid: _Optional[int] = ..., samples: _Optional[int] = ...) -> None: ...
 
+class LoraSpec(_message.Message):
+    __slots__ = ("alpha", "rslora", "target_modules", "dtype")
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    RSLORA_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    alpha: float
+    rslora: bool
+    target_modules: _containers.RepeatedScalarFieldContainer[str]
+    dtype: str
+    def __init__(self, alpha: _Optional[float] = ..., rslora: _Optional[bool] = ..., target_modules: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ...) -> None: ...
+
 class TrainRequest(_message.Message):
-    __slots__ = ("base_version", "rank", "local_steps", "batch_size", "lr", "prox_mu", "seed", "pushed_at", "software_version", "arrays", "frozen")
+    __slots__ = ("base_version", "rank", "local_steps", "batch_size", "lr", "prox_mu", "seed", "pushed_at", "software_version", "arrays", "frozen", "lora")
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +93,7 @@ class TrainRequest(_message.Message):
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
     ARRAYS_FIELD_NUMBER: _ClassVar[int]
     FROZEN_FIELD_NUMBER: _ClassVar[int]
+    LORA_FIELD_NUMBER: _ClassVar[int]
     base_version: int
     rank: int
     local_steps: int
@@ -92,7 +105,8 @@ class TrainRequest(_message.Message):
     software_version: str
     arrays: _containers.RepeatedCompositeFieldContainer[Tensor]
     frozen: _containers.RepeatedCompositeFieldContainer[Tensor]
-    def __init__(self, base_version: _Optional[int] = ..., rank: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., prox_mu: _Optional[float] = ..., seed: _Optional[int] = ..., pushed_at: _Optional[float] = ..., software_version: _Optional[str] = ..., arrays: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., frozen: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+    lora: LoraSpec
+    def __init__(self, base_version: _Optional[int] = ..., rank: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., prox_mu: _Optional[float] = ..., seed: _Optional[int] = ..., pushed_at: _Optional[float] = ..., software_version: _Optional[str] = ..., arrays: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., frozen: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ...) -> None: ...
 
 class TrainReply(_message.Message):
     __slots__ = ("metadata", "arrays")
@@ -103,16 +117,18 @@ class TrainReply(_message.Message):
     def __init__(self, metadata: _Optional[_Union[UpdateMetadata, _Mapping]] = ..., arrays: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("base_version", "rank", "software_version", "arrays")
+    __slots__ = ("base_version", "rank", "software_version", "arrays", "lora")
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
     ARRAYS_FIELD_NUMBER: _ClassVar[int]
+    LORA_FIELD_NUMBER: _ClassVar[int]
     base_version: int
     rank: int
     software_version: str
     arrays: _containers.RepeatedCompositeFieldContainer[Tensor]
-    def __init__(self, base_version: _Optional[int] = ..., rank: _Optional[int] = ..., software_version: _Optional[str] = ..., arrays: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+    lora: LoraSpec
+    def __init__(self, base_version: _Optional[int] = ..., rank: _Optional[int] = ..., software_version: _Optional[str] = ..., arrays: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ...) -> None: ...
 
 class EvaluateReply(_message.Message):
     __slots__ = ("loss", "accuracy", "num_examples", "model_fingerprint")

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from proto import trainer_pb2 as proto_dot_trainer__pb2
+from corolla.proto import trainer_pb2 as corolla_dot_proto_dot_trainer__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in proto/trainer_pb2_grpc.py depends on'
+        + ' but the generated code in corolla/proto/trainer_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,18 +36,18 @@ class TrainerStub:
         """
         self.Describe = channel.unary_unary(
                 '/corolla.trainer.v1.Trainer/Describe',
-                request_serializer=proto_dot_trainer__pb2.DescribeRequest.SerializeToString,
-                response_deserializer=proto_dot_trainer__pb2.ClientProfile.FromString,
+                request_serializer=corolla_dot_proto_dot_trainer__pb2.DescribeRequest.SerializeToString,
+                response_deserializer=corolla_dot_proto_dot_trainer__pb2.ClientProfile.FromString,
                 _registered_method=True)
         self.Train = channel.unary_unary(
                 '/corolla.trainer.v1.Trainer/Train',
-                request_serializer=proto_dot_trainer__pb2.TrainRequest.SerializeToString,
-                response_deserializer=proto_dot_trainer__pb2.TrainReply.FromString,
+                request_serializer=corolla_dot_proto_dot_trainer__pb2.TrainRequest.SerializeToString,
+                response_deserializer=corolla_dot_proto_dot_trainer__pb2.TrainReply.FromString,
                 _registered_method=True)
         self.Evaluate = channel.unary_unary(
                 '/corolla.trainer.v1.Trainer/Evaluate',
-                request_serializer=proto_dot_trainer__pb2.EvaluateRequest.SerializeToString,
-                response_deserializer=proto_dot_trainer__pb2.EvaluateReply.FromString,
+                request_serializer=corolla_dot_proto_dot_trainer__pb2.EvaluateRequest.SerializeToString,
+                response_deserializer=corolla_dot_proto_dot_trainer__pb2.EvaluateReply.FromString,
                 _registered_method=True)
 
 
@@ -77,18 +77,18 @@ def add_TrainerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Describe': grpc.unary_unary_rpc_method_handler(
                     servicer.Describe,
-                    request_deserializer=proto_dot_trainer__pb2.DescribeRequest.FromString,
-                    response_serializer=proto_dot_trainer__pb2.ClientProfile.SerializeToString,
+                    request_deserializer=corolla_dot_proto_dot_trainer__pb2.DescribeRequest.FromString,
+                    response_serializer=corolla_dot_proto_dot_trainer__pb2.ClientProfile.SerializeToString,
             ),
             'Train': grpc.unary_unary_rpc_method_handler(
                     servicer.Train,
-                    request_deserializer=proto_dot_trainer__pb2.TrainRequest.FromString,
-                    response_serializer=proto_dot_trainer__pb2.TrainReply.SerializeToString,
+                    request_deserializer=corolla_dot_proto_dot_trainer__pb2.TrainRequest.FromString,
+                    response_serializer=corolla_dot_proto_dot_trainer__pb2.TrainReply.SerializeToString,
             ),
             'Evaluate': grpc.unary_unary_rpc_method_handler(
                     servicer.Evaluate,
-                    request_deserializer=proto_dot_trainer__pb2.EvaluateRequest.FromString,
-                    response_serializer=proto_dot_trainer__pb2.EvaluateReply.SerializeToString,
+                    request_deserializer=corolla_dot_proto_dot_trainer__pb2.EvaluateRequest.FromString,
+                    response_serializer=corolla_dot_proto_dot_trainer__pb2.EvaluateReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -116,8 +116,8 @@ class Trainer:
             request,
             target,
             '/corolla.trainer.v1.Trainer/Describe',
-            proto_dot_trainer__pb2.DescribeRequest.SerializeToString,
-            proto_dot_trainer__pb2.ClientProfile.FromString,
+            corolla_dot_proto_dot_trainer__pb2.DescribeRequest.SerializeToString,
+            corolla_dot_proto_dot_trainer__pb2.ClientProfile.FromString,
             options,
             channel_credentials,
             insecure,
@@ -143,8 +143,8 @@ class Trainer:
             request,
             target,
             '/corolla.trainer.v1.Trainer/Train',
-            proto_dot_trainer__pb2.TrainRequest.SerializeToString,
-            proto_dot_trainer__pb2.TrainReply.FromString,
+            corolla_dot_proto_dot_trainer__pb2.TrainRequest.SerializeToString,
+            corolla_dot_proto_dot_trainer__pb2.TrainReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -170,8 +170,8 @@ class Trainer:
             request,
             target,
             '/corolla.trainer.v1.Trainer/Evaluate',
-            proto_dot_trainer__pb2.EvaluateRequest.SerializeToString,
-            proto_dot_trainer__pb2.EvaluateReply.FromString,
+            corolla_dot_proto_dot_trainer__pb2.EvaluateRequest.SerializeToString,
+            corolla_dot_proto_dot_trainer__pb2.EvaluateReply.FromString,
             options,
             channel_credentials,
             insecure,

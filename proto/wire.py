@@ -11,9 +11,10 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from proto import trainer_pb2
+from corolla import __version__
+from corolla.proto import trainer_pb2
 
-SOFTWARE_VERSION = "0.1.0"
+SOFTWARE_VERSION = __version__
 
 # Flower's own keys.
 ARRAYS = "arrays"

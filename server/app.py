@@ -1,15 +1,16 @@
-"""The Flower ServerApp: parse the run configuration once, build the federation, run its driver."""
+"""The Flower ServerApp: the composition root. Parse the configuration once, build the pieces, run the driver."""
 
 from __future__ import annotations
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from server.async_driver import run_async
-from server.config import RunConfig
-from server.federation import Federation
-from server.logs import setup_logging
-from server.sync_driver import run_sync
+from corolla.config import RunConfig
+from corolla.logs import setup_logging
+from corolla.server.async_driver import run_async
+from corolla.server.evaluation import TaskEvaluator
+from corolla.server.federation import Federation
+from corolla.server.sync_driver import run_sync
 
 app = ServerApp()
 
@@ -19,5 +20,5 @@ def main(grid: Grid, context: Context) -> None:
     """Entry point Flower calls in simulation and in deployment."""
     setup_logging()
     cfg = RunConfig.from_mapping(dict(context.run_config))
-    fed = Federation(cfg, grid)
+    fed = Federation(cfg, grid, TaskEvaluator(cfg))
     (run_async if cfg.mode == "async" else run_sync)(fed)

@@ -29,16 +29,22 @@ def _clean(v: Any) -> Any:
     return v
 
 
+class _Monotonic:
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
 class RunRecorder:
     """Appends JSON lines as the run goes; writes the summary at the end."""
 
-    def __init__(self, out_dir: str | Path, config_json: str) -> None:
+    def __init__(self, out_dir: str | Path, config_json: str, clock: Any = None) -> None:
+        self.clock = clock or _Monotonic()
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         for name in ("metrics.jsonl", "updates.jsonl", "nodes.jsonl", "selection.jsonl", "summary.json"):
             (self.dir / name).unlink(missing_ok=True)
         (self.dir / "config.json").write_text(config_json + "\n")
-        self.t0 = time.monotonic()
+        self.t0 = self.clock.monotonic()
         self.bytes_up = 0
         self.bytes_down = 0
         self.rejected = 0
@@ -47,7 +53,7 @@ class RunRecorder:
 
     def wall_s(self) -> float:
         """Seconds since the run started."""
-        return time.monotonic() - self.t0
+        return self.clock.monotonic() - self.t0
 
     def _append(self, name: str, row: dict[str, Any]) -> None:
         with (self.dir / name).open("a") as f:

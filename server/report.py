@@ -6,7 +6,7 @@ import json
 import statistics
 from pathlib import Path
 
-from server.records import read_jsonl, summarize
+from corolla.server.records import read_jsonl, summarize
 
 
 def plot_curves(evals: list[dict], path: Path, title: str) -> None:

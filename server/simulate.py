@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from server import launch
-from server.config import RunConfig
+from corolla import launch
+from corolla.config import RunConfig
 
 
 def run_simulation(cfg: RunConfig, num_supernodes: int, cpus_per_client: int = 1, total_cpus: int | None = None,

@@ -12,7 +12,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from server.records import read_jsonl
+from corolla.server.records import read_jsonl
 
 
 class StatusError(FileNotFoundError):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 
-from server.federation import Federation, RejectedReply
-from strategies import ClientUpdate
-from strategies.exceptions import StrategyError
+from corolla.server.federation import Federation, RejectedReply
+from corolla.strategies import ClientUpdate
+from corolla.strategies.exceptions import StrategyError
 
-log = logging.getLogger(f"corolla.{__name__}")
+log = logging.getLogger(__name__)
 
 
 def run_sync(fed: Federation) -> dict:
@@ -22,25 +22,32 @@ def run_sync(fed: Federation) -> dict:
         usable = fed.refresh_nodes()
         picked = fed.select(usable, cfg.clients_per_round, rnd)
         sent = {n: fed.aggregator.dispatch(fed.nodes[n].rank) for n in picked}
-        msgs = [fed.train_message(n, d, seed=cfg.seed * 100_003 + rnd * 1_009 + i) for i, (n, d) in enumerate(sent.items())]
+        msgs = [fed.train_message(n, d) for n, d in sent.items()]
         replies = fed.grid.send_and_receive(msgs, timeout=cfg.round_timeout)
         updates: list[ClientUpdate] = []
+        answered: set[int] = set()
         for reply in replies:
             nid = reply.metadata.src_node_id
+            if nid not in sent or nid in answered:
+                why = "a second reply" if nid in answered else "a reply from a node that was sent no job"
+                log.warning("round %d: node %d: %s; it is dropped", rnd, nid, why)
+                fed.record_update(None, nid, "rejected", f"node {nid}: {why} this round; it is dropped")
+                continue
+            answered.add(nid)
             try:
-                updates.append(fed.to_update(reply, sent[nid], fed.aggregator.version))
+                updates.append(fed.to_update(reply, sent[nid], fed.aggregator.version,
+                                             job_id=str(reply.metadata.reply_to_message_id)))
             except RejectedReply as e:
                 status = "failed" if reply.has_error() else "rejected"
                 log.warning("round %d: %s", rnd, e)
                 fed.record_update(None, nid, status, str(e))
-        missing = set(picked) - {r.metadata.src_node_id for r in replies}
-        for nid in sorted(missing):
+        for nid in sorted(set(picked) - answered):
             fed.record_update(None, nid, "failed", f"node {nid} did not reply within {cfg.round_timeout:.0f}s")
         if not updates:
             log.warning("round %d: no usable updates; the global model is unchanged", rnd)
             continue
         try:
-            weights = fed.aggregator.aggregate(updates, server_lr=cfg.server_lr)
+            weights = fed.aggregator.aggregate(updates)
         except StrategyError as e:
             log.warning("round %d: %s", rnd, e.reason)
             for u in updates:

@@ -8,7 +8,6 @@ knows about Flower, gRPC or files: the server converts messages into these types
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,31 +16,15 @@ from typing import Any, ClassVar
 import numpy as np
 from numpy.typing import NDArray
 
-from strategies.exceptions import AggregationError
+from corolla.spec import LoraSpec
+from corolla.strategies.exceptions import AggregationError
+from corolla.strategies.options import option
+from corolla.strategies.server_opt import ServerOptimizer, ServerSGD
+
+__all__ = ["Aggregator", "Candidate", "ClientUpdate", "Dispatch", "LoraSpec", "MergedModel", "Selection", "Selector",
+           "StalenessWeight", "Weights", "example_weights", "option"]
 
 Arrays = Mapping[str, NDArray[np.floating]]
-
-
-@dataclass(frozen=True, kw_only=True)
-class LoraSpec:
-    """How a LoRA rank maps to its scale s = alpha / r (peft's rule; rsLoRA: alpha / sqrt r).
-
-    The same spec is used on the server and in every trainer, so an adapter of any
-    rank reproduces exactly the ΔW = s·B·A the server meant to send.
-    """
-
-    alpha: float = 16.0
-    rslora: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.alpha > 0:
-            raise ValueError(f"`alpha` must be > 0, got {self.alpha!r}")
-
-    def scale(self, rank: int) -> float:
-        """Return peft's scaling for an adapter of this rank."""
-        if rank < 1:
-            raise ValueError(f"`rank` must be >= 1, got {rank!r}")
-        return self.alpha / math.sqrt(rank) if self.rslora else self.alpha / rank
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,6 +57,9 @@ class ClientUpdate:
     num_examples: int
     staleness: int = 0
     metrics: Mapping[str, float] = field(default_factory=dict)
+    #: the job this update answers (the driver's message id): how duplicates are told apart from a
+    #: node's second job at an unchanged version, which starts from the very same shared Dispatch
+    job_id: str = ""
 
     @property
     def rank(self) -> int:
@@ -133,7 +119,7 @@ class Aggregator(ABC):
     name: ClassVar[str]
 
     def __init__(self, initial: Arrays, lora: LoraSpec) -> None:
-        from strategies import lora_ops
+        from corolla.strategies import lora_ops
 
         self.lora = lora
         self.layers, self.dense_keys = lora_ops.split_keys(initial)
@@ -141,9 +127,8 @@ class Aggregator(ABC):
             k: np.array(initial[k], dtype=np.float32, copy=True) for k in self.dense_keys
         }
         self.version = 0
-        #: heavy-ball server momentum β (FedAvgM / FedBuff's server optimizer); 0 disables it
-        self.server_momentum = 0.0
-        self._velocity: dict[str, Any] = {}
+        #: the server optimizer that turns each aggregated change into a step (FedAvg: plain SGD at lr 1)
+        self.optimizer: ServerOptimizer = ServerSGD()
         self._dispatches: dict[tuple[int, int], Dispatch] = {}
 
     def dispatch(self, rank: int) -> Dispatch:
@@ -183,40 +168,37 @@ class Aggregator(ABC):
         """The arrays `apply` changes in place (numpy or torch); server momentum acts on them."""
         return dict(self.dense)
 
-    def step(self, updates: Sequence[ClientUpdate], weights: Weights, server_lr: float = 1.0) -> None:
-        """`apply` followed by server momentum: m ← β m + Δ, state ← state_before + η_g m.
+    def step(self, updates: Sequence[ClientUpdate], weights: Weights) -> None:
+        """`apply` the weighted change, then let the server optimizer turn it into a step.
 
-        Δ is whatever `apply` did at η_g = 1, so momentum works on every aggregator's own
-        state — LoRA factors (FedAvg, HetLoRA) or the dense W (FedHL family) — and β = 0 is
-        exactly `apply(…, server_lr)`. The velocity costs one more copy of the state.
+        Plain SGD needs no copy: it is `apply` at the optimizer's learning rate. Any other
+        optimizer sees Δ = what `apply` did at η = 1 on the aggregator's own state — LoRA
+        factors (FedAvg, HetLoRA) or the dense W (FedHL family) — FLSim's split of
+        aggregator and server optimizer. It costs a copy of the state plus the optimizer's own.
         """
-        beta = self.server_momentum
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"server momentum must be in [0, 1), got {beta}")
-        if beta == 0.0:
-            self.apply(updates, weights, server_lr)
+        opt = self.optimizer
+        if isinstance(opt, ServerSGD):
+            self.apply(updates, weights, opt.config.lr)
             return
         state = self.state()
         before = {k: v.copy() if isinstance(v, np.ndarray) else v.clone() for k, v in state.items()}
         self.apply(updates, weights, 1.0)
         for k, v in state.items():
-            d = v - before[k]
-            m = self._velocity.get(k)
-            m = d if m is None else beta * m + d
-            self._velocity[k] = m
-            v[...] = before[k] + server_lr * m
+            live = v if isinstance(v, np.ndarray) else v.numpy()  # torch CPU tensors: a shared view
+            old = before[k] if isinstance(before[k], np.ndarray) else before[k].numpy()
+            live[...] = old + opt.update(k, live - old)
 
-    def aggregate(self, updates: Sequence[ClientUpdate], server_lr: float = 1.0) -> Weights:
-        """Validate, weight and apply a set of updates as one synchronous step (with server momentum if set)."""
+    def aggregate(self, updates: Sequence[ClientUpdate]) -> Weights:
+        """Validate, weight and apply a set of updates as one synchronous step (through the server optimizer)."""
         for u in updates:
             self.check(u)
         w = self.weights(updates)
-        self.step(updates, w, server_lr)
+        self.step(updates, w)
         return w
 
     def check(self, update: ClientUpdate) -> None:
         """Raise InvalidUpdateError unless `update` has exactly the keys and shapes it was sent."""
-        from strategies import lora_ops
+        from corolla.strategies import lora_ops
 
         lora_ops.check_same_layout(update.arrays, update.sent.arrays, node_id=update.node_id)
 
@@ -230,7 +212,7 @@ class Aggregator(ABC):
     def summary(self) -> dict[str, Any]:
         """Return the hyper-parameters, logged once at start."""
         return {"aggregation": self.name, "lora_alpha": self.lora.alpha, "rslora": self.lora.rslora,
-                "lora_layers": len(self.layers), "dense_params": len(self.dense_keys)}
+                "lora_layers": len(self.layers), "dense_params": len(self.dense_keys), **self.optimizer.summary()}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -243,14 +225,23 @@ class Candidate:
     telemetry: Mapping[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, kw_only=True)
+class Selection:
+    """What a selector decided: the picks, every candidate's score terms, and telemetry it could not use."""
+
+    picked: list[int]
+    scores: Mapping[int, Mapping[str, float]] = field(default_factory=dict)
+    problems: Mapping[int, list[str]] = field(default_factory=dict)
+
+
 class Selector(ABC):
     """Picks which idle clients get the next jobs (a sync round, or one async slot)."""
 
     name: ClassVar[str]
 
     @abstractmethod
-    def select(self, candidates: Sequence[Candidate], k: int, step: int) -> list[int]:
-        """Return up to `k` distinct node ids among `candidates` for server step `step`."""
+    def select(self, candidates: Sequence[Candidate], k: int, step: int) -> Selection:
+        """Pick up to `k` distinct node ids among `candidates` for server step `step`, with their scores."""
 
     def observe(self, updates: Sequence[ClientUpdate], step: int) -> None:  # noqa: B027
         """Record what the selected clients returned (utility, duration, direction)."""

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 import numpy as np
 
-from strategies.base import Aggregator, ClientUpdate, StalenessWeight, Weights
-from strategies.exceptions import InvalidUpdateError
+from corolla.strategies.base import Aggregator, ClientUpdate, StalenessWeight, Weights
+from corolla.strategies.exceptions import InvalidUpdateError
+from corolla.strategies.options import option
+from corolla.strategies.staleness import ConstantStaleness
 
 
 @dataclass(frozen=True)
@@ -31,22 +34,40 @@ class AsyncStep:
         return [u.staleness for u in self.updates]
 
 
+def _max_staleness() -> int:
+    return option(-1, key="max-staleness", low=-1, help="drop updates staler than this many versions (-1: never)")
+
+
 class AsyncRule:
     """Decides when buffered updates become a new version and with which weights.
 
     The driver owns the clock and passes `now` in, so these rules never sleep and
-    tests drive them with hand-picked times.
+    tests drive them with hand-picked times. The driver talks to every rule through
+    the same hooks — `register` (a node and its example count), `may_dispatch` (may a
+    freed node get a job now), `observe` (a reply's measured duration), `admit`,
+    `expire` and `step` — and never asks which rule it holds.
     """
 
-    name = "async"
+    name: ClassVar[str] = "async"
+    #: whether this rule multiplies updates by a staleness weight s(τ) (the `staleness` keys apply)
+    uses_staleness: ClassVar[bool] = True
 
-    def __init__(self, aggregator: Aggregator, staleness: StalenessWeight, *, max_staleness: int | None = None,
-                 server_lr: float = 1.0) -> None:
+    def __init__(self, aggregator: Aggregator, staleness: StalenessWeight | None = None, *,
+                 max_staleness: int = -1) -> None:
         self.aggregator = aggregator
-        self.staleness = staleness
-        self.max_staleness = max_staleness
-        self.server_lr = server_lr
+        self.staleness = staleness or ConstantStaleness()
+        self.max_staleness = None if max_staleness < 0 else max_staleness
         self.buffer: list[ClientUpdate] = []
+
+    def register(self, node_id: int, num_examples: int) -> None:  # noqa: B027 - optional hook
+        """A usable node and the example count it declared at join (FedFix's p_i)."""
+
+    def may_dispatch(self, node_id: int, now: float) -> bool:
+        """Whether a freed node may start a new job now (default: at once)."""
+        return True
+
+    def observe(self, node_id: int, duration_s: float) -> None:  # noqa: B027 - optional hook
+        """A reply arrived `duration_s` after its job was pushed (FedFix's τ_i)."""
 
     def admit(self, update: ClientUpdate) -> None:
         """Validate and buffer an update; raise InvalidUpdateError (nothing buffered) when it must be dropped."""
@@ -58,7 +79,6 @@ class AsyncRule:
             raise InvalidUpdateError(f"node {update.node_id}: duplicate reply for one job; it is dropped.")
         self.aggregator.check(update)
         self.buffer.append(update)
-
     def expire(self) -> list[tuple[ClientUpdate, str]]:
         """Remove buffered updates that grew older than max-staleness while they waited; return them with why.
 
@@ -95,7 +115,7 @@ class AsyncRule:
         # buffer behind a full one (FedBuff) is applied to a newer version than it was received at.
         updates = [replace(u, staleness=self.aggregator.version - u.sent.version) for u in self._take()]
         w = self.weights(updates, now)
-        self.aggregator.step(updates, w, self.server_lr)
+        self.aggregator.step(updates, w)
         self._after_step(now, aggregated=True)
         return AsyncStep(updates, w.lora.tolist(), w.dense.tolist(), self.aggregator.version)
 
@@ -109,8 +129,26 @@ class AsyncRule:
 
     def summary(self) -> dict:
         """Hyper-parameters, logged once at start."""
-        return {"async": self.name, "staleness": type(self.staleness).__name__, "max_staleness": self.max_staleness,
-                "server_lr": self.server_lr, "server_momentum": self.aggregator.server_momentum}
+        return {"async": self.name, "staleness": type(self.staleness).__name__, "max_staleness": self.max_staleness}
+
+
+@dataclass(frozen=True, kw_only=True)
+class FedBuffConfig:
+    """FedBuff's options."""
+
+    buffer_size: int = option(2, key="buffer-size", low=1, help="FedBuff: updates per new version (K)")
+    max_staleness: int = _max_staleness()
+
+    def __post_init__(self) -> None:
+        if self.buffer_size < 1:
+            raise ValueError(f"`buffer-size` must be >= 1, got {self.buffer_size}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FedAsyncConfig:
+    """FedAsync's options."""
+
+    max_staleness: int = _max_staleness()
 
 
 class FedBuff(AsyncRule):
@@ -121,17 +159,16 @@ class FedBuff(AsyncRule):
     aggregator's own weights over the buffer (FedAvg: n_i / Σn, i.e. the paper's
     optional example weighting; FedHL: truncation-aware) — with s ≡ 1 and K equal
     to the cohort this is exactly synchronous aggregation (tested). The paper's
-    Δ̄ / K is the uniform-p case. `server_lr` is η_g.
+    Δ̄ / K is the uniform-p case; η_g and momentum are the server optimizer's.
     """
 
     name = "fedbuff"
 
-    def __init__(self, aggregator: Aggregator, staleness: StalenessWeight, *, buffer_size: int,
-                 max_staleness: int | None = None, server_lr: float = 1.0) -> None:
-        super().__init__(aggregator, staleness, max_staleness=max_staleness, server_lr=server_lr)
-        if buffer_size < 1:
-            raise ValueError(f"`buffer-size` must be >= 1, got {buffer_size}")
-        self.buffer_size = buffer_size
+    def __init__(self, aggregator: Aggregator, config: FedBuffConfig | None = None, *,
+                 staleness: StalenessWeight | None = None, now: float = 0.0) -> None:
+        self.config = config or FedBuffConfig()
+        super().__init__(aggregator, staleness, max_staleness=self.config.max_staleness)
+        self.buffer_size = self.config.buffer_size
 
     def ready(self, now: float) -> bool:
         """True once K updates are buffered."""
@@ -158,6 +195,8 @@ class FedAsync(FedBuff):
 
     name = "fedasync"
 
-    def __init__(self, aggregator: Aggregator, staleness: StalenessWeight, *, max_staleness: int | None = None,
-                 server_lr: float = 1.0) -> None:
-        super().__init__(aggregator, staleness, buffer_size=1, max_staleness=max_staleness, server_lr=server_lr)
+    def __init__(self, aggregator: Aggregator, config: FedAsyncConfig | None = None, *,
+                 staleness: StalenessWeight | None = None, now: float = 0.0) -> None:
+        cfg = config or FedAsyncConfig()
+        super().__init__(aggregator, FedBuffConfig(buffer_size=1, max_staleness=cfg.max_staleness),
+                         staleness=staleness, now=now)

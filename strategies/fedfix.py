@@ -4,12 +4,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from strategies.base import Aggregator, ClientUpdate, StalenessWeight, Weights
-from strategies.fedbuff import AsyncRule
-from strategies.staleness import ConstantStaleness
+from corolla.strategies.base import Aggregator, ClientUpdate, StalenessWeight, Weights
+from corolla.strategies.fedbuff import AsyncRule, _max_staleness
+from corolla.strategies.options import option
+
+
+@dataclass(frozen=True, kw_only=True)
+class FedFixConfig:
+    """FedFix's options."""
+
+    interval: float = option(20.0, key="interval", low=0.001, help="FedFix: seconds between aggregations (Δt)")
+    max_staleness: int = _max_staleness()
+    duration_ema: float = option(0.5, key=None, help="weight of the newest duration in τ_i's moving average")
+
+    def __post_init__(self) -> None:
+        if not self.interval > 0:
+            raise ValueError(f"`interval` must be > 0 seconds, got {self.interval}")
+        if not 0 < self.duration_ema <= 1:
+            raise ValueError(f"`duration-ema` must be in (0, 1], got {self.duration_ema}")
 
 
 class FedFix(AsyncRule):
@@ -29,18 +45,15 @@ class FedFix(AsyncRule):
 
     name = "fedfix"
 
-    def __init__(self, aggregator: Aggregator, *, interval: float, start: float, ema: float = 0.5,
-                 staleness: StalenessWeight | None = None, max_staleness: int | None = None,
-                 server_lr: float = 1.0) -> None:
-        super().__init__(aggregator, staleness or ConstantStaleness(), max_staleness=max_staleness,
-                         server_lr=server_lr)
-        if interval <= 0:
-            raise ValueError(f"`interval` must be > 0 seconds, got {interval}")
-        if not 0 < ema <= 1:
-            raise ValueError(f"`duration-ema` must be in (0, 1], got {ema}")
-        self.interval = interval
-        self.deadline = start + interval
-        self.ema = ema
+    uses_staleness = False
+
+    def __init__(self, aggregator: Aggregator, config: FedFixConfig | None = None, *,
+                 staleness: StalenessWeight | None = None, now: float = 0.0) -> None:
+        self.config = config or FedFixConfig()
+        super().__init__(aggregator, staleness, max_staleness=self.config.max_staleness)
+        self.interval = self.config.interval
+        self.deadline = now + self.interval
+        self.ema = self.config.duration_ema
         self.durations: dict[int, float] = {}
         self.examples: dict[int, int] = {}
 
@@ -48,7 +61,7 @@ class FedFix(AsyncRule):
         """Make a client known (its example count enters every p_i)."""
         self.examples[node_id] = num_examples
 
-    def observe_duration(self, node_id: int, seconds: float) -> None:
+    def observe(self, node_id: int, seconds: float) -> None:
         """Fold one observed job duration (push → reply) into τ_i."""
         if not math.isfinite(seconds) or seconds < 0:
             return

@@ -4,17 +4,57 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
 
-from strategies import lora_ops
-from strategies.base import Aggregator, Arrays, ClientUpdate, Dispatch, LoraSpec, MergedModel, Weights, example_weights
-from strategies.exceptions import AggregationError
+from corolla.strategies import lora_ops
+from corolla.strategies.base import Aggregator, Arrays, ClientUpdate, Dispatch, LoraSpec, MergedModel, Weights, example_weights
+from corolla.strategies.exceptions import AggregationError
+from corolla.strategies.options import option
+
+if TYPE_CHECKING:
+    import torch
 
 FedHLWeighting = Literal["truncation", "uniform", "examples"]
+FEDHL_WEIGHTINGS = ("truncation", "uniform", "examples")
+SVD_METHODS = ("auto", "exact", "randomized")
 EPSILON = 1e-6
+
+
+def _max_rank() -> int:
+    return option(32, key="max-rank", low=1, help="largest rank any client may train (heterogeneous-rank methods)")
+
+
+def _svd() -> str:
+    return option("auto", key="svd", choices=SVD_METHODS,
+                  help="SVD of the global update: auto (randomized top-r when r << d), exact, randomized")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FedHLConfig:
+    """FedHL's options."""
+
+    weighting: str = option("truncation", key="fedhl-weighting", choices=FEDHL_WEIGHTINGS,
+                            help="FedHL weights: truncation (the paper's 1/(e²+ε)), uniform, examples")
+    svd: str = _svd()
+    max_rank: int = _max_rank()
+
+
+@dataclass(frozen=True, kw_only=True)
+class FlexLoRAConfig:
+    """FlexLoRA's options (its weights are example counts)."""
+
+    svd: str = _svd()
+    max_rank: int = _max_rank()
+
+
+@dataclass(frozen=True, kw_only=True)
+class MaxRankConfig:
+    """Options of the methods whose only knob is the largest client rank (HetLoRA, FLoRA)."""
+
+    max_rank: int = _max_rank()
 
 
 def truncation_weights(errors: Sequence[float], eps: float = EPSILON) -> np.ndarray:
@@ -72,6 +112,8 @@ class FedHL(Aggregator):
                     f"fedhl: the initial adapter has rank {a.shape[0]} but clients may ask for rank "
                     f"{self.max_rank}; build the initial adapter at the largest client rank."
                 )
+        import torch
+
         scale0 = lora.scale(init_rank)
         self.w = {
             layer: torch.from_numpy(
@@ -137,6 +179,8 @@ class FedHL(Aggregator):
         layer. Updates of a version whose SVD is no longer kept fall back to their
         stored starting factors.
         """
+        import torch
+
         coef = [float(p) * server_lr for p in weights.lora]
         compact = [i for i, u in enumerate(updates) if u.sent.version in self._svds_by_version]
         stored = [i for i, u in enumerate(updates) if u.sent.version not in self._svds_by_version]
@@ -162,6 +206,8 @@ class FedHL(Aggregator):
     def _add_products(w: torch.Tensor, terms: list[tuple[float, np.ndarray, np.ndarray]],
                       max_cols: int = 4096) -> None:
         """W += Σ c_i B_i A_i as few GEMMs as possible (stacked factors, at most `max_cols` wide)."""
+        import torch
+
         start = 0
         while start < len(terms):
             stop, cols = start, 0

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from strategies import lora_ops
-from strategies.base import Arrays, ClientUpdate, LoraSpec, Weights, example_weights
-from strategies.fedhl import FedHL
+from corolla.strategies import lora_ops
+from corolla.strategies.base import Arrays, ClientUpdate, LoraSpec, Weights, example_weights
+from corolla.strategies.fedhl import FedHL
 
 
 class FlexLoRA(FedHL):

@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from strategies import lora_ops
-from strategies.base import Arrays, ClientUpdate, Dispatch, LoraSpec, Weights, example_weights
-from strategies.fedhl import FedHL
+from corolla.strategies import lora_ops
+from corolla.strategies.base import Arrays, ClientUpdate, Dispatch, LoraSpec, Weights, example_weights
+from corolla.strategies.fedhl import FedHL
 
 FROZEN_SUFFIX = ".base_delta"
 

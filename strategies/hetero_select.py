@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from strategies.base import Candidate, ClientUpdate, LoraSpec, Selector
-from strategies.selection_utils import clean_telemetry, minmax, sample_without_replacement
-from strategies.sketch import cosine, sketch_update
+from corolla.strategies.base import Candidate, ClientUpdate, LoraSpec, Selection, Selector
+from corolla.strategies.selection_utils import clean_telemetry, minmax, sample_without_replacement
+from corolla.strategies.sketch import cosine, sketch_update
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,8 +66,7 @@ class HeteRoSelect(Selector):
         self.loss: dict[int, float] = {}
         self.direction: dict[int, np.ndarray] = {}
         self.server_direction: np.ndarray | None = None
-        self.last_scores: dict[int, dict[str, float]] = {}
-        self.problems: dict[int, list[str]] = {}
+        self._problems: dict[int, list[str]] = {}
 
     def temperature(self, step: int) -> float:
         """τ_t = τ_0 (1 − anneal · min(t / T, 1))."""
@@ -78,11 +77,11 @@ class HeteRoSelect(Selector):
         """Every term and the final score S_k of each candidate."""
         c = self.config
         ids = [x.node_id for x in candidates]
-        self.problems = {}
+        self._problems = {}
         for x in candidates:
             clean, problems = clean_telemetry(x.telemetry)
             if problems:
-                self.problems[x.node_id] = problems
+                self._problems[x.node_id] = problems
             if "loss-mean" in clean:
                 self.loss[x.node_id] = clean["loss-mean"]
         known = [self.loss[i] for i in ids if i in self.loss]
@@ -100,7 +99,7 @@ class HeteRoSelect(Selector):
         return {i: {"usefulness": float(v[j]), "variety": float(d[j]), "fairness": float(f[j]),
                     "staleness": float(st[j]), "score": float(s[j])} for j, i in enumerate(ids)}
 
-    def select(self, candidates: Sequence[Candidate], k: int, step: int) -> list[int]:
+    def select(self, candidates: Sequence[Candidate], k: int, step: int) -> Selection:
         """Draw k clients ∝ exp(S / τ_t) without replacement."""
         if k < 0:
             raise ValueError(f"`k` must be >= 0, got {k}")
@@ -112,8 +111,7 @@ class HeteRoSelect(Selector):
         for i in picked:
             self.count[i] = self.count.get(i, 0) + 1
             self.last[i] = step
-        self.last_scores = scores
-        return picked
+        return Selection(picked=picked, scores=scores, problems=dict(self._problems))
 
     def observe(self, updates: Sequence[ClientUpdate], step: int) -> None:
         """Remember each client's update direction and loss; the mean direction is the server update's."""

@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from strategies import lora_ops
-from strategies.base import Aggregator, Arrays, ClientUpdate, Dispatch, LoraSpec, MergedModel, Weights, example_weights
-from strategies.exceptions import AggregationError, RankMismatchError
+from corolla.strategies import lora_ops
+from corolla.strategies.base import Aggregator, Arrays, ClientUpdate, Dispatch, LoraSpec, MergedModel, Weights, example_weights
+from corolla.strategies.exceptions import AggregationError, RankMismatchError
 
 
 def norm_weights(norms: Sequence[float]) -> np.ndarray:

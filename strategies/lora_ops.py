@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from numpy.typing import NDArray
 
-from strategies.exceptions import InvalidUpdateError, RankMismatchError
+from corolla.strategies.exceptions import InvalidUpdateError, RankMismatchError
+
+if TYPE_CHECKING:  # torch is imported where FedHL/FlexLoRA need it, so `corolla.strategies` loads without it
+    import torch
 
 A_SUFFIX = ".lora_A.weight"
 B_SUFFIX = ".lora_B.weight"
@@ -154,6 +157,8 @@ def top_svd(w: torch.Tensor, k: int, method: str = "auto", seed: int = 0) -> Top
     k is small against the matrix. The tail energy is always exact because it is
     taken from the Frobenius norm, not from the truncated spectrum.
     """
+    import torch
+
     k = min(k, *w.shape)
     frob2 = float((w.double() ** 2).sum())
     if method == "auto":

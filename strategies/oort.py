@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from strategies.base import Candidate, ClientUpdate, Selector
-from strategies.selection_utils import clean_telemetry, sample_without_replacement
+from corolla.strategies.base import Candidate, ClientUpdate, Selection, Selector
+from corolla.strategies.selection_utils import clean_telemetry, sample_without_replacement
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,8 +73,7 @@ class Oort(Selector):
         self.epsilon = self.config.exploration
         self.round_threshold = self.config.round_threshold
         self.pacer = _Pacer()
-        self.last_scores: dict[int, dict[str, float]] = {}
-        self.problems: dict[int, list[str]] = {}
+        self._problems: dict[int, list[str]] = {}
 
     def preferred_duration(self) -> float:
         """T_pref: the `round_threshold` percentile of known durations (inf when ≥ 100 or none known)."""
@@ -88,18 +87,17 @@ class Oort(Selector):
             return (t_pref / max(arm.duration, 1e-4)) ** self.config.round_penalty
         return 1.0
 
-    def select(self, candidates: Sequence[Candidate], k: int, step: int) -> list[int]:
+    def select(self, candidates: Sequence[Candidate], k: int, step: int) -> Selection:
         """Pick up to k clients: exploration share to unexplored ones, the rest by score."""
         if k < 0:
             raise ValueError(f"`k` must be >= 0, got {k}")
         t = max(step, 1)
-        self.problems = {}
         for c in candidates:
             arm = self.arms.setdefault(c.node_id, Arm(size=c.num_examples))
             arm.size = c.num_examples or arm.size
             clean, problems = clean_telemetry(c.telemetry)
             if problems:
-                self.problems[c.node_id] = problems
+                self._problems.setdefault(c.node_id, []).extend(problems)
         self._pace(t)
         t_pref = self.preferred_duration()
         ids = [c.node_id for c in candidates]
@@ -123,8 +121,8 @@ class Oort(Selector):
         picked = self._exploit(scores, exploit_n) + self._explore(unexplored, explore_n, t_pref)
         for i in unexplored:
             scores.setdefault(i, {"score": float(self.arms[i].size), "unexplored": 1.0})
-        self.last_scores = scores
-        return picked
+        problems, self._problems = self._problems, {}  # this selection's and the last observe's
+        return Selection(picked=picked, scores=scores, problems=problems)
 
     def _exploit(self, scores: dict[int, dict[str, float]], n: int) -> list[int]:
         if n <= 0:
@@ -161,7 +159,7 @@ class Oort(Selector):
             arm = self.arms.setdefault(u.node_id, Arm(size=u.num_examples))
             clean, problems = clean_telemetry(u.metrics)
             if problems:
-                self.problems[u.node_id] = problems
+                self._problems[u.node_id] = problems
             samples = float(u.metrics.get("samples", 0) or 0)
             if "loss-sq-mean" in clean and samples > 0:
                 arm.utility = samples * math.sqrt(clean["loss-sq-mean"])

@@ -17,8 +17,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from strategies import lora_ops
-from strategies.base import ClientUpdate, LoraSpec
+from corolla.strategies import lora_ops
+from corolla.strategies.base import ClientUpdate, LoraSpec
 
 
 @lru_cache(maxsize=4096)

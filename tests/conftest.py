@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from server import launch
+from corolla import launch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
-COROLLA = [sys.executable, "-m", "server.cli"]
+COROLLA = [sys.executable, "-m", "corolla.cli"]
 
 
 @contextlib.contextmanager
@@ -52,6 +52,6 @@ def read_line(proc: subprocess.Popen, prefix: str, timeout: float) -> str:
 @pytest.fixture
 def tiny_silos(tmp_path: Path) -> list[Path]:
     """Three BBC silo files of different label mixes."""
-    from client.data import write_silos
+    from corolla.client.data import write_silos
 
     return write_silos(tmp_path / "silos", 3, alpha=0.5, seed=0, fmt="csv")

@@ -5,11 +5,11 @@ import sys
 
 import pytest
 
-from server import launch
+from corolla import launch
 
 
 def corolla(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, timeout=120,
+    return subprocess.run([sys.executable, "-m", "corolla.cli", *args], capture_output=True, text=True, timeout=120,
                           env=launch.flower_env(launch.PROJECT_DIR / ".flwr-test"))
 
 

@@ -7,9 +7,10 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from client import app as shim
-from proto import wire
-from server import launch
+from corolla import launch
+from corolla.client import app as shim
+from corolla.proto import wire
+from corolla.spec import LoraSpec
 
 
 @pytest.fixture(autouse=True)
@@ -27,7 +28,7 @@ def context(node_config):
 def train_message():
     cfg = ConfigRecord({wire.MODEL_VERSION: 0, wire.LORA_RANK: 4, wire.LOCAL_STEPS: 1, wire.BATCH_SIZE: 2,
                         wire.LR: 0.01, wire.PROX_MU: 0.0, wire.SEED: 0, wire.PUSHED_AT: 0.0,
-                        wire.SOFTWARE: wire.SOFTWARE_VERSION})
+                        wire.SOFTWARE: wire.SOFTWARE_VERSION, **LoraSpec().to_record()})
     arrays = ArrayRecord(array_dict={"x": Array.from_numpy_ndarray(np.zeros(2, np.float32))})
     return Message(RecordDict({wire.ARRAYS: arrays, wire.CONFIG: cfg}), dst_node_id=2, message_type=MessageType.TRAIN)
 
@@ -60,7 +61,7 @@ def test_shim_imports_no_torch():
 def test_supernode_idle_sleep_is_shortened_and_other_sleeps_kept():
     import time
 
-    from client.supernode import _patched_time
+    from corolla.client.supernode import _patched_time
 
     shim = _patched_time(0.05)
     t0 = time.monotonic()

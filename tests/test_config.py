@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from server.config import ConfigError, RunConfig, parse_overrides
+from corolla.config import ConfigError, RunConfig, parse_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,8 +31,14 @@ def test_from_mapping_coerces_strings():
         ({"lr": 0}, "`lr` = 0.0 must be > 0"),
         ({"labels": "cat,dog"}, "`labels` names your own classes, which have no built-in test split; set `test-data`"),
         ({"labels": "cat", "test-data": "t.csv"}, "holds one class; a classifier needs at least two"),
-        ({"server-momentum": 1}, r"`server-momentum` = 1.0 must be below 1 \(0 turns momentum off\)"),
-        ({"dataset": "imagenet"}, r"`dataset` = .imagenet. is not valid; choose one of \[.bbc., .wordnet., .fashion-mnist.\]"),
+        ({"server-optimizer": "fedavgm", "server-momentum": 1}, r"`server-momentum` must be in \[0, 1\), got 1.0"),
+        ({"server-optimizer": "adam"}, r"`server-optimizer` = 'adam' is not valid; choose one of \['sgd', 'fedavgm', "
+                                       r"'fedadam', 'fedyogi'\]"),
+        ({"dataset": "imagenet"}, r"`dataset` = .imagenet. is not a corpus of task text-classification; choose one of "
+                                  r"\[.bbc., .wordnet.\]"),
+        ({"task": "image-classification"}, r"`model` = 'minilm' is not a model of task image-classification; choose "
+                                           r"one of \['cnn'\]"),
+        ({"lora-dtype": "int8"}, r"`lora-dtype` = 'int8' is not valid; choose one of \['auto', 'float32', 'bfloat16'\]"),
         ({"rslora": "maybe"}, "`rslora` = 'maybe' is not a valid bool"),
         ({"lora-rank": 64}, "exceeds `max-rank`"),
     ],
@@ -55,7 +61,8 @@ def test_parse_overrides():
 
 
 def test_rank_mix_assignment():
-    from server.ranks import auto_rank, simulated_rank
+    from corolla.client.trainer import auto_rank
+    from corolla.fleet import simulated_rank
 
     cfg = RunConfig.from_mapping({"ranks": "2,4,8", "max-rank": 8})
     assert [simulated_rank(cfg, p) for p in range(6)] == [2, 4, 8, 2, 4, 8]
@@ -72,8 +79,84 @@ def test_rank_mix_assignment():
 
 
 def test_resolve_aggregation():
-    from server.federation import resolve_aggregation
+    from corolla.server.factory import resolve_aggregation
 
     assert resolve_aggregation(RunConfig(), [4, 4]) == ("fedavg", 4)
     assert resolve_aggregation(RunConfig(), [2, 8]) == ("fedhl", 32)
     assert resolve_aggregation(RunConfig.from_mapping({"aggregation": "flora", "max-rank": 16}), [2]) == ("flora", 16)
+
+
+@pytest.mark.parametrize(
+    "values,match",
+    [
+        # keys the chosen mode never reads
+        ({"clients-per-round": 3, "mode": "async"}, r"`clients-per-round` = 3 would be ignored: it applies only with "
+                                                    r"mode=sync \(this run has mode=async\)"),
+        ({"concurrency": 8}, r"`concurrency` = 8 would be ignored: it applies only with mode=async"),
+        ({"buffer-size": 4}, r"`buffer-size` = 4 would be ignored: .*async-rule=fedbuff"),
+        # FedFix has no staleness weight
+        ({"mode": "async", "async-rule": "fedfix", "staleness-exponent": 1.0},
+         r"`staleness-exponent` = 1.0 would be ignored: async-rule=fedfix does not weight updates by staleness"),
+        ({"mode": "async", "async-rule": "fedfix", "staleness": "hinge"}, "`staleness` = 'hinge' would be ignored"),
+        ({"mode": "async", "async-rule": "fedfix", "buffer-size": 3}, "`buffer-size` = 3 would be ignored"),
+        # component keys of components not chosen
+        ({"server-momentum": 0.5}, r"it configures server-optimizer=fedavgm, and this run chooses none of them"),
+        ({"aggregation": "fedavg", "fedhl-weighting": "examples"}, "configures aggregation=fedhl"),
+        ({"aggregation": "fedavg", "max-rank": 16}, "`max-rank` = 16 would be ignored"),
+        ({"mode": "async", "async-rule": "fedasync", "interval": 5.0}, "configures async-rule=fedfix"),
+    ],
+)
+def test_keys_the_configuration_never_reads_are_refused(values, match):
+    with pytest.raises(ConfigError, match=match):
+        RunConfig.from_mapping(values)
+
+
+@pytest.mark.parametrize("values", [
+    {"mode": "async", "async-rule": "fedfix", "interval": 5.0, "max-staleness": 3},
+    {"mode": "async", "async-rule": "fedasync", "staleness": "hinge"},
+    {"aggregation": "auto", "fedhl-weighting": "examples", "max-rank": 16},  # auto may resolve to fedhl
+    {"server-optimizer": "fedyogi", "server-lr": 0.05, "server-beta1": 0.8, "server-tau": 0.01},
+    {"mode": "async", "concurrency": 8, "buffer-size": 4, "eval-interval": 5.0},
+])
+def test_keys_the_configuration_reads_are_accepted(values):
+    RunConfig.from_mapping(values)
+
+
+def test_choices_help_and_defaults_come_from_the_registries():
+    from corolla.strategies import AGGREGATORS, ASYNC_RULES, SELECTORS, SERVER_OPTIMIZERS, STALENESS
+    from corolla.strategies.fedbuff import FedBuffConfig
+    from corolla.strategies.fedhl import FedHLConfig
+
+    meta = {f.name: f.metadata for f in dataclasses.fields(RunConfig)}
+    assert meta["aggregation"]["choices"] == ("auto", *AGGREGATORS.names())
+    assert meta["selector"]["choices"] == SELECTORS.names()
+    assert meta["async_rule"]["choices"] == ASYNC_RULES.names()
+    assert meta["staleness"]["choices"] == STALENESS.names()
+    assert meta["server_optimizer"]["choices"] == SERVER_OPTIMIZERS.names()
+    fedhl = {f.name: f for f in dataclasses.fields(FedHLConfig)}
+    assert meta["fedhl_weighting"]["help"] == fedhl["weighting"].metadata["help"]
+    assert RunConfig().fedhl_weighting == fedhl["weighting"].default
+    assert RunConfig().buffer_size == FedBuffConfig().buffer_size
+    cfg = RunConfig.from_mapping({"mode": "async", "buffer-size": 5, "max-staleness": 2})
+    assert cfg.component_config("async-rule") == FedBuffConfig(buffer_size=5, max_staleness=2)
+
+
+def test_simulation_only_keys_are_refused_for_real_nodes():
+    RunConfig().check_deployment()
+    cfg = RunConfig.from_mapping({"lora-rank": 4, "dirichlet-alpha": 0.1, "num-rounds": 3})
+    assert cfg.simulation_only_keys() == ["lora-rank", "dirichlet-alpha"]
+    with pytest.raises(ConfigError, match=r"\['lora-rank', 'dirichlet-alpha'\] describe a simulated fleet .* "
+                                          r"`corolla client --rank`"):
+        cfg.check_deployment()
+
+
+def test_lora_spec_is_owned_by_the_configuration():
+    from corolla.spec import LoraSpec
+
+    cfg = RunConfig.from_mapping({"lora-alpha": 8, "rslora": "true", "lora-target-modules": "query, key,value"})
+    spec = cfg.lora_spec()
+    assert spec == LoraSpec(alpha=8.0, rslora=True, target_modules=("query", "key", "value"), dtype="auto")
+    assert spec.scale(4) == pytest.approx(8 / 2)
+    assert LoraSpec.from_record(spec.to_record()) == spec
+    with pytest.raises(ValueError, match="carries no LoRA specification field 'lora-dtype'"):
+        LoraSpec.from_record({"lora-alpha": 1.0, "lora-rslora": False, "lora-target-modules": ""})

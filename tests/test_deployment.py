@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from client.data import BBC_LABELS
-from server import launch
-from server.records import read_jsonl
+from corolla import launch
+from corolla.client.data import BBC_LABELS
+from corolla.server.records import read_jsonl
 from tests.conftest import COROLLA, processes, read_line
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench.harness import read_run, run_inprocess
-from server.records import read_jsonl
+from corolla.server.records import read_jsonl
 
 
 @pytest.mark.parametrize("selector", ["heteroselect", "oort"])

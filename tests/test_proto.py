@@ -3,7 +3,7 @@ import filecmp
 import numpy as np
 import pytest
 
-from proto import generate, trainer_pb2, wire
+from corolla.proto import generate, trainer_pb2, wire
 
 
 def test_generated_code_is_fresh(tmp_path):

@@ -3,7 +3,7 @@ import json
 import pandas as pd
 import pytest
 
-from client.data import (
+from corolla.client.data import (
     BBC_LABELS,
     WORDNET_LABELS,
     SiloError,
@@ -108,8 +108,8 @@ def test_wordnet_corpus_split_has_all_26_categories():
 
 
 def test_text_silo_uses_the_configured_corpus_labels(tmp_path):
-    from client.tasks.base import TaskSpec
-    from client.tasks.text import TextClassification
+    from corolla.client.tasks.base import TaskSpec
+    from corolla.client.tasks.text import TextClassification
 
     f = tmp_path / "s.csv"
     pd.DataFrame({"text": ["a young dog", "a long while"], "label": ["animal", "time"]}).to_csv(f, index=False)
@@ -120,8 +120,8 @@ def test_text_silo_uses_the_configured_corpus_labels(tmp_path):
 
 
 def test_own_label_set_has_no_builtin_data_and_its_own_fingerprint():
-    from client.tasks.base import TaskSpec
-    from client.tasks.text import TextClassification
+    from corolla.client.tasks.base import TaskSpec
+    from corolla.client.tasks.text import TextClassification
 
     own = TextClassification(TaskSpec(model="tiny-bert", labels=("benign", "malignant")))
     assert own.label_names == ("benign", "malignant")

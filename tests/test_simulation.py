@@ -7,7 +7,7 @@ import subprocess
 
 import numpy as np
 
-from server.records import read_jsonl
+from corolla.server.records import read_jsonl
 from tests.conftest import COROLLA, processes
 
 
@@ -17,7 +17,7 @@ def test_simulation_trains_and_writes_the_run_directory(tmp_path):
            "--set", "clients-per-round=3", "--set", "local-steps=3", "--set", "lr=0.01", "--set", "min-nodes=4",
            "--set", "max-length=32"]
     with processes() as procs:
-        from server import launch
+        from corolla import launch
 
         p = launch.start(cmd, launch.flower_env(tmp_path / "home"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         procs.append(p)
@@ -54,7 +54,7 @@ def test_async_simulation_with_slow_clients(tmp_path):
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
     with processes() as procs:
-        from server import launch
+        from corolla import launch
 
         p = launch.start(cmd, launch.flower_env(tmp_path / "home"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         procs.append(p)

@@ -6,12 +6,13 @@ import grpc
 import numpy as np
 import pytest
 
-from client import training
-from client.service import serve
-from client.tasks import TaskSpec, build_task
-from client.trainer import Trainer, TrainerError
-from client.training import AdapterModel, initial_adapter, select_device
-from proto import trainer_pb2, trainer_pb2_grpc, wire
+from corolla.client import training
+from corolla.client.service import lora_to_proto, serve
+from corolla.client.tasks import TaskSpec, build_task
+from corolla.client.trainer import Trainer, TrainerError
+from corolla.client.training import AdapterModel, initial_adapter, select_device
+from corolla.proto import trainer_pb2, trainer_pb2_grpc, wire
+from corolla.spec import LoraSpec
 
 SPEC = TaskSpec(model="tiny-bert", max_length=32)
 
@@ -33,10 +34,14 @@ def stub(task):
     server.stop(None)
 
 
-def request(arrays, rank=4, version="") -> trainer_pb2.TrainRequest:
+LORA = LoraSpec()
+
+
+def request(arrays, rank=4, version="", lora=LORA) -> trainer_pb2.TrainRequest:
     return trainer_pb2.TrainRequest(base_version=3, rank=rank, local_steps=2, batch_size=4, lr=1e-2, seed=1,
                                     pushed_at=1.0, software_version=version or wire.SOFTWARE_VERSION,
-                                    arrays=wire.encode_tensors(arrays))
+                                    arrays=wire.encode_tensors(arrays),
+                                    lora=lora_to_proto(lora) if lora is not None else None)
 
 
 def test_describe(stub, task):
@@ -48,7 +53,7 @@ def test_describe(stub, task):
 
 
 def test_train_returns_changed_adapter_with_metadata(stub, task):
-    init = initial_adapter(task, 4, seed=0)
+    init = initial_adapter(task, 4, LORA, seed=0)
     reply = stub.Train(request(init))
     out = wire.decode_tensors(reply.arrays)
     assert set(out) == set(init)
@@ -62,12 +67,12 @@ def test_train_returns_changed_adapter_with_metadata(stub, task):
 
 
 def test_wrong_rank_and_version_are_failed_precondition(stub, task):
-    init8 = initial_adapter(task, 8, seed=0)
+    init8 = initial_adapter(task, 8, LORA, seed=0)
     with pytest.raises(grpc.RpcError) as e:
         stub.Train(request(init8, rank=8))
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "rank-8 adapter to a rank-4" in e.value.details()
     with pytest.raises(grpc.RpcError) as e:
-        stub.Train(request(initial_adapter(task, 4, seed=0), version="0.0.9"))
+        stub.Train(request(initial_adapter(task, 4, LORA, seed=0), version="0.0.9"))
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "install the same corolla version" in e.value.details()
 
 
@@ -80,7 +85,7 @@ def test_malformed_tensor_is_invalid_argument(stub):
 
 
 def test_unknown_adapter_keys_fail_cleanly(stub, task):
-    arrays = dict(initial_adapter(task, 4, seed=0))
+    arrays = dict(initial_adapter(task, 4, LORA, seed=0))
     arrays["base_model.model.bogus.weight"] = np.zeros(3, np.float32)
     with pytest.raises(grpc.RpcError) as e:
         stub.Train(request(arrays))
@@ -100,9 +105,36 @@ def test_trainer_refuses_empty_silo_and_bad_rank(task):
 def test_returned_arrays_do_not_alias_the_live_model(task):
     model = AdapterModel(task, select_device("cpu"))
     data = task.encode(task.builtin_partition(0, 8, 0.5))
-    init = initial_adapter(task, 4, seed=0)
-    out, _ = model.train(init, 4, data, steps=2, batch_size=4, lr=1e-2, seed=0)
+    init = initial_adapter(task, 4, LORA, seed=0)
+    out, _ = model.train(init, 4, data, lora=LORA, steps=2, batch_size=4, lr=1e-2, seed=0)
     snapshot = {k: v.copy() for k, v in out.items()}
-    model.train(init, 4, data, steps=2, batch_size=4, lr=1e-2, seed=1)  # the next job reuses the same parameters
+    model.train(init, 4, data, lora=LORA, steps=2, batch_size=4, lr=1e-2, seed=1)  # the next job reuses the same parameters
     assert all(np.array_equal(out[k], snapshot[k]) for k in out)
     assert any(not np.array_equal(out[k], init[k]) for k in out)
+
+
+@pytest.mark.parametrize("lora,code,match", [
+    (None, grpc.StatusCode.INVALID_ARGUMENT, "carries no LoRA specification"),
+    (LoraSpec(dtype="bfloat16"), grpc.StatusCode.FAILED_PRECONDITION, "lora-dtype=bfloat16, which needs a CUDA device"),
+    (LoraSpec(target_modules=("q_proj", "v_proj")), grpc.StatusCode.FAILED_PRECONDITION, "q_proj"),
+])
+def test_a_specification_the_trainer_cannot_honour_is_refused_with_the_reason(stub, task, lora, code, match):
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Train(request(initial_adapter(task, 4, LORA, seed=0), lora=lora))
+    assert e.value.code() == code and match in e.value.details()
+
+
+def test_the_trainer_builds_the_adapter_the_server_specifies(task):
+    """alpha, rsLoRA and targets come from the job: peft's scaling is exactly the server's s(r)."""
+    model = AdapterModel(task, select_device("cpu"))
+    data = task.encode(task.builtin_partition(0, 8, 0.5))
+    for spec in (LoraSpec(alpha=16.0), LoraSpec(alpha=5.0, rslora=True),
+                 LoraSpec(alpha=8.0, target_modules=("query", "key", "value"))):
+        init = initial_adapter(task, 4, spec, seed=0)
+        out, _ = model.train(init, 4, data, lora=spec, steps=1, batch_size=4, lr=1e-2, seed=0)
+        assert set(out) == set(init)
+        name = AdapterModel.adapter_name(4, spec)
+        layers = [m for m in model.model.modules() if isinstance(getattr(m, "scaling", None), dict) and name in m.scaling]
+        assert layers and all(m.scaling[name] == pytest.approx(spec.scale(4)) for m in layers)
+        targets = {k.split(".")[-3] for k in out if "lora_A" in k}
+        assert targets == set(spec.target_modules or ("query", "value"))

@@ -1,6 +1,7 @@
 """Tasks: the seam between the generic trainer/server and a concrete model + data kind."""
 
-from client.tasks.base import Encoded, Task, TaskSpec, parse_labels
-from client.tasks.registry import TASKS, build_task
+from corolla.client.tasks.base import Encoded, Task
+from corolla.client.tasks.registry import build_task
+from corolla.spec import TaskSpec, parse_labels
 
-__all__ = ["TASKS", "Encoded", "Task", "TaskSpec", "build_task", "parse_labels"]
+__all__ = ["Encoded", "Task", "TaskSpec", "build_task", "parse_labels"]

@@ -17,25 +17,7 @@ import torch
 from peft import LoraConfig
 from torch import nn
 
-
-@dataclass(frozen=True, kw_only=True)
-class TaskSpec:
-    """The run-configuration values a task needs (parsed once, passed down)."""
-
-    task: str = "text-classification"
-    model: str = "minilm"
-    dataset: str = "bbc"
-    #: the class names of the user's own data; empty: the built-in corpus's classes
-    labels: tuple[str, ...] = ()
-    max_length: int = 64
-    lora_alpha: float = 16.0
-    rslora: bool = False
-    seed: int = 0
-
-
-def parse_labels(text: str) -> tuple[str, ...]:
-    """'a, b,c' → ('a', 'b', 'c'): the comma-separated class names of `labels` / `--labels` (empty: none)."""
-    return tuple(x.strip() for x in text.split(",") if x.strip())
+from corolla.spec import LoraSpec, TaskSpec
 
 
 @dataclass(frozen=True)
@@ -73,8 +55,8 @@ class Task(ABC):
         """Load the frozen pretrained model (called once per process)."""
 
     @abstractmethod
-    def lora_config(self, rank: int) -> LoraConfig:
-        """Return the peft config of an adapter at `rank` (targets, alpha, trained head)."""
+    def lora_config(self, rank: int, lora: LoraSpec) -> LoraConfig:
+        """Return the peft config of an adapter at `rank` under the server's LoRA specification."""
 
     def logits(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Run the model; transformers models return an output object with `.logits`."""

@@ -17,8 +17,9 @@ import torch
 from peft import LoraConfig
 from torch import nn
 
-from client import data
-from client.tasks.base import Encoded, Task
+from corolla.client import data
+from corolla.client.tasks.base import Encoded, Task
+from corolla.spec import LoraSpec
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_LABELS = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
@@ -91,7 +92,7 @@ class ImageClassification(Task):
             torch.manual_seed(4321)
             return SmallCNN(len(FASHION_LABELS))
 
-    def lora_config(self, rank: int) -> LoraConfig:
+    def lora_config(self, rank: int, lora: LoraSpec) -> LoraConfig:
         """The image task trains the full model; there is no adapter."""
         raise NotImplementedError("image-classification trains the full model (rank 0); it has no LoRA adapter")
 

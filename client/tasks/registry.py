@@ -1,17 +1,23 @@
-"""Task name → class."""
+"""Task name → class, resolved from the one catalogue of tasks in `corolla.spec.TASKS`."""
 
 from __future__ import annotations
 
-from client.tasks.base import Task, TaskSpec
-from client.tasks.image import ImageClassification
-from client.tasks.text import TextClassification
+import importlib
 
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (TextClassification, ImageClassification)}
+from corolla.client.tasks.base import Task
+from corolla.spec import TASKS, TaskSpec
+
+
+def task_class(name: str) -> type[Task]:
+    """Import the class of task `name`."""
+    try:
+        info = TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; valid: {sorted(TASKS)}") from None
+    module, attr = info.target.split(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def build_task(spec: TaskSpec) -> Task:
     """Return the task named by `spec.task`."""
-    try:
-        return TASKS[spec.task](spec)
-    except KeyError:
-        raise ValueError(f"unknown task {spec.task!r}; valid: {sorted(TASKS)}") from None
+    return task_class(spec.task)(spec)

@@ -10,8 +10,9 @@ from peft import LoraConfig
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
 
-from client import data
-from client.tasks.base import Encoded, Task
+from corolla.client import data
+from corolla.client.tasks.base import Encoded, Task
+from corolla.spec import LoraSpec
 
 MODELS = ("minilm", "tiny-bert")
 
@@ -68,11 +69,13 @@ class TextClassification(Task):
         model.requires_grad_(False)
         return model.eval()
 
-    def lora_config(self, rank: int) -> LoraConfig:
-        """LoRA on query/value, classifier head trained in full (modules_to_save)."""
+    def lora_config(self, rank: int, lora: LoraSpec) -> LoraConfig:
+        """LoRA on the spec's targets (default: attention query/value), classifier head trained in full."""
+        targets = list(lora.target_modules) or ["query", "value"]
         return LoraConfig(
-            r=rank, lora_alpha=self.spec.lora_alpha, use_rslora=self.spec.rslora, lora_dropout=0.0,
-            target_modules=["query", "value"], modules_to_save=list(self.trained_modules),
+            r=rank, lora_alpha=lora.alpha, use_rslora=lora.rslora, lora_dropout=0.0,
+            target_modules=targets[0] if targets == ["all-linear"] else targets,
+            modules_to_save=list(self.trained_modules),
         )
 
     def encode(self, ds: datasets.Dataset) -> Encoded:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from strategies import ClientUpdate, Dispatch
+from corolla.strategies import ClientUpdate, Dispatch
 
 LAYERS = ("m.l0.q", "m.l1.q")
 D_OUT, D_IN = 5, 4

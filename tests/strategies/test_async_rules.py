@@ -5,11 +5,17 @@ import copy
 import numpy as np
 import pytest
 
-from strategies import FedAvg, FedHL, InvalidUpdateError, LoraSpec
-from strategies.base import ClientUpdate
-from strategies.fedbuff import FedAsync, FedBuff
-from strategies.fedfix import FedFix
-from strategies.staleness import ConstantStaleness, HingeStaleness, PolynomialStaleness
+from corolla.strategies import FedAvg, FedHL, InvalidUpdateError, LoraSpec
+from corolla.strategies.base import ClientUpdate
+from corolla.strategies.fedbuff import FedAsync, FedBuff, FedBuffConfig
+from corolla.strategies.fedfix import FedFix, FedFixConfig
+from corolla.strategies.server_opt import ServerSGD, ServerSGDConfig
+from corolla.strategies.staleness import (
+    ConstantStaleness,
+    HingeStaleness,
+    PolynomialStaleness,
+    PolynomialStalenessConfig,
+)
 from tests.strategies.helpers import LAYERS, adapter, perturbed
 
 
@@ -19,7 +25,7 @@ def upd(node, d, arrays, n=10, staleness=0):
 
 @pytest.mark.parametrize("tau,expected", [(0, 1.0), (3, 0.5), (8, 1 / 3)])
 def test_polynomial_staleness(tau, expected):
-    assert PolynomialStaleness(0.5).weight(tau) == pytest.approx(expected)
+    assert PolynomialStaleness(PolynomialStalenessConfig(exponent=0.5)).weight(tau) == pytest.approx(expected)
 
 
 def test_hinge_and_constant_staleness():
@@ -32,7 +38,7 @@ def test_hinge_and_constant_staleness():
 
 def test_fedbuff_waits_for_k_then_applies_staleness_weights():
     agg = FedAvg(adapter(2, 0), LoraSpec(alpha=4))
-    rule = FedBuff(agg, PolynomialStaleness(0.5), buffer_size=2)
+    rule = FedBuff(agg, FedBuffConfig(buffer_size=2), staleness=PolynomialStaleness(PolynomialStalenessConfig(exponent=0.5)))
     old = agg.dispatch(2)
     for _ in range(3):  # three versions pass while `old` trains; an unchanged reply leaves the state as it was
         agg.aggregate([upd(9, agg.dispatch(2), agg.dispatch(2).arrays)])
@@ -59,7 +65,7 @@ def test_fedbuff_with_constant_weight_and_full_buffer_equals_sync(base):
     ds = [sync.dispatch(r) for r in ranks]
     outs = [perturbed(d, i) for i, d in enumerate(ds)]
     sync.aggregate([upd(i, d, o, n=10 * (i + 1)) for i, (d, o) in enumerate(zip(ds, outs))])
-    rule = FedBuff(asyn, ConstantStaleness(), buffer_size=3)
+    rule = FedBuff(asyn, FedBuffConfig(buffer_size=3), staleness=ConstantStaleness())
     ds2 = [asyn.dispatch(r) for r in ranks]
     for i, (d, o) in enumerate(zip(ds2, outs)):
         rule.admit(upd(i, d, o, n=10 * (i + 1)))
@@ -70,7 +76,7 @@ def test_fedbuff_with_constant_weight_and_full_buffer_equals_sync(base):
 
 def test_async_drops_stale_duplicate_and_malformed_updates_without_touching_state():
     agg = FedAvg(adapter(2, 0), LoraSpec())
-    rule = FedBuff(agg, PolynomialStaleness(), buffer_size=1, max_staleness=2)
+    rule = FedBuff(agg, FedBuffConfig(buffer_size=1, max_staleness=2), staleness=PolynomialStaleness())
     d = agg.dispatch(2)
     before = copy.deepcopy(agg.merged().deltas)
     with pytest.raises(InvalidUpdateError, match="3 versions stale, above max-staleness 2"):
@@ -91,7 +97,8 @@ def test_async_drops_stale_duplicate_and_malformed_updates_without_touching_stat
 
 def test_fedasync_applies_every_update():
     agg = FedAvg(adapter(2, 0), LoraSpec())
-    rule = FedAsync(agg, PolynomialStaleness(), server_lr=0.5)
+    agg.optimizer = ServerSGD(ServerSGDConfig(lr=0.5))
+    rule = FedAsync(agg, staleness=PolynomialStaleness())
     for i in range(3):
         d = agg.dispatch(2)
         rule.admit(upd(i, d, perturbed(d, i), staleness=i))
@@ -100,12 +107,12 @@ def test_fedasync_applies_every_update():
 
 def test_fedfix_unbiased_weights_and_interval_clock():
     agg = FedAvg(adapter(2, 0), LoraSpec())
-    rule = FedFix(agg, interval=10.0, start=0.0)
+    rule = FedFix(agg, FedFixConfig(interval=10.0), now=0.0)
     for node, n in ((1, 10), (2, 30), (3, 60)):
         rule.register(node, n)
-    rule.observe_duration(1, 5.0)
-    rule.observe_duration(2, 25.0)
-    rule.observe_duration(2, 25.0)
+    rule.observe(1, 5.0)
+    rule.observe(2, 25.0)
+    rule.observe(2, 25.0)
     d = agg.dispatch(2)
     rule.admit(upd(1, d, perturbed(d, 1), n=10))
     assert rule.step(now=9.9) is None and agg.version == 0
@@ -119,22 +126,22 @@ def test_fedfix_unbiased_weights_and_interval_clock():
 
 
 def test_fedfix_duration_ema_and_bad_values():
-    rule = FedFix(FedAvg(adapter(2, 0), LoraSpec()), interval=10.0, start=0.0, ema=0.5)
-    rule.observe_duration(1, 10.0)
-    rule.observe_duration(1, 30.0)
+    rule = FedFix(FedAvg(adapter(2, 0), LoraSpec()), FedFixConfig(interval=10.0, duration_ema=0.5), now=0.0)
+    rule.observe(1, 10.0)
+    rule.observe(1, 30.0)
     assert rule.durations[1] == 20.0
-    rule.observe_duration(1, float("nan"))
-    rule.observe_duration(1, -3.0)
+    rule.observe(1, float("nan"))
+    rule.observe(1, -3.0)
     assert rule.durations[1] == 20.0
     with pytest.raises(ValueError, match="interval"):
-        FedFix(FedAvg(adapter(2, 0), LoraSpec()), interval=0, start=0)
+        FedFix(FedAvg(adapter(2, 0), LoraSpec()), FedFixConfig(interval=0), now=0)
     with pytest.raises(ValueError, match="buffer-size"):
-        FedBuff(FedAvg(adapter(2, 0), LoraSpec()), ConstantStaleness(), buffer_size=0)
+        FedBuff(FedAvg(adapter(2, 0), LoraSpec()), FedBuffConfig(buffer_size=0), staleness=ConstantStaleness())
 
 
 def test_fedbuff_takes_exactly_k_in_arrival_order():
     agg = FedAvg(adapter(2, 0), LoraSpec())
-    rule = FedBuff(agg, ConstantStaleness(), buffer_size=2)
+    rule = FedBuff(agg, FedBuffConfig(buffer_size=2), staleness=ConstantStaleness())
     d = agg.dispatch(2)
     for i in range(3):
         rule.admit(upd(i, d, perturbed(d, i)))
@@ -145,7 +152,7 @@ def test_fedbuff_takes_exactly_k_in_arrival_order():
 def test_fedbuff_leftover_update_is_weighted_by_its_staleness_when_applied():
     """Three replies land together with K = 2: the third is applied to version 1, so τ = 1, not 0."""
     agg = FedAvg(adapter(2, 0), LoraSpec())
-    rule = FedBuff(agg, PolynomialStaleness(0.5), buffer_size=2)
+    rule = FedBuff(agg, FedBuffConfig(buffer_size=2), staleness=PolynomialStaleness(PolynomialStalenessConfig(exponent=0.5)))
     d = agg.dispatch(2)
     for i in range(4):
         rule.admit(upd(i, d, perturbed(d, i)))
@@ -157,7 +164,7 @@ def test_fedbuff_leftover_update_is_weighted_by_its_staleness_when_applied():
 
 def test_buffered_update_that_outgrows_max_staleness_is_expired_untouched():
     agg = FedAvg(adapter(2, 0), LoraSpec())
-    rule = FedBuff(agg, ConstantStaleness(), buffer_size=2, max_staleness=0)
+    rule = FedBuff(agg, FedBuffConfig(buffer_size=2, max_staleness=0), staleness=ConstantStaleness())
     d = agg.dispatch(2)
     for i in range(3):
         rule.admit(upd(i, d, perturbed(d, i)))

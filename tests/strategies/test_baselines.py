@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from strategies import AGGREGATORS, FlexLoRA, FLoRA, HetLoRA, LoraSpec, RankMismatchError, lora_ops
-from strategies.hetlora import norm_weights
+from corolla.strategies import AGGREGATORS, FlexLoRA, FLoRA, HetLoRA, LoraSpec, RankMismatchError, lora_ops
+from corolla.strategies.hetlora import norm_weights
 from tests.strategies.helpers import LAYERS, adapter, perturbed, update
 
 

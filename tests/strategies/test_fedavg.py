@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from strategies import AggregationError, FedAvg, InvalidUpdateError, LoraSpec, RankMismatchError
+from corolla.strategies import AggregationError, FedAvg, InvalidUpdateError, LoraSpec, RankMismatchError
+from corolla.strategies.server_opt import ServerSGD, ServerSGDConfig
 from tests.strategies.helpers import LAYERS, adapter, perturbed, update
 
 
@@ -19,9 +20,10 @@ def test_fedavg_equals_example_weighted_average():
 
 def test_fedavg_server_lr_moves_part_of_the_way():
     agg = FedAvg(adapter(2, 0), LoraSpec(alpha=4))
+    agg.optimizer = ServerSGD(ServerSGDConfig(lr=0.5))
     d = agg.dispatch(2)
     a1 = perturbed(d, 1)
-    agg.aggregate([update(1, d, a1)], server_lr=0.5)
+    agg.aggregate([update(1, d, a1)])
     k = f"{LAYERS[0]}.lora_A.weight"
     np.testing.assert_allclose(agg.dispatch(2).arrays[k], d.arrays[k] + 0.5 * (a1[k] - d.arrays[k]), rtol=1e-6)
 

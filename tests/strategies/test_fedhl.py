@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from strategies import FedHL, InvalidUpdateError, LoraSpec, lora_ops
-from strategies.fedhl import truncation_weights
+from corolla.strategies import FedHL, InvalidUpdateError, LoraSpec, lora_ops
+from corolla.strategies.fedhl import truncation_weights
 from tests.strategies.helpers import D_IN, D_OUT, LAYERS, adapter, perturbed, update
 
 

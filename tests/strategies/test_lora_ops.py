@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from strategies import InvalidUpdateError, LoraSpec, RankMismatchError, lora_ops
+from corolla.strategies import InvalidUpdateError, LoraSpec, RankMismatchError, lora_ops
 from tests.strategies.helpers import adapter
 
 

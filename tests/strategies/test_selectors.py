@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from strategies import Candidate, ClientUpdate, Dispatch, HeteRoSelect, HeteRoSelectConfig, LoraSpec, Oort
-from strategies.selection_utils import clean_telemetry, minmax
-from strategies.sketch import cosine, sketch_update
+from corolla.strategies import Candidate, ClientUpdate, Dispatch, HeteRoSelect, HeteRoSelectConfig, LoraSpec, Oort
+from corolla.strategies.selection_utils import clean_telemetry, minmax
+from corolla.strategies.sketch import cosine, sketch_update
 from tests.strategies.helpers import adapter, perturbed
 
 
@@ -82,7 +82,7 @@ def test_sketch_cosine_tracks_true_cosine():
 def test_heteroselect_samples_softmax_of_scores():
     counts = np.zeros(3)
     for seed in range(3000):
-        counts[HeteRoSelect(seed=seed).select(cands([1.0, 2.0, 3.0]), 1, step=0)[0]] += 1
+        counts[HeteRoSelect(seed=seed).select(cands([1.0, 2.0, 3.0]), 1, step=0).picked[0]] += 1
     p = np.exp([0.0, 0.5, 1.0])
     np.testing.assert_allclose(counts / 3000, p / p.sum(), atol=0.03)
 
@@ -91,10 +91,10 @@ def test_heteroselect_without_or_with_bad_telemetry_stays_schedulable():
     h = HeteRoSelect(seed=1)
     bad = [Candidate(node_id=0, telemetry={"loss-mean": math.nan, "duration-s": -5.0}),
            Candidate(node_id=1, telemetry={}), Candidate(node_id=2, telemetry={"loss-mean": 2.0})]
-    picked = h.select(bad, 3, step=1)
-    assert sorted(picked) == [0, 1, 2]
-    assert 0 in h.problems and len(h.problems[0]) == 2
-    assert h.last_scores[0]["usefulness"] == h.last_scores[1]["usefulness"]  # both neutral
+    sel = h.select(bad, 3, step=1)
+    assert sorted(sel.picked) == [0, 1, 2]
+    assert 0 in sel.problems and len(sel.problems[0]) == 2
+    assert sel.scores[0]["usefulness"] == sel.scores[1]["usefulness"]  # both neutral
 
 
 def oort_update(node, loss_sq, samples, duration):
@@ -115,20 +115,20 @@ def test_oort_utility_duration_percentile_and_penalty():
 def test_oort_scores_hand_computed():
     o = Oort()
     o.observe([oort_update(0, 1.0, 100, 1.0), oort_update(1, 9.0, 100, 1.0)], step=1)  # U = 100, 300
-    o.select(cands(sizes=[10, 10]), 1, step=3)
+    scores = o.select(cands(sizes=[10, 10]), 1, step=3).scores
     lo, rng = 100 * 0.999, 300 - 100 * 0.999
     bonus = math.sqrt(0.1 * math.log(3) / 1)
-    assert o.last_scores[0]["score"] == pytest.approx((100 - lo) / rng + bonus)
-    assert o.last_scores[1]["score"] == pytest.approx((300 - lo) / rng + bonus)
+    assert scores[0]["score"] == pytest.approx((100 - lo) / rng + bonus)
+    assert scores[1]["score"] == pytest.approx((300 - lo) / rng + bonus)
 
 
 def test_oort_explores_largest_first_then_exploits():
     o = Oort(seed=0)
-    first = o.select(cands(sizes=[1, 1, 1, 1, 1, 1, 1, 1, 1000, 900]), 2, step=1)
+    first = o.select(cands(sizes=[1, 1, 1, 1, 1, 1, 1, 1, 1000, 900]), 2, step=1).picked
     assert sorted(first) == [8, 9]  # window = 5 x 2 largest, sampled by size: the two giants dominate
     assert o.epsilon == pytest.approx(0.9 * 0.98)
     o.observe([oort_update(8, 1.0, 10, 1.0), oort_update(9, 1.0, 10, 1.0)], step=1)
-    picked = o.select(cands(sizes=[1] * 8 + [1000, 900]), 4, step=2)
+    picked = o.select(cands(sizes=[1] * 8 + [1000, 900]), 4, step=2).picked
     assert len(set(picked)) == 4 and len(set(picked) & {8, 9}) <= 1  # int(4 x 0.86) = 3 explore slots
 
 
@@ -136,5 +136,6 @@ def test_oort_bad_telemetry_keeps_last_good_values():
     o = Oort()
     o.observe([oort_update(0, 4.0, 100, 2.0)], step=1)
     o.observe([oort_update(0, math.nan, 100, -1.0)], step=2)
-    assert o.arms[0].utility == 200.0 and o.arms[0].duration == 2.0 and len(o.problems[0]) == 2
-    assert o.select([Candidate(node_id=0, telemetry={"loss-sq-mean": math.inf})], 1, step=3) == [0]
+    assert o.arms[0].utility == 200.0 and o.arms[0].duration == 2.0
+    sel = o.select([Candidate(node_id=0, telemetry={"loss-sq-mean": math.inf})], 1, step=3)
+    assert sel.picked == [0] and len(sel.problems[0]) == 3  # two from the bad reply, one from the bad candidate

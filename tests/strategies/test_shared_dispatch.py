@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from strategies import FedAvg, FedHL, LoraSpec
-from strategies.flora import FLoRA
-from strategies.hetlora import HetLoRA
+from corolla.strategies import FedAvg, FedHL, LoraSpec
+from corolla.strategies.flora import FLoRA
+from corolla.strategies.hetlora import HetLoRA
 from tests.strategies.helpers import adapter, perturbed, update
 
 MAKERS = {

@@ -18,8 +18,8 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.app import app as client_app
-from proto import wire
+from corolla.client.app import app as client_app
+from corolla.proto import wire
 
 
 class InProcessGrid(Grid):

@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-from server.config import ConfigError, RunConfig, parse_overrides
+from corolla.config import ConfigError, RunConfig, parse_overrides
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
@@ -25,7 +25,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_sim(args: argparse.Namespace) -> int:
     """Run a Ray-simulated federation."""
-    from server.simulate import run_simulation
+    from corolla.server.simulate import run_simulation
 
     cfg = _config(args)
     summary = run_simulation(cfg, num_supernodes=args.nodes, cpus_per_client=args.cpus_per_client,
@@ -37,7 +37,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
 def cmd_server(args: argparse.Namespace) -> int:
     """Run a federation over real SuperNodes."""
-    from server.deployment import run_server
+    from corolla.server.deployment import run_server
 
     cfg = _config(args)
     tls = {"ca": args.ssl_ca, "cert": args.ssl_cert, "key": args.ssl_key} if args.ssl_ca else None
@@ -48,21 +48,21 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 def cmd_client(args: argparse.Namespace) -> int:
     """Run a silo: trainer + SuperNode."""
-    from server.deployment import run_client
+    from corolla.client.node import run_client
 
     return run_client(args)
 
 
 def cmd_trainer(args: argparse.Namespace) -> int:
     """Run only the trainer process."""
-    from client.serve import run_trainer
+    from corolla.client.serve import run_trainer
 
     return run_trainer(args, args.host, args.port)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     """(Re)write report.md and curves.png of a run directory."""
-    from server.report import write_report
+    from corolla.server.report import write_report
 
     print(write_report(args.run_dir))
     return 0
@@ -72,7 +72,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Print what a run is doing; with --watch, again every N seconds until the run finishes."""
     import time
 
-    from server.status import run_status
+    from corolla.server.status import run_status
 
     while True:
         print(run_status(args.run_dir), flush=True)
@@ -83,19 +83,26 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    """List every run-configuration key with its default and meaning."""
+    """List every run-configuration key with its default and meaning, then each component choice."""
     import dataclasses
+
+    from corolla.strategies.registry import REGISTRIES
 
     for f in dataclasses.fields(RunConfig):
         meta = f.metadata
         choices = f" {{{', '.join(meta['choices'])}}}" if meta.get("choices") else ""
-        print(f"{f.name.replace('_', '-'):18} = {f.default!r:14} {meta.get('help', '')}{choices}")
+        where = f" [{', '.join(meta['owners'])}]" if meta.get("owners") else (f" [{meta['when']}]" if meta.get("when")
+                                                                             else "")
+        scope = " [simulation only]" if meta.get("scope") else ""
+        print(f"{f.name.replace('_', '-'):20} = {f.default!r:14} {meta.get('help', '')}{choices}{where}{scope}")
+    for kind, reg in REGISTRIES.items():
+        print(f"\n{kind}:\n{reg.summary()}")
     return 0
 
 
 def cmd_make_silos(args: argparse.Namespace) -> int:
     """Write the built-in corpus's Dirichlet partitions as silo files."""
-    from client.data import write_silos
+    from corolla.client.data import write_silos
 
     for p in write_silos(args.out, args.num, args.alpha, args.seed, args.format):
         print(p)
@@ -104,7 +111,7 @@ def cmd_make_silos(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the `corolla` argument parser."""
-    from client.serve import add_trainer_args
+    from corolla.client.serve import add_trainer_args
 
     p = argparse.ArgumentParser(prog="corolla", description="Federated LoRA fine-tuning on Flower.")
     sub = p.add_subparsers(dest="command", required=True)

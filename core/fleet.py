@@ -1,12 +1,10 @@
-"""Per-node properties of a simulated fleet (LoRA rank, speed) and automatic ranks from the device."""
+"""Per-node properties of a simulated fleet: LoRA rank and speed (torch-free; the server and Ray actors agree)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from server.config import RunConfig
-
-GIB = 1024**3
+from corolla.config import RunConfig
 
 
 def simulated_rank(cfg: RunConfig, partition_id: int) -> int:
@@ -25,21 +23,6 @@ def simulated_rank(cfg: RunConfig, partition_id: int) -> int:
     if cfg.rank_assignment == "tier":
         return ranks[partition_id % len(ranks)]
     return int(np.random.default_rng([cfg.seed, partition_id]).choice(ranks))
-
-
-def auto_rank(device: str, memory_bytes: int) -> int:
-    """Pick a rank a device can afford: larger GPUs train larger adapters; CPUs train small ones.
-
-    The tiers are a heuristic for the adapters this project trains (well below
-    1 % of the model's weights), chosen so each tier roughly doubles the rank.
-    """
-    if not device.startswith("cuda"):
-        return 4
-    gib = memory_bytes / GIB
-    for threshold, rank in ((70, 64), (40, 32), (20, 16), (10, 8)):
-        if gib >= threshold:
-            return rank
-    return 4
 
 
 def simulated_slowdown(cfg: RunConfig, partition_id: int) -> float:
