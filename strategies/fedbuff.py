@@ -70,15 +70,24 @@ class AsyncRule:
         """A reply arrived `duration_s` after its job was pushed (FedFix's τ_i)."""
 
     def admit(self, update: ClientUpdate) -> None:
-        """Validate and buffer an update; raise InvalidUpdateError (nothing buffered) when it must be dropped."""
+        """Validate and buffer an update; raise InvalidUpdateError (nothing buffered) when it must be dropped.
+
+        A duplicate is a second reply to one *job* (`ClientUpdate.job_id`, the driver's message id),
+        never a second update starting from one Dispatch: every job of one (version, rank) shares a
+        Dispatch, so a fast node re-dispatched before the version changes returns distinct updates
+        from the very same object (algorithms.md §5). Updates without a job id cannot be told apart
+        and are all admitted; the driver always sets it.
+        """
         if self.max_staleness is not None and update.staleness > self.max_staleness:
             raise InvalidUpdateError(
                 f"node {update.node_id}: update is {update.staleness} versions stale, above max-staleness "
                 f"{self.max_staleness}; it is dropped.")
-        if any(u.node_id == update.node_id and u.sent is update.sent for u in self.buffer):
-            raise InvalidUpdateError(f"node {update.node_id}: duplicate reply for one job; it is dropped.")
+        if update.job_id and any(u.job_id == update.job_id for u in self.buffer):
+            raise InvalidUpdateError(
+                f"node {update.node_id}: duplicate reply to job {update.job_id}; it is dropped.")
         self.aggregator.check(update)
         self.buffer.append(update)
+
     def expire(self) -> list[tuple[ClientUpdate, str]]:
         """Remove buffered updates that grew older than max-staleness while they waited; return them with why.
 

@@ -19,8 +19,8 @@ from corolla.strategies.staleness import (
 from tests.strategies.helpers import LAYERS, adapter, perturbed
 
 
-def upd(node, d, arrays, n=10, staleness=0):
-    return ClientUpdate(node_id=node, arrays=arrays, sent=d, num_examples=n, staleness=staleness)
+def upd(node, d, arrays, n=10, staleness=0, job=""):
+    return ClientUpdate(node_id=node, arrays=arrays, sent=d, num_examples=n, staleness=staleness, job_id=job)
 
 
 @pytest.mark.parametrize("tau,expected", [(0, 1.0), (3, 0.5), (8, 1 / 3)])
@@ -86,10 +86,10 @@ def test_async_drops_stale_duplicate_and_malformed_updates_without_touching_stat
     with pytest.raises(InvalidUpdateError, match="wrong shape"):
         rule.admit(upd(2, d, bad))
     rule.buffer_size = 5
-    good = upd(3, d, perturbed(d, 3))
+    good = upd(3, d, perturbed(d, 3), job="m3")
     rule.admit(good)
-    with pytest.raises(InvalidUpdateError, match="duplicate"):
-        rule.admit(upd(3, d, perturbed(d, 4)))
+    with pytest.raises(InvalidUpdateError, match="duplicate reply to job m3"):
+        rule.admit(upd(3, d, perturbed(d, 4), job="m3"))
     assert len(rule.buffer) == 1 and agg.version == 0
     for k, v in before.items():
         np.testing.assert_array_equal(agg.merged().deltas[k], v)
@@ -176,3 +176,24 @@ def test_buffered_update_that_outgrows_max_staleness_is_expired_untouched():
     assert rule.step(now=1.0) is None and agg.version == 1
     for k, v in before.items():
         np.testing.assert_array_equal(agg.merged().deltas[k], v)
+
+
+def test_fedbuff_second_job_of_one_node_at_one_version_is_a_distinct_update():
+    """Defect 1: a fast node re-dispatched before the version changes starts from the same shared Dispatch.
+
+    Its second reply answers a different job (message id) and must be buffered, not dropped as a
+    duplicate; with one node and K = 2 the old check (`u.sent is update.sent`) stalled FedBuff for ever.
+    """
+    agg = FedAvg(adapter(2, 0), LoraSpec())
+    rule = FedBuff(agg, FedBuffConfig(buffer_size=2), staleness=ConstantStaleness())
+    for job in range(6):  # one node, re-dispatched at once after each reply, as the driver does
+        d = agg.dispatch(2)
+        rule.admit(upd(7, d, perturbed(d, job), job=f"m{job}"))
+        rule.step(now=float(job))
+    assert agg.version == 3 and rule.buffer == []
+    d = agg.dispatch(2)
+    assert agg.dispatch(2) is d  # the premise: both jobs of one version share one Dispatch
+    rule.admit(upd(7, d, perturbed(d, 10), job="m10"))
+    with pytest.raises(InvalidUpdateError, match="node 7: duplicate reply to job m10"):
+        rule.admit(upd(7, d, perturbed(d, 11), job="m10"))  # the same job twice is a duplicate
+    assert len(rule.buffer) == 1
