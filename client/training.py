@@ -59,6 +59,19 @@ def check_lora_spec(lora: LoraSpec, device: torch.device) -> None:
                          f"{device}. Use lora-dtype=auto or float32, or start the trainer on a GPU.")
 
 
+@contextlib.contextmanager
+def explained_targets(lora: LoraSpec) -> Iterator[None]:
+    """Turn peft's error for target modules a model lacks into one line naming the key and the fix."""
+    try:
+        yield
+    except ValueError as e:
+        if not lora.target_modules:
+            raise
+        raise ValueError(f"lora-target-modules {list(lora.target_modules)} cannot be applied to this model "
+                         f"({str(e)[:120]}); set lora-target-modules to module names the model has, or leave "
+                         "it empty for the task's default") from None
+
+
 @dataclass(frozen=True)
 class TrainStats:
     """What one local training job measured (the selectors' telemetry)."""
@@ -146,17 +159,11 @@ class AdapterModel:
             self.base.requires_grad_(True)
             return self.base
         name = self.adapter_name(rank, lora)
-        try:
+        with explained_targets(lora):
             if self.model is None:
                 self.model = get_peft_model(self.base, self.task.lora_config(rank, lora), adapter_name=name)
             elif name not in self.model.peft_config:
                 self.model.add_adapter(name, self.task.lora_config(rank, lora))
-        except ValueError as e:
-            if lora.target_modules:
-                raise ValueError(f"lora-target-modules {list(lora.target_modules)} cannot be applied to this model "
-                                 f"({str(e)[:120]}); set lora-target-modules to module names the model has, or leave "
-                                 "it empty for the task's default") from None
-            raise
         self.model.set_adapter(name)
         return self.model
 
@@ -252,6 +259,7 @@ def initial_adapter(task: Task, rank: int, lora: LoraSpec, seed: int) -> dict[st
         return {k: v.detach().float().cpu().numpy().copy() for k, v in load_base(task).state_dict().items()}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = get_peft_model(load_base(task), task.lora_config(rank, lora), adapter_name="init")
+        with explained_targets(lora):
+            model = get_peft_model(load_base(task), task.lora_config(rank, lora), adapter_name="init")
     sd = get_peft_model_state_dict(model, adapter_name="init")
     return {k: v.detach().float().cpu().numpy() for k, v in sd.items()}

@@ -111,7 +111,7 @@ def cmd_make_silos(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the `corolla` argument parser."""
-    from corolla.client.serve import add_trainer_args
+    from corolla.client.args import add_trainer_args
 
     p = argparse.ArgumentParser(prog="corolla", description="Federated LoRA fine-tuning on Flower.")
     sub = p.add_subparsers(dest="command", required=True)

@@ -15,7 +15,7 @@ import numpy as np
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from corolla.config import RunConfig
+from corolla.config import ConfigError, RunConfig
 from corolla.server import codec
 from corolla.server.clock import Clock, SystemClock
 from corolla.server.codec import JobConfig, RejectedReply
@@ -66,7 +66,10 @@ class Federation:
         """Wait for `min-nodes`, build the aggregator for their ranks, evaluate version 0."""
         usable = self.nodes.refresh(wait_for=self.cfg.min_nodes)
         name, init_rank = resolve_aggregation(self.cfg, [self.nodes[n].rank for n in usable])
-        initial = self.evaluator.initial_adapter(init_rank, self.cfg.lora_spec(), self.cfg.seed)
+        try:
+            initial = self.evaluator.initial_adapter(init_rank, self.cfg.lora_spec(), self.cfg.seed)
+        except ValueError as e:  # the server builds the first adapter itself: a spec it cannot apply stops here
+            raise ConfigError(str(e)) from None
         self._aggregator = build_aggregator(self.cfg, name, initial)
         for nid in usable:  # a node whose rank the chosen aggregation cannot serve is refused now
             reason = self._rank_refusal(self.nodes[nid].rank)

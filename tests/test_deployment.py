@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from corolla import launch
 from corolla.client.data import BBC_LABELS
@@ -30,9 +31,11 @@ def start_server(procs: list, tmp_path: Path, out: Path, fleet: str, sets: dict,
     return server
 
 
-def start_client(procs: list, tmp_path: Path, i: int, fleet: str, silo: Path, rank: int, *extra: str) -> subprocess.Popen:
+def start_client(procs: list, tmp_path: Path, i: int, fleet: str, silo: Path | None, rank: int,
+                 *extra: str) -> subprocess.Popen:
     """`corolla client` (trainer + SuperNode) number `i` on the tiny BERT, logging to client{i}.log."""
-    cmd = [*COROLLA, "client", "--superlink", fleet, "--data", str(silo), "--rank", str(rank), "--model", "tiny-bert",
+    data = ["--data", str(silo)] if silo else []
+    cmd = [*COROLLA, "client", "--superlink", fleet, *data, "--rank", str(rank), "--model", "tiny-bert",
            "--max-length", "32", "--threads", "1", "--flwr-home", str(tmp_path / f"node{i}"), *extra]
     proc = launch.start(cmd, launch.flower_env(tmp_path / f"node{i}"), log_path=tmp_path / f"client{i}.log")
     procs.append(proc)
@@ -43,7 +46,7 @@ def test_superlink_supernodes_and_trainers_over_grpc(tmp_path, tiny_silos):
     out = tmp_path / "run"
     fleet = f"127.0.0.1:{launch.free_port()}"
     ranks = (2, 4, 8)
-    sets = {"model": "tiny-bert", "aggregation": "fedhl", "max-rank": 8, "lora-rank": 2, "num-rounds": 2,
+    sets = {"model": "tiny-bert", "aggregation": "fedhl", "max-rank": 8, "num-rounds": 2,
             "clients-per-round": 3, "min-nodes": 3, "local-steps": 2, "max-length": 32, "round-timeout": 240}
     with processes() as procs:
         server = start_server(procs, tmp_path, out, fleet, sets)
@@ -119,3 +122,36 @@ def test_tls_federation(tmp_path, tiny_silos):
         stdout, _ = server.communicate(timeout=300)
         assert server.returncode == 0, stdout.decode()[-3000:]
     assert json.loads((out / "summary.json").read_text())["versions"] == 1
+
+
+def test_deployment_and_simulation_train_the_same_model_under_the_servers_lora_spec(tmp_path):
+    """The server owns alpha and rsLoRA: 3 real trainers over gRPC and a Ray simulation of the same 3 silos, same seed,
+    give the same global model (float tolerance), with rslora=true and a non-default alpha that no trainer is told."""
+    import numpy as np
+
+    common = {"model": "tiny-bert", "aggregation": "fedavg", "rslora": "true", "lora-alpha": 5.0, "num-rounds": 2,
+              "clients-per-round": 3, "min-nodes": 3, "local-steps": 2, "max-length": 32, "lr": 0.02, "seed": 7}
+    sim_out, dep_out = tmp_path / "sim", tmp_path / "dep"
+    sim = [*COROLLA, "sim", "--out", str(sim_out), "--nodes", "3", "--set", "lora-rank=4", "--set", "dirichlet-alpha=0.5"]
+    for k, v in common.items():
+        sim += ["--set", f"{k}={v}"]
+    fleet = f"127.0.0.1:{launch.free_port()}"
+    with processes() as procs:
+        p = launch.start(sim, launch.flower_env(tmp_path / "sim-home"), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT)
+        procs.append(p)
+        stdout, _ = p.communicate(timeout=400)
+        assert p.returncode == 0, stdout.decode()[-3000:]
+        server = start_server(procs, tmp_path, dep_out, fleet, {**common, "round-timeout": 240})
+        for i in range(3):
+            start_client(procs, tmp_path, i, fleet, None, 4, "--partition-id", str(i), "--num-partitions", "3",
+                         "--dirichlet-alpha", "0.5", "--seed", "7")
+        stdout, _ = server.communicate(timeout=420)
+        assert server.returncode == 0, stdout.decode()[-3000:]
+    sim_g, dep_g = np.load(sim_out / "global.npz"), np.load(dep_out / "global.npz")
+    assert sorted(sim_g.files) == sorted(dep_g.files) and any(k.startswith("delta/") for k in sim_g.files)
+    for k in sim_g.files:
+        assert np.linalg.norm(sim_g[k]) > 0
+        np.testing.assert_allclose(dep_g[k], sim_g[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    sim_acc = [m["accuracy"] for m in read_jsonl(sim_out / "metrics.jsonl")]
+    assert [m["accuracy"] for m in read_jsonl(dep_out / "metrics.jsonl")] == pytest.approx(sim_acc, abs=1e-6)

@@ -33,3 +33,24 @@ def test_async_fedfix_in_process(tmp_path):
     assert summary["versions"] == 3 and summary["mode"] == "async"
     accepted = [u for u in read_jsonl(tmp_path / "updates.jsonl") if u["status"] == "accepted"]
     assert accepted and all(u["weight"] > 0 for u in accepted)
+
+
+def test_a_lora_spec_the_trainers_cannot_honour_is_recorded_with_the_reason(tmp_path):
+    """The server owns the LoRA spec; CPU trainers asked for bf16 refuse each job, and the run records why."""
+    cfg = {"model": "tiny-bert", "max-length": 32, "num-rounds": 1, "clients-per-round": 2, "local-steps": 1,
+           "lora-dtype": "bfloat16", "lora-rank": 4}
+    run_inprocess(cfg, nodes=2, out_dir=tmp_path)
+    updates = read_jsonl(tmp_path / "updates.jsonl")
+    assert len(updates) == 2 and all(u["status"] == "failed" for u in updates)
+    assert all("lora-dtype=bfloat16, which needs a CUDA device" in u["reason"] for u in updates)
+    summary, _ = read_run(tmp_path)
+    assert summary["versions"] == 0 and summary["failed_replies"] == 2
+
+
+def test_a_lora_spec_the_model_cannot_take_stops_the_server_with_the_fix(tmp_path):
+    from corolla.config import ConfigError
+
+    cfg = {"model": "tiny-bert", "max-length": 32, "num-rounds": 1, "lora-target-modules": "q_proj,v_proj"}
+    with pytest.raises(ConfigError, match=r"lora-target-modules \['q_proj', 'v_proj'\] cannot be applied to this "
+                                          r"model .* set lora-target-modules to module names the model has"):
+        run_inprocess(cfg, nodes=2, out_dir=tmp_path)

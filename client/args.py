@@ -1,0 +1,28 @@
+"""The trainer's command-line options, shared by `corolla client` and `corolla trainer`.
+
+A module of its own so that building the `corolla` parser imports no model library.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_trainer_args(p: argparse.ArgumentParser) -> None:
+    """Add the trainer's options to a parser (shared by `corolla client` and `corolla trainer`)."""
+    p.add_argument("--data", help="silo file (CSV, JSONL or Parquet); omit to use a built-in partition")
+    p.add_argument("--text-column", default="text", help="name of the text column in --data (default: text)")
+    p.add_argument("--label-column", default="label", help="name of the label column in --data (default: label)")
+    p.add_argument("--partition-id", type=int, default=0, help="built-in partition when --data is omitted")
+    p.add_argument("--num-partitions", type=int, default=1, help="number of built-in partitions")
+    p.add_argument("--dirichlet-alpha", type=float, default=0.5, help="label skew of built-in partitions")
+    p.add_argument("--rank", default="8", help="this node's LoRA rank, or `auto` to pick one from the device (default: 8)")
+    p.add_argument("--task", default="text-classification")
+    p.add_argument("--model", default="minilm", help="minilm (default) or tiny-bert (tests)")
+    p.add_argument("--dataset", default="bbc", help="the run's corpus, whose class names the silo uses (bbc, wordnet)")
+    p.add_argument("--labels", default="", help="comma-separated class names of your own data (as the run's `labels`)")
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--slowdown", type=float, default=1.0, help="emulate hardware this many times slower (tests, demos)")
