@@ -17,7 +17,9 @@ import grpc
 
 from corolla.client.args import add_trainer_args
 from corolla.client.data import SiloError
+from corolla.client.service import serve
 from corolla.client.trainer import Trainer, TrainerError, auto_rank, memory_bytes
+from corolla.logs import setup_logging
 from corolla.spec import TaskSpec, parse_labels
 
 log = logging.getLogger("corolla.trainer")
@@ -56,9 +58,6 @@ def parse_rank(value: str, device: str) -> int:
 
 def start_trainer(args: argparse.Namespace, address: str, prog: str) -> tuple[grpc.Server, int] | None:
     """Load the model and silo, serve the trainer on `address`; None (reason on stderr) when it cannot start."""
-    from corolla.client.service import serve
-    from corolla.logs import setup_logging
-
     setup_logging()
     try:
         trainer = build_trainer(args)

@@ -16,6 +16,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from corolla.config import ConfigError, RunConfig
+from corolla.proto import wire
 from corolla.server import codec
 from corolla.server.clock import Clock, SystemClock
 from corolla.server.codec import JobConfig, RejectedReply
@@ -94,8 +95,6 @@ class Federation:
         return None
 
     def _refusal(self, info: NodeInfo) -> str | None:
-        from corolla.proto import wire
-
         if info.software_version != wire.SOFTWARE_VERSION:
             return (f"runs corolla {info.software_version}, the server runs {wire.SOFTWARE_VERSION}; "
                     "install the same version on every node")
@@ -160,8 +159,6 @@ class Federation:
     def record_update(self, update: ClientUpdate | None, node_id: int, status: str, reason: str = "",
                       weight: float | None = None, applied_version: int | None = None) -> None:
         """Append one reply's outcome to updates.jsonl (`applied_version`: the version it produced)."""
-        from corolla.proto import wire
-
         row: dict = {"node": node_id, "status": status, "reason": reason, "applied_version": applied_version}
         if update is not None:
             m = update.metrics

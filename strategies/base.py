@@ -17,6 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from corolla.spec import LoraSpec
+from corolla.strategies import lora_ops
 from corolla.strategies.exceptions import AggregationError
 from corolla.strategies.options import option
 from corolla.strategies.server_opt import ServerOptimizer, ServerSGD
@@ -119,8 +120,6 @@ class Aggregator(ABC):
     name: ClassVar[str]
 
     def __init__(self, initial: Arrays, lora: LoraSpec) -> None:
-        from corolla.strategies import lora_ops
-
         self.lora = lora
         self.layers, self.dense_keys = lora_ops.split_keys(initial)
         self.dense: dict[str, NDArray[np.float32]] = {
@@ -198,8 +197,6 @@ class Aggregator(ABC):
 
     def check(self, update: ClientUpdate) -> None:
         """Raise InvalidUpdateError unless `update` has exactly the keys and shapes it was sent."""
-        from corolla.strategies import lora_ops
-
         lora_ops.check_same_layout(update.arrays, update.sent.arrays, node_id=update.node_id)
 
     def _apply_dense(self, updates: Sequence[ClientUpdate], w: NDArray[np.float64], lr: float) -> None:
