@@ -141,6 +141,7 @@ class RunConfig:
                 raise ConfigError(f"`{key}` = {value!r} is too small; it must be >= {meta['low']}.")
         if self.lr <= 0:
             raise ConfigError(f"`lr` = {self.lr!r} must be > 0.")
+        self._refuse_async_aggregation()
         if self.labels and not self.test_data:
             raise ConfigError("`labels` names your own classes, which have no built-in test split; set `test-data` to "
                               "a CSV/JSONL/Parquet file the server evaluates on.")
@@ -165,6 +166,17 @@ class RunConfig:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self._refuse_unread_keys()
+
+    def _refuse_async_aggregation(self) -> None:
+        """Refuse an aggregator that declares it cannot run under asynchronous weights (`supports_async`)."""
+        aggregators = REGISTRIES["aggregation"]
+        if self.mode != "async" or self.aggregation == "auto" or aggregators[self.aggregation].cls.supports_async:
+            return
+        ok = ["auto", *(n for n in aggregators.names() if aggregators[n].cls.supports_async)]
+        raise ConfigError(
+            f"`aggregation` = {self.aggregation!r} cannot run with mode=async: it replaces the global model with "
+            "Σ w_i x_i, and asynchronous weights (staleness, FedFix's d_i) do not sum to 1, so even unchanged "
+            f"replies would shrink it; choose one of {ok}, or mode=sync.")
 
     def _refuse_unread_keys(self) -> None:
         """A key set away from its default that nothing in this configuration reads is an error, not a no-op."""

@@ -118,6 +118,10 @@ class Aggregator(ABC):
     """
 
     name: ClassVar[str]
+    #: whether asynchronous rules may drive this aggregator. Async weights do not sum to 1 (staleness
+    #: s(τ), FedFix's d_i), which is only safe for an `apply` that adds Σ w_i (returned_i − sent_i):
+    #: unchanged replies then change nothing. One that replaces the model by Σ w_i x_i shrinks it.
+    supports_async: ClassVar[bool] = True
 
     def __init__(self, initial: Arrays, lora: LoraSpec) -> None:
         self.lora = lora

@@ -17,9 +17,13 @@ class FlexLoRA(FedHL):
     each client's change against its own truncated start, which is what removes
     the truncation bias); a client of rank r receives the rank-r SVD split of ΔW,
     exactly as FedHL distributes. `server_lr` interpolates: W ← W + lr (ΔW − W).
+    Not for asynchronous rules (`supports_async` False): replacing W by Σ w_i s_i B_i A_i
+    under weights that do not sum to 1 (staleness, FedFix) shrinks it even when nobody
+    changed it (FedHL's delta form, which FlexLoRA inherits from, would not).
     """
 
     name = "flexlora"
+    supports_async = False
 
     def __init__(self, initial: Arrays, lora: LoraSpec, *, svd: str = "auto", max_rank: int | None = None) -> None:
         super().__init__(initial, lora, weighting="examples", svd=svd, max_rank=max_rank)

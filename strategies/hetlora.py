@@ -28,10 +28,13 @@ class HetLoRA(Aggregator):
     client's factors to r_max and replaces the global factors with Σ w_i Ā_i,
     Σ w_i B̄_i, w_i ∝ ‖s_i B_i A_i‖_F (summed over layers). Decisions: the norm is
     taken of the scaled ΔW; `server_lr` interpolates, global ← global + lr (avg − global).
-    Self-pruning of the trailing rank block is not implemented.
+    Self-pruning of the trailing rank block is not implemented. Not for asynchronous
+    rules (`supports_async` False): replacing the factors by Σ w_i Ā_i under weights that
+    do not sum to 1 (staleness, FedFix) shrinks the model even when nobody changed it.
     """
 
     name = "hetlora"
+    supports_async = False
 
     def __init__(self, initial: Arrays, lora: LoraSpec, *, max_rank: int | None = None) -> None:
         super().__init__(initial, lora)

@@ -41,6 +41,11 @@ def test_from_mapping_coerces_strings():
         ({"lora-dtype": "int8"}, r"`lora-dtype` = 'int8' is not valid; choose one of \['auto', 'float32', 'bfloat16'\]"),
         ({"rslora": "maybe"}, "`rslora` = 'maybe' is not a valid bool"),
         ({"lora-rank": 64}, "exceeds `max-rank`"),
+        # replace-style aggregators shrink the model under async weights that do not sum to 1
+        ({"mode": "async", "aggregation": "hetlora"},
+         r"`aggregation` = 'hetlora' cannot run with mode=async: .* choose one of \['auto', 'fedavg', 'fedhl', 'flora'\]"),
+        ({"mode": "async", "async-rule": "fedfix", "aggregation": "flexlora"},
+         r"`aggregation` = 'flexlora' cannot run with mode=async: .*\['auto', 'fedavg', 'fedhl', 'flora'\]"),
     ],
 )
 def test_bad_values_name_the_key_and_the_fix(values, match):
@@ -117,6 +122,10 @@ def test_keys_the_configuration_never_reads_are_refused(values, match):
     {"aggregation": "auto", "fedhl-weighting": "examples", "max-rank": 16},  # auto may resolve to fedhl
     {"server-optimizer": "fedyogi", "server-lr": 0.05, "server-beta1": 0.8, "server-tau": 0.01},
     {"mode": "async", "concurrency": 8, "buffer-size": 4, "eval-interval": 5.0},
+    {"mode": "async", "aggregation": "flora"},
+    {"mode": "async", "async-rule": "fedfix", "aggregation": "fedhl"},
+    {"aggregation": "hetlora"},  # replace-style aggregators are fine in sync rounds (weights sum to 1)
+    {"aggregation": "flexlora"},
 ])
 def test_keys_the_configuration_reads_are_accepted(values):
     RunConfig.from_mapping(values)
