@@ -26,6 +26,14 @@ class OortConfig:
     sample_window: float = 5.0
     pacer_step: int = 20
     pacer_delta: float = 5.0
+    #: picks that make one round, for ε's decay and the exploration share (0: each `select` call is a
+    #: round, the synchronous cohort; an asynchronous driver asking for one free slot at a time passes
+    #: its concurrency)
+    round_size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.round_size < 0:
+            raise ValueError(f"`round-size` must be >= 0 (0: one round per select call), got {self.round_size}")
 
 
 @dataclass
@@ -61,6 +69,14 @@ class Oort(Selector):
     `pacer_step` rounds stalls (within 10 %). Deviation: when unexplored clients
     run out, their slots are filled by exploitation (FedScale leaves them empty).
     Clients with missing or nonsensical telemetry keep their last good values.
+
+    Rounds: a round is `round_size` picks (0: one `select` call, the synchronous
+    cohort). ε decays once per round and a round of R picks has FedScale's
+    int(R · ε) exploration picks, handed out first across the calls that make up the
+    round. An asynchronous driver asks for one free slot at a time; counted per call,
+    int(1 · ε) = 0 and it never explored (measured: 4 of 20 nodes ever picked in 152
+    one-slot picks, ε at its floor after 60 picks). With round_size = concurrency C it
+    explores int(C · ε) of every C picks (C = 1 still gives 0, as FedScale would).
     """
 
     name = "oort"
@@ -74,6 +90,8 @@ class Oort(Selector):
         self.round_threshold = self.config.round_threshold
         self.pacer = _Pacer()
         self._problems: dict[int, list[str]] = {}
+        self._round_left = 0  # picks left in the current round
+        self._explore_left = 0  # exploration picks left in the current round
 
     def preferred_duration(self) -> float:
         """T_pref: the `round_threshold` percentile of known durations (inf when ≥ 100 or none known)."""
@@ -114,8 +132,8 @@ class Oort(Selector):
                 bonus = math.sqrt(0.1 * math.log(t) / max(a.last, 1))
                 pen = self._penalty(a, t_pref)
                 scores[i] = {"utility": stat, "uncertainty": bonus, "penalty": pen, "score": abs((stat + bonus) * pen)}
-        self.epsilon = max(self.epsilon * self.config.exploration_decay, self.config.exploration_min)
-        explore_n = min(len(unexplored), int(k * self.epsilon)) if explored else min(len(unexplored), k)
+        quota = self._exploration_quota(k)
+        explore_n = min(len(unexplored), quota) if explored else min(len(unexplored), k)
         exploit_n = min(k - explore_n, len(explored))
         explore_n = min(len(unexplored), k - exploit_n)  # unused exploitation slots go back to exploration
         picked = self._exploit(scores, exploit_n) + self._explore(unexplored, explore_n, t_pref)
@@ -123,6 +141,22 @@ class Oort(Selector):
             scores.setdefault(i, {"score": float(self.arms[i].size), "unexplored": 1.0})
         problems, self._problems = self._problems, {}  # this selection's and the last observe's
         return Selection(picked=picked, scores=scores, problems=problems)
+
+    def _exploration_quota(self, k: int) -> int:
+        """How many of the next `k` picks explore: int(R · ε) per round of R picks, ε decayed as each round starts."""
+        quota = 0
+        while k > 0:
+            if self._round_left == 0:
+                self.epsilon = max(self.epsilon * self.config.exploration_decay, self.config.exploration_min)
+                self._round_left = self.config.round_size or k
+                self._explore_left = int(self._round_left * self.epsilon)
+            take = min(k, self._round_left)
+            explore = min(take, self._explore_left)
+            quota += explore
+            self._explore_left -= explore
+            self._round_left -= take
+            k -= take
+        return quota
 
     def _exploit(self, scores: dict[int, dict[str, float]], n: int) -> list[int]:
         if n <= 0:

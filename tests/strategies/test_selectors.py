@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from corolla.strategies import Candidate, ClientUpdate, Dispatch, HeteRoSelect, HeteRoSelectConfig, LoraSpec, Oort
+from corolla.strategies import Candidate, ClientUpdate, Dispatch, HeteRoSelect, HeteRoSelectConfig, LoraSpec, Oort, OortConfig
 from corolla.strategies.selection_utils import clean_telemetry, minmax
 from corolla.strategies.sketch import cosine, sketch_update
 from tests.strategies.helpers import adapter, perturbed
@@ -139,3 +139,49 @@ def test_oort_bad_telemetry_keeps_last_good_values():
     assert o.arms[0].utility == 200.0 and o.arms[0].duration == 2.0
     sel = o.select([Candidate(node_id=0, telemetry={"loss-sq-mean": math.inf})], 1, step=3)
     assert sel.picked == [0] and len(sel.problems[0]) == 3  # two from the bad reply, one from the bad candidate
+
+
+def async_oort_run(oort, nodes=20, concurrency=4, picks=80):
+    """One free slot per call, as the async driver asks: the oldest job returns when all `concurrency` slots are busy."""
+    from collections import deque
+
+    in_flight, first_pick, version = deque(), {}, 0
+    for pick in range(picks):
+        idle = [Candidate(node_id=i, num_examples=10 + i) for i in range(nodes) if i not in in_flight]
+        (n,) = oort.select(idle, 1, step=max(version, 1)).picked
+        first_pick.setdefault(n, pick)
+        in_flight.append(n)
+        if len(in_flight) == concurrency:
+            done = in_flight.popleft()
+            version += 1  # FedAsync-like: a version per reply; big utility for low ids, so exploitation is tempting
+            oort.observe([oort_update(done, 100.0 / (1 + done), 100, 1.0)], step=version)
+    return first_pick
+
+
+def test_oort_explores_every_node_with_one_pick_per_call():
+    """Defect 4: with k = 1 per call, int(1 · ε) = 0 exploration picks once anything was explored.
+
+    A round of `round_size` (= concurrency) picks gets FedScale's int(round_size · ε) exploration
+    picks, at least int(4 · 0.3) = 1 per round of 4 at the floor, so 20 nodes are all tried within 80 picks.
+    """
+    first_pick = async_oort_run(Oort(OortConfig(round_size=4), seed=0))
+    assert len(first_pick) == 20, f"only {sorted(first_pick)} were ever picked"
+    assert max(first_pick.values()) < 80
+
+
+def test_oort_decays_epsilon_once_per_round_and_splits_each_round():
+    o = Oort(OortConfig(round_size=4), seed=0)
+    o.observe([oort_update(i, 1.0, 10, 1.0) for i in range(3)], step=1)  # three explored, seventeen not
+    explore = []
+    for call in range(12):
+        picked = o.select(cands(sizes=[10] * 20), 1, step=2).picked
+        explore.append(picked[0] >= 3)
+        assert o.epsilon == pytest.approx(0.9 * 0.98 ** (call // 4 + 1))  # decays when a round starts
+    # FedScale's rounding per round: int(4 · 0.882) = int(4 · 0.864) = int(4 · 0.847) = 3 exploration picks
+    assert [sum(explore[r * 4: r * 4 + 4]) for r in range(3)] == [3, 3, 3]
+    sync = Oort(seed=0)  # round_size 0: every call is a round (the synchronous driver's cohort)
+    sync.observe([oort_update(i, 1.0, 10, 1.0) for i in range(3)], step=1)
+    picked = sync.select(cands(sizes=[10] * 20), 4, step=2).picked
+    assert sync.epsilon == pytest.approx(0.9 * 0.98) and sum(i >= 3 for i in picked) == 3
+    with pytest.raises(ValueError, match="round-size"):
+        OortConfig(round_size=-1)
