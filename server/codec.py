@@ -42,10 +42,10 @@ def _record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord(array_dict={k: Array.from_numpy_ndarray(np.asarray(v, np.float32)) for k, v in arrays.items()})
 
 
-def profile_message(node_id: int) -> Message:
+def profile_message(node_id: int, ttl: float | None = None) -> Message:
     """Ask a node for its profile (rank, device, examples, model fingerprint, software version)."""
     return Message(RecordDict({wire.CONFIG: ConfigRecord({wire.SOFTWARE: wire.SOFTWARE_VERSION})}),
-                   dst_node_id=node_id, message_type=MessageType.QUERY)
+                   dst_node_id=node_id, message_type=MessageType.QUERY, ttl=ttl)
 
 
 def train_message(node_id: int, dispatch: Dispatch, job: JobConfig, seed: int, pushed_at: float,

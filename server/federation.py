@@ -76,10 +76,13 @@ class Federation:
             reason = self._rank_refusal(self.nodes[nid].rank)
             if reason:
                 self.nodes.refuse(nid, reason)
+        usable = [n for n in usable if n in self.nodes]
+        if len(usable) < self.cfg.min_nodes:  # never train with fewer than min-nodes: wait for servable ones
+            usable = self.nodes.refresh(wait_for=self.cfg.min_nodes)
         log.info("federation: %s", {**self.aggregator.summary(), **self.selector.summary()})
         self.evaluate(clients=0)
         self.train_start = self.clock.monotonic()
-        return [n for n in usable if n in self.nodes]
+        return usable
 
     def refresh_nodes(self) -> list[int]:
         """Profile newcomers; return the usable nodes present now."""

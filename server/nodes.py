@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from flwr.app import Message
 from flwr.serverapp import Grid
 
 from corolla.proto import wire
@@ -14,6 +15,9 @@ from corolla.server.codec import profile_message
 from corolla.server.records import RunRecorder
 
 log = logging.getLogger(__name__)
+
+#: seconds between polls while waiting for nodes to join
+POLL_S = 0.2
 
 
 @dataclass
@@ -47,6 +51,8 @@ class NodeRegistry:
         self.timeout = timeout
         self.nodes: dict[int, NodeInfo] = {}
         self.refused: dict[int, str] = {}
+        self._pending: dict[str, tuple[int, float]] = {}  # profile query id → (node, when asked)
+        self._retry_at: dict[int, float] = {}  # node → when to ask again after an unanswered query
 
     def __getitem__(self, node_id: int) -> NodeInfo:
         return self.nodes[node_id]
@@ -62,14 +68,18 @@ class NodeRegistry:
         self.recorder.node({"node": nid, "status": "refused", "reason": reason})
 
     def refresh(self, wait_for: int = 0, timeout: float | None = None) -> list[int]:
-        """Profile nodes not seen before (waiting until `wait_for` are usable); return the usable ids present now."""
+        """Ask newcomers for their profile and collect answers; return the usable ids present now.
+
+        Never blocks on a node: profile queries are pushed and their answers pulled on
+        later calls, so a node that never answers delays nobody (it is asked again
+        after `timeout`). With `wait_for`, polls until that many nodes are usable.
+        """
         timeout = self.timeout if timeout is None else timeout
         deadline = self.clock.monotonic() + timeout
         while True:
             ids = set(self.grid.get_node_ids())
-            new = sorted(ids - set(self.nodes) - set(self.refused))
-            if new:
-                self._profile(new)
+            self._ask(ids)
+            self._collect()
             usable = sorted(i for i in ids if i in self.nodes)
             if len(usable) >= wait_for:
                 return usable
@@ -79,32 +89,50 @@ class NodeRegistry:
                     f"only {len(usable)} of the {wait_for} nodes needed (min-nodes) joined within {timeout:.0f}s"
                     f"{refused}; start more SuperNodes or lower min-nodes."
                 )
-            self.clock.sleep(1.0)
+            self.clock.sleep(POLL_S)
 
-    def _profile(self, node_ids: list[int]) -> None:
-        replies = self.grid.send_and_receive([profile_message(n) for n in node_ids], timeout=self.timeout)
-        answered = set()
-        for reply in replies:
-            nid = reply.metadata.src_node_id
-            answered.add(nid)
-            if reply.has_error():
-                self.refuse(nid, f"profile failed: {reply.error.reason}")
-                continue
-            try:
-                m, c = reply.content[wire.METRICS], reply.content[wire.CONFIG]
-                info = NodeInfo(node_id=nid, rank=int(m[wire.LORA_RANK]), num_examples=int(m[wire.NUM_EXAMPLES]),
-                                device=str(c[wire.DEVICE]), fingerprint=str(c[wire.FINGERPRINT]),
-                                software_version=str(c[wire.SOFTWARE]), model_loads=int(m[wire.MODEL_LOADS]))
-            except (KeyError, TypeError, ValueError) as e:
-                self.refuse(nid, f"profile reply is malformed ({e!r}); the node runs another corolla version")
-                continue
-            reason = self.refusal(info)
-            if reason:
-                self.refuse(nid, reason)
-            else:
-                self.nodes[nid] = info
-                self.recorder.node({"status": "ok", **info.__dict__})
-                log.info("node %d joined: rank %d, %d examples, %s", nid, info.rank, info.num_examples, info.device)
-        for nid in sorted(set(node_ids) - answered):
-            log.warning("node %d did not answer its profile query within %.0fs; it will be asked again", nid,
-                        self.timeout)
+    def _ask(self, ids: set[int]) -> None:
+        now = self.clock.monotonic()
+        asking = {n for n, _ in self._pending.values()}
+        new = sorted(n for n in ids - set(self.nodes) - set(self.refused) - asking if self._retry_at.get(n, 0.0) <= now)
+        if not new:
+            return
+        msgs = [profile_message(n, ttl=self.timeout) for n in new]
+        for mid, n in zip(self.grid.push_messages(msgs), new):
+            self._pending[str(mid)] = (n, now)
+
+    def _collect(self) -> None:
+        if not self._pending:
+            return
+        for reply in self.grid.pull_messages(list(self._pending)):
+            entry = self._pending.pop(str(reply.metadata.reply_to_message_id), None)
+            if entry is not None:
+                self._admit(entry[0], reply)
+        now = self.clock.monotonic()
+        for mid, (nid, asked) in list(self._pending.items()):
+            if now - asked > self.timeout:
+                del self._pending[mid]
+                self._retry_at[nid] = now + self.timeout
+                log.warning("node %d did not answer its profile query within %.0fs; it will be asked again",
+                            nid, self.timeout)
+
+    def _admit(self, nid: int, reply: Message) -> None:
+        if reply.has_error():
+            self.refuse(nid, f"profile failed: {reply.error.reason}")
+            return
+        try:
+            m, c = reply.content[wire.METRICS], reply.content[wire.CONFIG]
+            info = NodeInfo(node_id=nid, rank=int(m[wire.LORA_RANK]), num_examples=int(m[wire.NUM_EXAMPLES]),
+                            device=str(c[wire.DEVICE]), fingerprint=str(c[wire.FINGERPRINT]),
+                            software_version=str(c[wire.SOFTWARE]), model_loads=int(m[wire.MODEL_LOADS]))
+        except (KeyError, TypeError, ValueError) as e:
+            self.refuse(nid, f"profile reply is malformed ({e!r}); the node runs another corolla version")
+            return
+        reason = self.refusal(info)
+        if reason:
+            self.refuse(nid, reason)
+            return
+        self.nodes[nid] = info
+        row = {k: v for k, v in info.__dict__.items() if k != "node_id"}
+        self.recorder.node({"node": nid, "status": "ok", **row})
+        log.info("node %d joined: rank %d, %d examples, %s", nid, info.rank, info.num_examples, info.device)
