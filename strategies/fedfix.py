@@ -55,7 +55,7 @@ class FedFix(AsyncRule):
     the aggregator's preference relative to example weighting. r_i = 1 for FedAvg, FLoRA
     and FedHL `examples`, so FedFix is then exactly the paper's rule; FedHL's truncation
     weights move weight between the interval's updates (Σ_S w^examples r = 1) instead
-    of being dropped. An update with zero examples gets r_i = 1 (its p_i is 0 anyway).
+    of being dropped. An update with zero examples gets r_i = 1 (its p_i is normally 0 too).
 
     An interval in which nobody returned produces no new version. Decisions: p_i uses
     the example counts of the clients known so far; a client that never returned (at the

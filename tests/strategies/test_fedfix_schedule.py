@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from corolla.strategies import FedAvg, FedHL, InvalidUpdateError, LoraSpec
+from corolla.strategies import AggregationError, FedAvg, FedHL, InvalidUpdateError, LoraSpec
 from corolla.strategies.base import ClientUpdate, example_weights
 from corolla.strategies.fedfix import FedFix, FedFixConfig
 from corolla.strategies.fedhl import truncation_weights
@@ -122,3 +122,14 @@ def test_fedfix_composes_with_the_aggregators_weights():
     r = truncation_weights(errors) / example_weights(ups)
     np.testing.assert_allclose(step.lora_weights, base * r, rtol=1e-9)
     np.testing.assert_allclose(step.dense_weights, base)  # FedHL's dense weights are example weights: r = 1
+
+
+def test_fedfix_without_examples_refuses_to_weight():
+    agg = FedAvg(adapter(2, 0), LoraSpec())
+    rule = FedFix(agg, FedFixConfig(interval=10.0), now=0.0)
+    rule.register(1, 0)
+    d = agg.dispatch(2)
+    rule.admit(ClientUpdate(node_id=1, arrays=d.arrays, sent=d, num_examples=0, job_id="m1"))
+    with pytest.raises(AggregationError, match="example counts sum to 0"):
+        rule.step(10.0)
+    assert agg.version == 0
