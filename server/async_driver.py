@@ -88,11 +88,10 @@ def run_async(fed: Federation) -> dict:
                 log.warning("async: %s", why)
             try:
                 step = rule.step(clock.monotonic())
-            except StrategyError as e:
+            except StrategyError as e:  # the updates of the failed step are dropped, each recorded; the rest wait
                 log.warning("async: %s", e.reason)
-                for u in rule.buffer:
+                for u in e.dropped:
                     fed.record_update(u, u.node_id, "rejected", e.reason)
-                rule.buffer.clear()
                 break
             if step is None:
                 break

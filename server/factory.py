@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from corolla.config import ConfigError, RunConfig
-from corolla.strategies import AGGREGATORS, ASYNC_RULES, SELECTORS, SERVER_OPTIMIZERS, STALENESS, HeteRoSelectConfig
+from corolla.strategies import AGGREGATORS, ASYNC_RULES, SELECTORS, SERVER_OPTIMIZERS, STALENESS, HeteRoSelectConfig, OortConfig
 from corolla.strategies.base import Aggregator, Selector
 from corolla.strategies.fedbuff import AsyncRule
 
@@ -46,6 +46,8 @@ def build_selector(cfg: RunConfig) -> Selector:
     reg = SELECTORS[cfg.selector]
     if cfg.selector == "heteroselect":  # its temperature anneals over the run's length
         return reg.cls(HeteRoSelectConfig(total_steps=cfg.num_rounds), lora=cfg.lora_spec(), seed=cfg.seed)  # type: ignore[call-arg]
+    if cfg.selector == "oort":  # asynchronously a round is `concurrency` picks (one freed slot per call)
+        return reg.cls(OortConfig(round_size=cfg.concurrency if cfg.mode == "async" else 0), seed=cfg.seed)  # type: ignore[call-arg]
     return reg.cls(None, seed=cfg.seed)  # type: ignore[call-arg]
 
 

@@ -44,6 +44,8 @@ class Dispatch:
     version: int
     arrays: Arrays
     truncation_error: float = 0.0
+    #: truncation error over the global update's energy, e / ‖W‖_F² in [0, 1] (0 while W = 0): scale-free
+    relative_error: float = 0.0
     #: arrays the client applies to its frozen base but does not train or return (FLoRA's merged W)
     frozen: Arrays = field(default_factory=dict)
 

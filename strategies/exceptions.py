@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 
 class StrategyError(Exception):
-    """Base class: `reason` says what went wrong and what happens next."""
+    """Base class: `reason` says what went wrong and what happens next; `dropped` lists updates it discarded."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, dropped: Sequence[Any] = ()) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.dropped = list(dropped)
 
 
 class AggregationError(StrategyError):

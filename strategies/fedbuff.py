@@ -9,7 +9,7 @@ from typing import ClassVar
 import numpy as np
 
 from corolla.strategies.base import Aggregator, ClientUpdate, StalenessWeight, Weights
-from corolla.strategies.exceptions import InvalidUpdateError
+from corolla.strategies.exceptions import AggregationError, InvalidUpdateError, StrategyError
 from corolla.strategies.options import option
 from corolla.strategies.staleness import ConstantStaleness
 
@@ -123,8 +123,12 @@ class AsyncRule:
         # τ is measured when the update is applied, not when it arrived: an update left in the
         # buffer behind a full one (FedBuff) is applied to a newer version than it was received at.
         updates = [replace(u, staleness=self.aggregator.version - u.sent.version) for u in self._take()]
-        w = self.weights(updates, now)
-        self.aggregator.step(updates, w)
+        try:
+            w = self.weights(updates, now)
+            self.aggregator.step(updates, w)
+        except StrategyError as e:  # the taken updates are gone: say which, so the driver records each of them
+            self._after_step(now, aggregated=False)
+            raise AggregationError(e.reason, dropped=updates) from e
         self._after_step(now, aggregated=True)
         return AsyncStep(updates, w.lora.tolist(), w.dense.tolist(), self.aggregator.version)
 

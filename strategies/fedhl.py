@@ -17,10 +17,12 @@ from corolla.strategies.options import option
 if TYPE_CHECKING:
     import torch
 
-FedHLWeighting = Literal["truncation", "uniform", "examples"]
-FEDHL_WEIGHTINGS = ("truncation", "uniform", "examples")
+FedHLWeighting = Literal["truncation", "uniform", "examples", "relative", "relative-examples"]
+FEDHL_WEIGHTINGS = ("truncation", "uniform", "examples", "relative", "relative-examples")
 SVD_METHODS = ("auto", "exact", "randomized")
 EPSILON = 1e-6
+#: ε of the scale-free rule, on relative errors ê = e/‖W‖² ∈ [0, 1]: ê below √ε = 0.1 counts as exact
+EPSILON_RELATIVE = 1e-2
 
 
 def _max_rank() -> int:
@@ -37,7 +39,8 @@ class FedHLConfig:
     """FedHL's options."""
 
     weighting: str = option("truncation", key="fedhl-weighting", choices=FEDHL_WEIGHTINGS,
-                            help="FedHL weights: truncation (the paper's 1/(e²+ε)), uniform, examples")
+                            help="FedHL weights: truncation (the paper's 1/(e²+ε)), uniform, examples, relative "
+                                 "(1/(ê²+ε), ê = e/‖W‖²: scale-free), relative-examples (n_i/(ê²+ε))")
     svd: str = _svd()
     max_rank: int = _max_rank()
 
@@ -99,8 +102,8 @@ class FedHL(Aggregator):
         max_rank: int | None = None,
     ) -> None:
         super().__init__(initial, lora)
-        if weighting not in ("truncation", "uniform", "examples"):
-            raise ValueError(f"`fedhl-weighting` must be truncation, uniform or examples; got {weighting!r}")
+        if weighting not in FEDHL_WEIGHTINGS:
+            raise ValueError(f"`fedhl-weighting` must be one of {list(FEDHL_WEIGHTINGS)}; got {weighting!r}")
         self.weighting = weighting
         self.svd_method = svd
         init_rank = lora_ops.rank_of(initial)
@@ -147,18 +150,30 @@ class FedHL(Aggregator):
             )
         s = self.lora.scale(rank)
         arrays: dict[str, np.ndarray] = {k: v.copy() for k, v in self.dense.items()}
-        error = 0.0
+        error, energy = 0.0, 0.0
         for layer, svd in self._svds(rank).items():
             a, b = lora_ops.split_factors(svd, rank, s, self.init_a[layer])
             arrays[lora_ops.a_key(layer)], arrays[lora_ops.b_key(layer)] = a, b
             error += svd.tail_energy(rank)
-        return Dispatch(rank=rank, version=self.version, arrays=arrays, truncation_error=error)
+            energy += svd.frob2
+        return Dispatch(rank=rank, version=self.version, arrays=arrays, truncation_error=error,
+                        relative_error=min(error / energy, 1.0) if energy > 0 else 0.0)
 
     def weights(self, updates: Sequence[ClientUpdate]) -> Weights:
-        """Return truncation-aware (or uniform / example) LoRA weights; example weights for dense."""
+        """Return the configured LoRA weights (see `fedhl-weighting`); example weights for dense parameters.
+
+        `truncation` is the paper's 1/(e²+ε) with a fixed ε: uniform while ‖W‖ is small and
+        winner-take-all once it grows. `relative` and `relative-examples` use ê = e/‖W‖_F²,
+        which does not change when W is scaled, with ε on that scale.
+        """
         dense = example_weights(updates)
         if self.weighting == "truncation":
             lora = truncation_weights([u.sent.truncation_error for u in updates])
+        elif self.weighting == "relative":
+            lora = truncation_weights([u.sent.relative_error for u in updates], EPSILON_RELATIVE)
+        elif self.weighting == "relative-examples":
+            inv = dense / np.array([u.sent.relative_error**2 + EPSILON_RELATIVE for u in updates])
+            lora = inv / inv.sum()
         elif self.weighting == "uniform":
             lora = np.full(len(updates), 1.0 / len(updates))
         else:

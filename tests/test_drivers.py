@@ -420,11 +420,6 @@ def test_async_aggregation_error_leaves_the_model_unchanged(tmp_path, monkeypatc
     np.testing.assert_allclose(run.global_model()[f"dense/{HEAD}"], expected_head(run, {1: 0.1, 2: 0.3}), rtol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "async_driver.py: when rule.step() raises StrategyError the driver records `rule.buffer` as rejected, but "
-    "AsyncRule.step() (strategies/fedbuff.py) already removed the updates of the failed step from the buffer "
-    "(_take) before weights() raised: those replies vanish from updates.jsonl, and any later arrivals still "
-    "buffered are rejected with a reason that is not theirs"))
 def test_async_aggregation_error_records_the_updates_it_dropped(tmp_path, monkeypatch):
     run, _ = _async_run_with_failed_first_step(tmp_path, monkeypatch)
 
