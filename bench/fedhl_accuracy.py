@@ -27,6 +27,8 @@ from bench.harness import RESULTS, mean_spread, plot_groups, read_run, run_inpro
 METHODS = {
     "fedhl": {"aggregation": "fedhl", "fedhl-weighting": "truncation"},
     "fedhl-examples": {"aggregation": "fedhl", "fedhl-weighting": "examples"},
+    "fedhl-relative": {"aggregation": "fedhl", "fedhl-weighting": "relative"},
+    "fedhl-relative-examples": {"aggregation": "fedhl", "fedhl-weighting": "relative-examples"},
     "hetlora": {"aggregation": "hetlora"},
     "flexlora": {"aggregation": "flexlora"},
     "flora": {"aggregation": "flora"},
@@ -38,6 +40,7 @@ DATASETS = {
     "bbc": {"dataset": "bbc", "num-rounds": 6, "max-length": 32, "local-steps": 8},
 }
 NODES = 20
+RESULT_NAME = "fedhl_accuracy"
 
 
 def config(method: str, dataset: str, seed: int) -> dict:
@@ -81,7 +84,7 @@ def report(dataset: str, methods: list[str], seeds: list[int], out: Path) -> tup
                     f"{mean_spread([x['bytes_down'] / 1e6 for x in summ])} | "
                     f"{sum(x['wall_s'] for x in summ) / len(summ):.0f} |")
     rounds = DATASETS[dataset]["num-rounds"]
-    plot_groups(groups, "version", RESULTS / f"fedhl_accuracy_{dataset}.png",
+    plot_groups(groups, "version", RESULTS / f"{RESULT_NAME}_{dataset}.png",
                 f"{dataset}: ranks {{2,4,8,16,32}}, α=0.3, {NODES} clients, {len(seeds)} seeds, {rounds} rounds", "round",
                 mean=True)
     return rows, results
@@ -92,7 +95,8 @@ def weight_table(results: dict) -> list[str]:
     lines = ["| corpus | FedHL weighting | " + " | ".join(f"rank {r}" for r in (2, 4, 8, 16, 32)) + " |",
              "|---|---|" + "---|" * 5]
     for dataset, res in results.items():
-        for m, label in (("fedhl", "truncation-aware"), ("fedhl-examples", "examples")):
+        for m, label in (("fedhl", "truncation-aware"), ("fedhl-examples", "examples"), ("fedhl-relative", "relative"),
+                         ("fedhl-relative-examples", "relative-examples")):
             if m not in res:
                 continue
             per_rank: dict[int, list[float]] = defaultdict(list)
@@ -111,12 +115,15 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     p.add_argument("--report-only", action="store_true", help="rewrite the tables and plots from the existing runs")
+    p.add_argument("--name", default="fedhl_accuracy", help="name of the results (bench/results/NAME.md/.json, runs in NAME/)")
     args = p.parse_args()
-    out = RESULTS / "fedhl_accuracy"
+    global RESULT_NAME
+    RESULT_NAME = args.name
+    out = RESULTS / args.name
     jobs = [(m, d, s, str(out / f"{d}-{m}-{s}")) for s in args.seeds for d in args.datasets for m in args.methods]
     t0 = time.monotonic()
     if args.report_only:
-        total = json.loads((RESULTS / "fedhl_accuracy.json").read_text())["total_s"]
+        total = json.loads((RESULTS / f"{args.name}.json").read_text())["total_s"]
     else:
         with mp.get_context("spawn").Pool(args.workers) as pool:
             for i, (run, secs) in enumerate(pool.imap_unordered(_job, jobs), 1):
@@ -131,13 +138,13 @@ def main() -> None:
              "|---|---|---|---|---|---|---|", *rows]
     weights = weight_table(results)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    plots = "\n".join(f"![{d}](fedhl_accuracy_{d}.png)" for d in args.datasets)
-    (RESULTS / "fedhl_accuracy.md").write_text(
+    plots = "\n".join(f"![{d}]({args.name}_{d}.png)" for d in args.datasets)
+    (RESULTS / f"{args.name}.md").write_text(
         f"# Heterogeneous LoRA ranks: MiniLM + LoRA, {NODES} clients, α = 0.3, ranks {{2,4,8,16,32}}, "
         f"seeds {args.seeds}\n\nWhole benchmark: {total / 60:.1f} min on this machine ({args.workers} runs at a time).\n\n"
         + "\n".join(table) + "\n\nMean aggregation weight per update, by the client's rank:\n\n" + "\n".join(weights)
         + "\n\n" + plots + "\n")
-    (RESULTS / "fedhl_accuracy.json").write_text(json.dumps({"total_s": total, "results": results}, indent=2))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"total_s": total, "results": results}, indent=2))
     print("\n".join(table + [""] + weights))
     print(f"whole benchmark: {total / 60:.1f} min")
 

@@ -222,19 +222,23 @@ class AdapterModel:
         gen = torch.Generator().manual_seed(seed)
         losses: list[float] = []
         n = len(data)
-        for _ in range(steps):
-            idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
-            inputs, labels = data.batch(idx, self.device)
-            with autocast(self.device, lora.dtype):
-                logits = self.task.logits(model, inputs).float()
-            per_example = nn.functional.cross_entropy(logits, labels, reduction="none")
-            loss = per_example.mean()
-            if prox_mu > 0:
-                loss = loss + 0.5 * prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.extend(per_example.detach().float().cpu().tolist())
+        # Dropout draws from torch's global generator: seed it for this job only (fork_rng restores it), so a job is
+        # a function of its seed and data wherever it runs — a Ray actor that ran other jobs or a fresh trainer.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for _ in range(steps):
+                idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
+                inputs, labels = data.batch(idx, self.device)
+                with autocast(self.device, lora.dtype):
+                    logits = self.task.logits(model, inputs).float()
+                per_example = nn.functional.cross_entropy(logits, labels, reduction="none")
+                loss = per_example.mean()
+                if prox_mu > 0:
+                    loss = loss + 0.5 * prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.extend(per_example.detach().float().cpu().tolist())
         model.eval()
         arr = np.asarray(losses, dtype=np.float64)
         stats = TrainStats(

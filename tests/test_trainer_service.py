@@ -138,3 +138,18 @@ def test_the_trainer_builds_the_adapter_the_server_specifies(task):
         assert layers and all(m.scaling[name] == pytest.approx(spec.scale(4)) for m in layers)
         targets = {k.split(".")[-3] for k in out if "lora_A" in k}
         assert targets == set(spec.target_modules or ("query", "value"))
+
+
+def test_a_job_is_a_function_of_its_seed_and_data(task):
+    """Dropout included: the same job gives the same adapter whatever the process's RNG did before."""
+    import torch
+
+    model = AdapterModel(task, select_device("cpu"))
+    data = task.encode(task.builtin_partition(0, 8, 0.5))
+    init = initial_adapter(task, 4, LORA, seed=0)
+    a, _ = model.train(init, 4, data, lora=LORA, steps=3, batch_size=4, lr=1e-2, seed=5)
+    torch.rand(1000)  # another job's randomness in between
+    b, _ = model.train(init, 4, data, lora=LORA, steps=3, batch_size=4, lr=1e-2, seed=5)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    c, _ = model.train(init, 4, data, lora=LORA, steps=3, batch_size=4, lr=1e-2, seed=6)
+    assert any(not np.array_equal(a[k], c[k]) for k in a)
