@@ -105,6 +105,9 @@ def run_async(fed: Federation) -> dict:
                 last_eval = clock.monotonic()
                 fed.evaluate(clients=len(step.updates), in_flight=len(in_flight),
                              mean_staleness=sum(step.staleness) / len(step.staleness))
+        deadline = rule.next_deadline()
+        if deadline is not None:  # e.g. FedFix's next boundary: a virtual clock must stop there, not jump past it
+            clock.wake_at(deadline)
         clock.sleep(POLL_S)
     if fed.recorder.evals[-1]["version"] != fed.aggregator.version:
         fed.evaluate(clients=0, in_flight=len(in_flight))  # the final version is always evaluated

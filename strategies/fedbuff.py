@@ -107,6 +107,13 @@ class AsyncRule:
         self.buffer = kept
         return expired
 
+    def next_deadline(self) -> float | None:
+        """The next time at which `step` may aggregate with no new reply (None: only replies make versions).
+
+        The driver hands it to its clock, so a virtual clock stops there instead of jumping past it.
+        """
+        return None
+
     def ready(self, now: float) -> bool:
         """True when the buffered updates should become a new version."""
         raise NotImplementedError

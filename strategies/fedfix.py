@@ -100,6 +100,10 @@ class FedFix(AsyncRule):
         self.returned.add(update.node_id)
         super().admit(update)
 
+    def next_deadline(self) -> float | None:
+        """The end of the current interval: the next boundary nΔt."""
+        return self.deadline
+
     def ready(self, now: float) -> bool:
         """True once the current interval has ended."""
         return now >= self.deadline
