@@ -29,6 +29,14 @@ def _clean(v: Any) -> Any:
     return v
 
 
+#: the append-only record files (a checkpoint remembers how many lines each had)
+RECORDS = ("metrics.jsonl", "updates.jsonl", "nodes.jsonl", "selection.jsonl")
+
+
+class RunDirError(RuntimeError):
+    """The run directory holds an earlier run and the command did not say what to do with it."""
+
+
 class _Monotonic:
     def monotonic(self) -> float:
         return time.monotonic()
@@ -37,13 +45,19 @@ class _Monotonic:
 class RunRecorder:
     """Appends JSON lines as the run goes; writes the summary at the end."""
 
-    def __init__(self, out_dir: str | Path, config_json: str, clock: Any = None) -> None:
+    def __init__(self, out_dir: str | Path, config_json: str, clock: Any = None, existing: str = "refuse") -> None:
+        """Open the run directory; `existing` says what to do with an earlier run in it: refuse, overwrite, resume."""
         self.clock = clock or _Monotonic()
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        for name in ("metrics.jsonl", "updates.jsonl", "nodes.jsonl", "selection.jsonl", "summary.json"):
-            (self.dir / name).unlink(missing_ok=True)
-        (self.dir / "config.json").write_text(config_json + "\n")
+        earlier = any((self.dir / n).exists() for n in (*RECORDS, "summary.json", "checkpoint.json"))
+        if existing == "refuse" and earlier:
+            raise RunDirError(f"{self.dir} holds an earlier run; continue it with --resume (existing-run=resume) or "
+                              "replace it with --overwrite (existing-run=overwrite)")
+        if existing != "resume":
+            for name in (*RECORDS, "summary.json", "checkpoint.pkl", "checkpoint.json", "global.npz"):
+                (self.dir / name).unlink(missing_ok=True)
+            (self.dir / "config.json").write_text(config_json + "\n")
         self.t0 = self.clock.monotonic()
         self.bytes_up = 0
         self.bytes_down = 0
@@ -52,8 +66,20 @@ class RunRecorder:
         self.evals: list[dict[str, Any]] = []
 
     def wall_s(self) -> float:
-        """Seconds since the run started."""
+        """Seconds since the run started (across resumes: the time before a crash counts)."""
         return self.clock.monotonic() - self.t0
+
+    def state(self) -> dict[str, Any]:
+        """The counters a checkpoint keeps."""
+        return {"wall_s": self.wall_s(), "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+                "rejected": self.rejected, "failed": self.failed, "evals": list(self.evals)}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue the counters (and the wall clock) of a checkpointed run."""
+        self.t0 = self.clock.monotonic() - float(state["wall_s"])
+        self.bytes_up, self.bytes_down = int(state["bytes_up"]), int(state["bytes_down"])
+        self.rejected, self.failed = int(state["rejected"]), int(state["failed"])
+        self.evals = list(state["evals"])
 
     def _append(self, name: str, row: dict[str, Any]) -> None:
         with (self.dir / name).open("a") as f:

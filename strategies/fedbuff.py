@@ -66,6 +66,9 @@ class AsyncRule:
         """Whether a freed node may start a new job now (default: at once)."""
         return True
 
+    def shift_clock(self, seconds: float) -> None:  # noqa: B027 - optional hook
+        """The driver's clock jumped by `seconds` (a resumed run's new process): move any deadline with it."""
+
     def observe(self, node_id: int, duration_s: float) -> None:  # noqa: B027 - optional hook
         """A reply arrived `duration_s` after its job was pushed (FedFix's τ_i)."""
 

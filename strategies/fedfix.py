@@ -87,6 +87,10 @@ class FedFix(AsyncRule):
         """False for a client that returned in the current interval: it gets the next aggregation's model."""
         return node_id not in self.returned
 
+    def shift_clock(self, seconds: float) -> None:
+        """Keep the next boundary at the same distance from now after a resume."""
+        self.deadline += seconds
+
     def observe(self, node_id: int, seconds: float) -> None:
         """Fold one observed job duration (push → reply) into τ_i; the client now waits for the boundary."""
         self.returned.add(node_id)
