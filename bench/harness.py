@@ -29,7 +29,7 @@ def run_inprocess(overrides: Mapping[str, Any], nodes: int, out_dir: Path) -> di
     from corolla.server.federation import Federation
 
     setup_logging()
-    cfg = RunConfig.from_mapping({**overrides, "out-dir": str(out_dir), "min-nodes": nodes})
+    cfg = RunConfig.from_mapping({"existing-run": "overwrite", **overrides, "out-dir": str(out_dir), "min-nodes": nodes})
     grid = InProcessGrid(nodes, cfg.to_mapping())
     fed = Federation(cfg, grid, TaskEvaluator(cfg))
     from corolla.server.sync_driver import run_sync
