@@ -15,6 +15,7 @@ from typing import Any
 
 from corolla.spec import LORA_DTYPES, TASKS, LoraSpec, TaskSpec, parse_labels, parse_modules
 from corolla.strategies.registry import ASYNC_RULES, REGISTRIES, component_options
+from corolla.strategies.robust import GuardConfig
 
 MODES = ("sync", "async")
 SPEED_PROFILES = ("none", "tiers", "lognormal")
@@ -41,6 +42,12 @@ def _component(key: str) -> Any:
     o = _OPTIONS[key]
     return field(default=o.default, metadata={"help": o.help, "choices": o.choices, "low": o.low,
                                               "owners": o.owners})
+
+
+def _guard(key: str, when: str | None = None) -> Any:
+    """A key of the server's update guard: default, bound and help come from GuardConfig (strategies/robust.py)."""
+    f = next(f for f in dataclasses.fields(GuardConfig) if f.metadata.get("key") == key)
+    return field(default=f.default, metadata=_h(f.metadata["help"], low=f.metadata.get("low"), when=when))
 
 
 def _choice(kind: str, default: str, text: str, extra: tuple[str, ...] = (), when: str | None = None) -> Any:
@@ -106,6 +113,10 @@ class RunConfig:
     server_beta1: float = _component("server-beta1")
     server_beta2: float = _component("server-beta2")
     server_tau: float = _component("server-tau")
+    trim_fraction: float = _component("trim-fraction")
+    max_weight_share: float = _guard("max-weight-share")
+    max_update_norm: float = _guard("max-update-norm")
+    update_norm_multiple: float = _guard("update-norm-multiple", when="max-update-norm=0.0")
     dirichlet_alpha: float = field(default=0.5, metadata=_h("label skew of simulated silos (<= 0: IID)",
                                                             scope=SIMULATION_ONLY))
     async_rule: str = _choice("async-rule", "fedbuff", "asynchronous rule", when="mode=async")

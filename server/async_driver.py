@@ -20,6 +20,7 @@ from corolla.server.factory import build_rule
 from corolla.server.federation import Federation, Job, RejectedReply
 from corolla.strategies import FedHL
 from corolla.strategies.exceptions import StrategyError
+from corolla.strategies.robust import GuardConfig, UpdateGuard, guard_notes
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,9 @@ def run_async(fed: Federation) -> dict:
     """Produce `num-rounds` global versions asynchronously; return the run summary."""
     cfg, clock = fed.cfg, fed.clock
     usable = fed.start()
+    if fed.aggregator.guard is None:  # clipping and the weight-share bound (a resumed aggregator keeps its own)
+        fed.aggregator.guard = UpdateGuard(GuardConfig.from_mapping(cfg.to_mapping()))
+    log.info("guard: %s", fed.aggregator.guard.summary())
     if isinstance(fed.aggregator, FedHL):  # keep the SVDs of every version a reply may still start from
         fed.aggregator.keep_versions = max(2, cfg.max_staleness + 1 if cfg.max_staleness >= 0 else cfg.concurrency)
     rule = build_rule(cfg, fed.aggregator, clock.monotonic())
@@ -95,8 +99,8 @@ def run_async(fed: Federation) -> dict:
                 break
             if step is None:
                 break
-            for u, w in zip(step.updates, step.lora_weights):
-                fed.record_update(u, u.node_id, "accepted", weight=w, applied_version=step.version)
+            for u, w, note in zip(step.updates, step.lora_weights, guard_notes(fed.aggregator, len(step.updates))):
+                fed.record_update(u, u.node_id, "accepted", weight=w, applied_version=step.version, guard=note)
             fed.selector.observe(step.updates, step.version)
             log.info("async: version %d from %d updates (staleness %s)", step.version, len(step.updates),
                      step.staleness)

@@ -7,8 +7,10 @@ sent; otherwise `RejectedReply` carries the recorded reason.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -75,17 +77,55 @@ def decode_update(reply: Message, sent: Dispatch, current_version: int, fingerpr
             raise RejectedReply(f"node {nid}: reply has no `{key}` record")
     m = content[wire.METRICS]
     arrays = {k: a.numpy() for k, a in content[wire.ARRAYS].items()}
-    n = int(m.get(wire.NUM_EXAMPLES, 0))
+    n = _integer(m, wire.NUM_EXAMPLES, nid, default=0)
     if n <= 0:
         raise RejectedReply(f"node {nid}: reply reports {n} training examples; at least 1 is required")
-    if int(m.get(wire.MODEL_VERSION, -1)) != sent.version:
+    if _integer(m, wire.MODEL_VERSION, nid, default=-1) != sent.version:
         raise RejectedReply(f"node {nid}: reply is for version {m.get(wire.MODEL_VERSION)}, "
                             f"it was sent version {sent.version}")
-    if int(m.get(wire.LORA_RANK, -1)) != sent.rank:
+    if _integer(m, wire.LORA_RANK, nid, default=-1) != sent.rank:
         raise RejectedReply(f"node {nid}: reply has rank {m.get(wire.LORA_RANK)}, it was sent rank {sent.rank}")
     fp = str(content[wire.CONFIG].get(wire.FINGERPRINT, ""))
     if fp != fingerprint:
         raise RejectedReply(f"node {nid}: trained on base model {fp}, the server's is {fingerprint}")
+    absurd = telemetry_problems(m)
+    if absurd:
+        raise RejectedReply(f"node {nid}: absurd telemetry ({'; '.join(absurd)}); no trainer reports this, so the "
+                            "reply is not trusted and is rejected")
     telemetry = {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}
     return ClientUpdate(node_id=nid, arrays=arrays, sent=sent, num_examples=n,
                         staleness=current_version - sent.version, metrics=telemetry, job_id=job_id)
+
+
+#: relative slack of the check E[ℓ²] >= E[ℓ]² (both are float means of the same per-example losses)
+VARIANCE_SLACK = 1e-6
+
+
+def _integer(m: Mapping[str, Any], key: str, nid: int, default: int) -> int:
+    """An integer-valued metric; a non-integer (NaN, 1.5, a list) is a RejectedReply, not a crash."""
+    v = m.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v != int(v):
+        raise RejectedReply(f"node {nid}: `{key}` = {v!r} is not an integer; the reply is rejected")
+    return int(v)
+
+
+def telemetry_problems(m: Mapping[str, Any]) -> list[str]:
+    """What no honest trainer reports: a non-finite or negative loss or duration, or E[ℓ²] < E[ℓ]² (a negative variance).
+
+    Only the values a selector reads are checked (loss-mean, loss-sq-mean, duration-s); queue-s
+    may honestly be NaN (no push time) or negative (clock skew between machines).
+    """
+    problems = []
+    values: dict[str, float] = {}
+    for key in (wire.LOSS_MEAN, wire.LOSS_SQ_MEAN, wire.DURATION_S):
+        if key not in m:
+            continue
+        v = m[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            problems.append(f"`{key}` = {v!r} is not a finite number >= 0")
+        else:
+            values[key] = float(v)
+    mean, sq = values.get(wire.LOSS_MEAN), values.get(wire.LOSS_SQ_MEAN)
+    if mean is not None and sq is not None and sq < mean * mean - VARIANCE_SLACK * max(1.0, mean * mean):
+        problems.append(f"`{wire.LOSS_SQ_MEAN}` = {sq!r} < `{wire.LOSS_MEAN}`² = {mean * mean!r} (a negative variance)")
+    return problems

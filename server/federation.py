@@ -9,7 +9,7 @@ a fake clock and a fake evaluator run every driver path in milliseconds.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from flwr.app import Message
@@ -26,6 +26,7 @@ from corolla.server.nodes import NodeInfo, NodeRegistry
 from corolla.server.records import RunRecorder
 from corolla.strategies import Aggregator, Candidate, ClientUpdate, Dispatch
 from corolla.strategies.exceptions import StrategyError
+from corolla.strategies.robust import GuardNote
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +148,25 @@ class Federation:
 
     # ---- replies ----------------------------------------------------------------------
     def to_update(self, reply: Message, sent: Dispatch, current_version: int, job_id: str = "") -> ClientUpdate:
-        """Validate a reply against what its node was sent; raise RejectedReply with the reason."""
+        """Validate a reply against what its node was sent and declared; raise RejectedReply with the reason.
+
+        An example count above what the node declared when it joined is capped to that
+        declaration (the arrays are still checked and used): the count only sets a weight, and a
+        trainer restarted on a grown silo behind the same SuperNode would otherwise lose honest
+        work. The claimed count lands in updates.jsonl as `examples_capped`.
+        """
         if not reply.has_error() and "arrays" in reply.content:
             self.recorder.bytes_up += codec.nbytes({k: a.numpy() for k, a in reply.content["arrays"].items()})
         update = codec.decode_update(reply, sent, current_version, self.evaluator.fingerprint, job_id)
+        info = self.nodes.nodes.get(update.node_id)
+        if info is None:
+            raise RejectedReply(f"node {update.node_id} is not an admitted node (it declared nothing to check the reply "
+                                "against); the reply is rejected")
+        if update.num_examples > info.num_examples:
+            log.warning("node %d claims %d training examples but declared %d at join; capped to %d", update.node_id,
+                        update.num_examples, info.num_examples, info.num_examples)
+            update = replace(update, num_examples=info.num_examples,
+                             notes={**update.notes, "examples_capped": update.num_examples})
         try:
             self.aggregator.check(update)
         except StrategyError as e:
@@ -160,8 +176,15 @@ class Federation:
         return update
 
     def record_update(self, update: ClientUpdate | None, node_id: int, status: str, reason: str = "",
-                      weight: float | None = None, applied_version: int | None = None) -> None:
-        """Append one reply's outcome to updates.jsonl (`applied_version`: the version it produced)."""
+                      weight: float | None = None, applied_version: int | None = None,
+                      guard: GuardNote | None = None) -> None:
+        """Append one reply's outcome to updates.jsonl (`applied_version`: the version it produced).
+
+        `examples_capped` is the count a reply claimed above its node's declaration (None: not
+        capped); with `guard`, the step's bounds: `update_norm`, `norm_bound`, `clipped` (the factor
+        its change was scaled by, None: not clipped) and `weight_capped_from` (its weight before the
+        share bound, None: unchanged), and `weight` is the weight applied.
+        """
         row: dict = {"node": node_id, "status": status, "reason": reason, "applied_version": applied_version}
         if update is not None:
             m = update.metrics
@@ -169,7 +192,11 @@ class Federation:
                        num_examples=update.num_examples, weight=weight, truncation_error=update.sent.truncation_error,
                        loss_mean=m.get(wire.LOSS_MEAN), duration_s=m.get(wire.DURATION_S),
                        queue_s=m.get(wire.QUEUE_S), model_loads=m.get(wire.MODEL_LOADS),
-                       trainer_pid=m.get(wire.TRAINER_PID), job=update.job_id or None)
+                       trainer_pid=m.get(wire.TRAINER_PID), job=update.job_id or None,
+                       examples_capped=update.notes.get("examples_capped"))
+        if guard is not None:
+            row.update(weight=guard.weight, update_norm=guard.norm, norm_bound=guard.bound, clipped=guard.clipped,
+                       weight_capped_from=guard.weight_before_cap)
         self.recorder.update(row)
 
     # ---- evaluation and the end ---------------------------------------------------------

@@ -7,6 +7,7 @@ import logging
 from corolla.server.federation import Federation, RejectedReply
 from corolla.strategies import ClientUpdate
 from corolla.strategies.exceptions import StrategyError
+from corolla.strategies.robust import GuardConfig, UpdateGuard, guard_notes
 
 log = logging.getLogger(__name__)
 
@@ -15,6 +16,9 @@ def run_sync(fed: Federation) -> dict:
     """Run `num-rounds` synchronous rounds; return the run summary."""
     cfg = fed.cfg
     fed.start()
+    if fed.aggregator.guard is None:  # clipping and the weight-share bound (a resumed aggregator keeps its own)
+        fed.aggregator.guard = UpdateGuard(GuardConfig.from_mapping(cfg.to_mapping()))
+    log.info("guard: %s", fed.aggregator.guard.summary())
     for rnd in range(1, cfg.num_rounds + 1):
         if fed.out_of_time():
             log.info("time budget of %.0fs spent after %d rounds", cfg.time_budget, rnd - 1)
@@ -53,8 +57,9 @@ def run_sync(fed: Federation) -> dict:
             for u in updates:
                 fed.record_update(u, u.node_id, "rejected", e.reason)
             continue
-        for u, w in zip(updates, weights.lora):
-            fed.record_update(u, u.node_id, "accepted", weight=float(w), applied_version=fed.aggregator.version)
+        for u, w, note in zip(updates, weights.lora, guard_notes(fed.aggregator, len(updates))):
+            fed.record_update(u, u.node_id, "accepted", weight=float(w), applied_version=fed.aggregator.version,
+                              guard=note)
         fed.selector.observe(updates, rnd)
         log.info("round %d: aggregated %d of %d updates", rnd, len(updates), len(picked))
         if fed.aggregator.version % cfg.eval_every == 0 or rnd == cfg.num_rounds:

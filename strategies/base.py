@@ -11,7 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -21,6 +21,9 @@ from corolla.strategies import lora_ops
 from corolla.strategies.exceptions import AggregationError
 from corolla.strategies.options import option
 from corolla.strategies.server_opt import ServerOptimizer, ServerSGD
+
+if TYPE_CHECKING:  # robust.py builds on FedAvg, which builds on this module
+    from corolla.strategies.robust import UpdateGuard
 
 __all__ = ["Aggregator", "Candidate", "ClientUpdate", "Dispatch", "LoraSpec", "MergedModel", "Selection", "Selector",
            "StalenessWeight", "Weights", "example_weights", "option"]
@@ -63,6 +66,8 @@ class ClientUpdate:
     #: the job this update answers (the driver's message id): how duplicates are told apart from a
     #: node's second job at an unchanged version, which starts from the very same shared Dispatch
     job_id: str = ""
+    #: what the server's checks changed in the reply, for updates.jsonl (`examples_capped`: the count it claimed)
+    notes: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def rank(self) -> int:
@@ -134,6 +139,8 @@ class Aggregator(ABC):
         self.version = 0
         #: the server optimizer that turns each aggregated change into a step (FedAvg: plain SGD at lr 1)
         self.optimizer: ServerOptimizer = ServerSGD()
+        #: the server's bounds on every step (strategies/robust.py: norm clipping, weight shares); None: none
+        self.guard: UpdateGuard | None = None
         self._dispatches: dict[tuple[int, int], Dispatch] = {}
 
     def dispatch(self, rank: int) -> Dispatch:
@@ -173,18 +180,23 @@ class Aggregator(ABC):
         """The arrays `apply` changes in place (numpy or torch); server momentum acts on them."""
         return dict(self.dense)
 
-    def step(self, updates: Sequence[ClientUpdate], weights: Weights) -> None:
-        """`apply` the weighted change, then let the server optimizer turn it into a step.
+    def step(self, updates: Sequence[ClientUpdate], weights: Weights) -> Weights:
+        """`apply` the weighted change, then let the server optimizer turn it into a step; return the weights applied.
+
+        The guard, when one is installed, first clips the updates and bounds the weight shares
+        (its per-update notes land in `guard.last`).
 
         Plain SGD needs no copy: it is `apply` at the optimizer's learning rate. Any other
         optimizer sees Δ = what `apply` did at η = 1 on the aggregator's own state — LoRA
         factors (FedAvg, HetLoRA) or the dense W (FedHL family) — FLSim's split of
         aggregator and server optimizer. It costs a copy of the state plus the optimizer's own.
         """
+        if self.guard is not None:
+            updates, weights = self.guard(updates, weights)
         opt = self.optimizer
         if isinstance(opt, ServerSGD):
             self.apply(updates, weights, opt.config.lr)
-            return
+            return weights
         state = self.state()
         before = {k: v.copy() if isinstance(v, np.ndarray) else v.clone() for k, v in state.items()}
         self.apply(updates, weights, 1.0)
@@ -192,14 +204,13 @@ class Aggregator(ABC):
             live = v if isinstance(v, np.ndarray) else v.numpy()  # torch CPU tensors: a shared view
             old = before[k] if isinstance(before[k], np.ndarray) else before[k].numpy()
             live[...] = old + opt.update(k, live - old)
+        return weights
 
     def aggregate(self, updates: Sequence[ClientUpdate]) -> Weights:
         """Validate, weight and apply a set of updates as one synchronous step (through the server optimizer)."""
         for u in updates:
             self.check(u)
-        w = self.weights(updates)
-        self.step(updates, w)
-        return w
+        return self.step(updates, self.weights(updates))
 
     def check(self, update: ClientUpdate) -> None:
         """Raise InvalidUpdateError unless `update` has exactly the keys and shapes it was sent."""

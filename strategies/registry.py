@@ -19,6 +19,7 @@ from corolla.strategies.hetero_select import HeteRoSelect
 from corolla.strategies.hetlora import HetLoRA
 from corolla.strategies.oort import Oort
 from corolla.strategies.options import Option, Registry
+from corolla.strategies.robust import FedMedian, FedTrimmedAvg, TrimConfig
 from corolla.strategies.server_opt import (
     FedAdam,
     FedAdamConfig,
@@ -43,6 +44,10 @@ AGGREGATORS.register("fedhl", FedHL, FedHLConfig, "FedHL: full-rank global updat
 AGGREGATORS.register("hetlora", HetLoRA, MaxRankConfig, "HetLoRA: zero-padded factor averaging (baseline)")
 AGGREGATORS.register("flexlora", FlexLoRA, FlexLoRAConfig, "FlexLoRA: averaged ΔW redistributed by SVD (baseline)")
 AGGREGATORS.register("flora", FLoRA, MaxRankConfig, "FLoRA: stacked factors merged into the base (baseline)")
+AGGREGATORS.register("fedmedian", FedMedian, None,
+                      "coordinate-wise median of the client deltas (robust; one rank for all clients)")
+AGGREGATORS.register("fedtrimmedavg", FedTrimmedAvg, TrimConfig,
+                      "coordinate-wise trimmed mean of the client deltas (robust; one rank for all clients)")
 
 SELECTORS: Registry[Selector] = Registry("selector")
 SELECTORS.register("random", UniformSelector, None, "uniform random without replacement")
