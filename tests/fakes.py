@@ -333,3 +333,81 @@ def _train_reply(node: FakeNode, msg: Message, behaviour: str, step: float) -> M
         wire.CONFIG: ConfigRecord({wire.FINGERPRINT: fingerprint}),
     })
     return Message(content, reply_to=msg)
+
+
+# ---- lying silos: replies built honestly, then corrupted (new code paths; the behaviours above are unchanged) ----
+#: lies a `LyingNode` can tell in a train reply that is otherwise honest (`JOBS`' "ok")
+LIES = {
+    "none": "tell no lie",
+    "scale": "multiply every LoRA factor by 10^4 (the dense head is untouched)",
+    "examples": "claim 10^12 training examples",
+    "examples-nan": "claim NaN training examples",
+    "examples-fraction": "claim 2.5 training examples",
+    "loss-nan": "report loss-mean NaN",
+    "loss-negative": "report loss-mean −1",
+    "duration-negative": "report duration-s −3",
+    "variance": "report loss-sq-mean below loss-mean² (a negative variance)",
+    "extra": "add a tensor the server never sent",
+}
+LIE_FACTOR = 1e4
+LIE_EXAMPLES = 10**12
+EXTRA_TENSOR = "m.backdoor.weight"
+
+
+@dataclass
+class LyingNode(FakeNode):
+    """A FakeNode whose train replies are corrupted after they are built: one lie per job, the last repeating."""
+
+    lies: Sequence[str] = ("none",)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        unknown = [x for x in self.lies if x not in LIES]
+        if unknown or not self.lies:
+            raise ValueError(f"node {self.node_id}: unknown lie {unknown!r}")
+
+    def lie(self, job_index: int) -> str:
+        """The lie told in the node's `job_index`-th train reply (0-based)."""
+        return self.lies[min(job_index, len(self.lies) - 1)]
+
+
+def tell_lie(reply: Message, request: Message, lie: str) -> Message:
+    """A copy of an honest train reply to `request` with `lie` told (see `LIES`)."""
+    arrays = {k: a.numpy().copy() for k, a in reply.content[wire.ARRAYS].items()}
+    metrics = dict(reply.content[wire.METRICS])
+    if lie == "scale":
+        arrays = {k: v * np.float32(LIE_FACTOR) if k.endswith((".lora_A.weight", ".lora_B.weight")) else v
+                  for k, v in arrays.items()}
+    elif lie == "examples":
+        metrics[wire.NUM_EXAMPLES] = LIE_EXAMPLES
+    elif lie == "examples-nan":
+        metrics[wire.NUM_EXAMPLES] = math.nan
+    elif lie == "examples-fraction":
+        metrics[wire.NUM_EXAMPLES] = 2.5
+    elif lie == "loss-nan":
+        metrics[wire.LOSS_MEAN] = math.nan
+    elif lie == "loss-negative":
+        metrics[wire.LOSS_MEAN] = -1.0
+    elif lie == "duration-negative":
+        metrics[wire.DURATION_S] = -3.0
+    elif lie == "variance":
+        metrics[wire.LOSS_MEAN], metrics[wire.LOSS_SQ_MEAN] = 2.0, 1.0
+    elif lie == "extra":
+        arrays[EXTRA_TENSOR] = np.ones((2, 2), np.float32)
+    content = RecordDict({wire.ARRAYS: _arrays(arrays), wire.METRICS: MetricRecord(metrics),
+                          wire.CONFIG: reply.content[wire.CONFIG]})
+    return Message(content, reply_to=request)
+
+
+class LyingGrid(FakeGrid):
+    """A FakeGrid on which `LyingNode`s corrupt their (otherwise honest, "ok") train replies."""
+
+    def _schedule(self, mid: str, msg: Message) -> list[tuple[float, int, Message]]:
+        node = self.nodes.get(msg.metadata.dst_node_id)
+        index = self.jobs_received.get(msg.metadata.dst_node_id, 0)
+        scheduled = super()._schedule(mid, msg)
+        if not isinstance(node, LyingNode) or msg.metadata.message_type != MessageType.TRAIN:
+            return scheduled
+        lie = node.lie(index)
+        return [(due, seq, tell_lie(r, msg, lie) if lie != "none" and not r.has_error() else r)
+                for due, seq, r in scheduled]

@@ -638,3 +638,143 @@ def test_nodes_jsonl_names_every_node_under_one_key(tmp_path):
     rows = read_jsonl(run.dir / "nodes.jsonl")
     assert [r["status"] for r in rows] == ["ok", "ok", "refused"]
     assert len({frozenset(k for k in ("node", "node_id") if k in r) for r in rows}) == 1
+
+
+# ---- lying silos (tests/fakes.py LyingNode/LyingGrid): every lie rejected or bounded, with its reason ----------------
+from tests.fakes import EXTRA_TENSOR, LIE_EXAMPLES, LyingGrid, LyingNode  # noqa: E402
+
+
+def lying_federation(tmp_path: Path, nodes: list[FakeNode], base: dict, **keys) -> Run:
+    """`federation` on a LyingGrid (LyingNodes corrupt their otherwise honest train replies)."""
+    clock = FakeClock()
+    cfg = RunConfig.from_mapping({"out-dir": str(tmp_path / "run"), **base, **keys})
+    grid = LyingGrid(nodes, clock)
+    evaluator = FakeEvaluator()
+    return Run(Federation(cfg, grid, evaluator, clock=clock), grid, clock, evaluator)
+
+
+def guarded_head(run: Run, steps: dict[int, float]) -> float:
+    """Σ over accepted updates of weight × step × clip factor: every array of an update moves by step, scaled if clipped."""
+    return sum(r["weight"] * steps[r["node"]] * (r["clipped"] or 1.0) for r in run.updates("accepted"))
+
+
+def delta_w_norm(run: Run) -> float:
+    return delta_norm({k: v for k, v in run.global_model().items() if k.startswith("delta/")})
+
+
+def factor_distance(run: Run) -> float:
+    """‖x − x₀‖ over every array a FedAvg run trains (A, B, head; rank 2, the fake's seed-0 start): the norm clipping bounds."""
+    init = FakeEvaluator().initial_adapter(2, LoraSpec(), 0)
+    state = run.fed.aggregator.state()
+    return math.sqrt(sum(float(np.sum((state[k] - init[k]) ** 2)) for k in init))
+
+
+def test_sync_reply_claiming_more_examples_than_declared_is_capped_to_the_declaration(tmp_path):
+    nodes = [FakeNode(1, num_examples=10, step=0.1), FakeNode(2, num_examples=30, step=0.2),
+             LyingNode(3, num_examples=60, step=0.3, lies=["examples"])]
+    run = lying_federation(tmp_path, nodes, SYNC, **{"min-nodes": 3})
+    summary = run.run()
+
+    assert summary["versions"] == 3 and summary["rejected_updates"] == 0
+    for rows in by_version(run.updates("accepted")).values():
+        assert {r["node"]: r["weight"] for r in rows} == pytest.approx({1: 0.1, 2: 0.3, 3: 0.6})  # 60 of 100, not ≈ 1
+        assert {r["node"]: r["examples_capped"] for r in rows} == {1: None, 2: None, 3: LIE_EXAMPLES}
+        assert {r["node"]: r["num_examples"] for r in rows} == {1: 10, 2: 30, 3: 60}
+    np.testing.assert_allclose(run.global_model()[f"dense/{HEAD}"], 3 * (0.01 + 0.06 + 0.18), rtol=1e-5)
+
+
+def test_sync_factors_scaled_ten_thousand_times_are_clipped_to_four_times_the_median(tmp_path):
+    def run_with(lie: str, **keys) -> Run:
+        nodes = [FakeNode(1, step=0.1), FakeNode(2, step=0.1), LyingNode(3, step=0.1, lies=[lie])]
+        run = lying_federation(tmp_path / f"{lie}{len(keys)}", nodes, SYNC, **{"min-nodes": 3, **keys})
+        run.run()
+        return run
+
+    honest, guarded, unguarded = run_with("none"), run_with("scale"), run_with("scale", **{"max-update-norm": -1})
+    rows = guarded.updates("accepted")
+    assert len(rows) == 9 and all(r["clipped"] is None for r in rows if r["node"] != 3)
+    for r in (r for r in rows if r["node"] == 3):
+        honest_norm = next(x["update_norm"] for x in rows if x["node"] == 1 and x["applied_version"] == r["applied_version"])
+        assert r["norm_bound"] == pytest.approx(4 * honest_norm, rel=1e-6)  # the lower median is an honest norm
+        assert r["clipped"] < 1e-3 and r["update_norm"] * r["clipped"] == pytest.approx(r["norm_bound"], rel=1e-5)
+    np.testing.assert_allclose(guarded.global_model()[f"dense/{HEAD}"], guarded_head(guarded, {1: 0.1, 2: 0.1, 3: 0.1}),
+                               rtol=1e-5)
+    # each round moves the factors by at most Σ w_i min(‖Δ_i‖, 4h) = (h + h + 4h)/3 = 2h, and the honest run (aligned
+    # steps) by exactly h: the guarded factors are at most twice as far from the start; unguarded ΔW grows 10⁶-fold
+    assert factor_distance(guarded) <= 2 * factor_distance(honest) * (1 + 1e-5)
+    assert delta_w_norm(guarded) < 10 * delta_w_norm(honest)
+    assert delta_w_norm(unguarded) > 1e6 * delta_w_norm(honest)
+
+
+@pytest.mark.parametrize("lie,reason", [
+    ("loss-nan", "node 2: absurd telemetry (`loss-mean` = nan is not a finite number >= 0); no trainer reports this, so "
+                 "the reply is not trusted and is rejected"),
+    ("loss-negative", "node 2: absurd telemetry (`loss-mean` = -1.0 is not a finite number >= 0); no trainer reports "
+                      "this, so the reply is not trusted and is rejected"),
+    ("duration-negative", "node 2: absurd telemetry (`duration-s` = -3.0 is not a finite number >= 0); no trainer "
+                          "reports this, so the reply is not trusted and is rejected"),
+    ("variance", "node 2: absurd telemetry (`loss-sq-mean` = 1.0 < `loss-mean`² = 4.0 (a negative variance)); no "
+                 "trainer reports this, so the reply is not trusted and is rejected"),
+    ("examples-nan", "node 2: `num-examples` = nan is not an integer; the reply is rejected"),
+    ("examples-fraction", "node 2: `num-examples` = 2.5 is not an integer; the reply is rejected"),
+    ("extra", f"node 2: update keys differ from what it was sent (missing [], unexpected ['{EXTRA_TENSOR}']); the "
+              "update is rejected."),
+])
+def test_sync_absurd_replies_are_rejected_with_the_reason_and_reach_no_weight(tmp_path, lie, reason):
+    nodes = [FakeNode(1, step=0.1), LyingNode(2, step=0.5, lies=[lie])]
+    run = lying_federation(tmp_path, nodes, SYNC)
+    summary = run.run()
+
+    assert summary["versions"] == 3
+    assert [(r["node"], r["reason"]) for r in run.updates("rejected")] == [(2, reason)] * 3
+    assert [(r["node"], r["weight"]) for r in run.updates("accepted")] == [(1, 1.0)] * 3
+    assert run.fed.nodes[2].telemetry == {}  # nothing of the lying reply reached the selector either
+    np.testing.assert_allclose(run.global_model()[f"dense/{HEAD}"], 0.3, rtol=1e-5)
+
+
+def test_sync_node_that_declared_a_huge_silo_at_join_gets_at_most_half_of_a_step(tmp_path):
+    # it declares 10^9 examples when it joins (so its replies' count is not capped): FedAvg would give it ≈ 1;
+    # with four updates the share bound is 1/2, and the other half goes to the others in proportion (1/6 each)
+    nodes = [FakeNode(1, step=0.1), FakeNode(2, step=0.2), FakeNode(3, step=0.3),
+             FakeNode(4, num_examples=10**9, step=0.4)]
+    run = lying_federation(tmp_path, nodes, SYNC, **{"min-nodes": 4, "clients-per-round": 4, "num-rounds": 2})
+    run.run()
+
+    for rows in by_version(run.updates("accepted")).values():
+        assert {r["node"]: r["weight"] for r in rows} == pytest.approx({1: 1 / 6, 2: 1 / 6, 3: 1 / 6, 4: 0.5})
+        assert {r["node"]: r["weight_capped_from"] for r in rows} == {1: pytest.approx(1e-8), 2: pytest.approx(1e-8),
+                                                                     3: pytest.approx(1e-8), 4: pytest.approx(1.0)}
+    np.testing.assert_allclose(run.global_model()[f"dense/{HEAD}"], 2 * (0.6 / 6 + 0.2), rtol=1e-5)
+    assert run.fed.aggregator.guard.summary() == {"max_weight_share": "auto", "max_update_norm": "adaptive (4 × median)"}
+
+
+def test_async_fedbuff_caps_lied_counts_and_clips_scaled_factors(tmp_path):
+    nodes = [FakeNode(1, delay=1.0, step=0.1), FakeNode(2, delay=1.5, step=0.2),
+             LyingNode(3, delay=2.0, step=0.1, lies=["scale", "examples"] * 4)]
+    run = lying_federation(tmp_path, nodes, ASYNC, **{"concurrency": 3, "buffer-size": 3, "min-nodes": 3,
+                                                      "num-rounds": 4})
+    summary = run.run()
+
+    assert summary["versions"] == 4 and summary["rejected_updates"] == 0
+    liar = run.updates("accepted", node=3)
+    assert [r["job"] for r in liar] and {r["examples_capped"] for r in liar[1::2]} == {LIE_EXAMPLES}
+    assert all(r["clipped"] is not None and r["clipped"] < 1e-3 for r in liar[0::2])
+    assert all(r["clipped"] is None for r in run.updates("accepted") if r["node"] != 3)
+    np.testing.assert_allclose(run.global_model()[f"dense/{HEAD}"], guarded_head(run, steps_of(nodes)), rtol=1e-5)
+
+
+def test_fedmedian_through_the_driver_ignores_a_scaling_liar_even_without_clipping(tmp_path):
+    nodes = [FakeNode(1, step=0.1), FakeNode(2, step=0.2), LyingNode(3, step=0.3, lies=["scale"])]
+    run = lying_federation(tmp_path, nodes, SYNC, **{"min-nodes": 3, "aggregation": "fedmedian",
+                                                     "max-update-norm": -1})
+    summary = run.run()
+
+    assert summary["versions"] == 3 and run.evaluator.initial_ranks == [32]  # built at max-rank, pinned to 2
+    assert all(r["weight"] == pytest.approx(1 / 3) and r["clipped"] is None for r in run.updates("accepted"))
+    model = run.global_model()
+    np.testing.assert_allclose(model[f"dense/{HEAD}"], 3 * 0.2, rtol=1e-5)  # the median of the heads' 0.1, 0.2, 0.3
+    init = FakeEvaluator().initial_adapter(32, LoraSpec(), 0)
+    agg = run.fed.aggregator
+    for layer, (a, b) in agg.factors.items():  # every factor coordinate moved by 0.1–0.2 per round, never 10⁴×
+        moved = np.concatenate([(a - init[f"{layer}.lora_A.weight"][:2]).ravel(), b.ravel()])
+        assert agg.rank == 2 and np.all(moved > 3 * 0.1 - 1e-5) and np.all(moved < 3 * 0.2 + 1e-5)
