@@ -13,6 +13,10 @@ def add_trainer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="silo file (CSV, JSONL or Parquet); omit to use a built-in partition")
     p.add_argument("--text-column", default="text", help="name of the text column in --data (default: text)")
     p.add_argument("--label-column", default="label", help="name of the label column in --data (default: label)")
+    p.add_argument("--cache-dir", default=None,
+                   help="where a --data file over 32 MiB is converted to a memory-mapped Arrow file (about the file's "
+                        "size; reused on restart): default $COROLLA_CACHE_DIR, else ~/.cache/huggingface/datasets/"
+                        "corolla-silos (follows HF_HOME / HF_DATASETS_CACHE)")
     p.add_argument("--partition-id", type=int, default=0, help="built-in partition when --data is omitted")
     p.add_argument("--num-partitions", type=int, default=1, help="number of built-in partitions")
     p.add_argument("--dirichlet-alpha", type=float, default=0.5, help="label skew of built-in partitions")

@@ -38,7 +38,8 @@ def build_trainer(args: argparse.Namespace) -> Trainer:
                     max_length=args.max_length, seed=args.seed)
     task = build_task(spec)
     if args.data:
-        ds = task.load_silo(args.data, args.text_column, args.label_column)
+        cache = {"cache_dir": args.cache_dir} if getattr(args, "cache_dir", None) else {}
+        ds = task.load_silo(args.data, args.text_column, args.label_column, **cache)
     else:
         ds = task.builtin_partition(args.partition_id, args.num_partitions, args.dirichlet_alpha)
     device = select_device(args.device)

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from corolla.client import training
-from corolla.client.tasks import Encoded, Task
+from corolla.client.tasks import Task
+from corolla.client.tasks.base import EncodedData
 from corolla.client.training import AdapterModel, EvalStats, TrainStats
 from corolla.proto import wire
 from corolla.spec import LoraSpec
@@ -88,23 +89,28 @@ def auto_rank(device: str, memory: int) -> int:
     return 4
 
 
-def data_digest(data: Encoded) -> int:
+def data_digest(data: EncodedData) -> int:
     """A 31-bit digest of a silo's encoded content, mixed into every job's seed.
 
     A node's randomness then depends on its data and the server's seed, never on
     the position it was picked in (simulation and deployment train alike).
+
+    Cheap for any size: the labels are hashed block by block (int64 bytes, the same
+    digest whether the silo is in memory or memory-mapped) plus the first 64 encoded rows.
     """
     h = hashlib.sha256()
-    h.update(data.labels.numpy().tobytes())
-    for k in sorted(data.inputs):
-        h.update(data.inputs[k][:64].numpy().tobytes())
+    for block in data.label_blocks():
+        h.update(block.tobytes())
+    head = data.head(64)
+    for k in sorted(head):
+        h.update(head[k].numpy().tobytes())
     return int.from_bytes(h.digest()[:4], "little") & 0x7FFFFFFF
 
 
 class Trainer:
     """One silo: a shared `AdapterModel`, the silo's encoded data and the node's LoRA rank."""
 
-    def __init__(self, model: AdapterModel, data: Encoded, rank: int, slowdown: float = 1.0) -> None:
+    def __init__(self, model: AdapterModel, data: EncodedData, rank: int, slowdown: float = 1.0) -> None:
         if slowdown < 1:
             raise TrainerError(f"--slowdown must be >= 1 (a factor of the real duration), got {slowdown}.")
         if model.task.uses_lora and rank < 1:

@@ -20,7 +20,7 @@ import torch
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
-from corolla.client.tasks.base import Encoded, Task
+from corolla.client.tasks.base import EncodedData, Task
 from corolla.spec import LoraSpec
 
 BASE_PREFIX = "base_model.model."
@@ -100,7 +100,7 @@ def _batches(n: int, batch_size: int) -> Iterator[torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, data: Encoded, device: torch.device, task: Task, batch_size: int = 64) -> EvalStats:
+def evaluate_model(model: nn.Module, data: EncodedData, device: torch.device, task: Task, batch_size: int = 64) -> EvalStats:
     """Mean cross-entropy and accuracy of `model` on all of `data`."""
     model.eval()
     total_loss, correct = 0.0, 0
@@ -196,7 +196,7 @@ class AdapterModel:
         self,
         arrays: Mapping[str, np.ndarray],
         rank: int,
-        data: Encoded,
+        data: EncodedData,
         *,
         lora: LoraSpec,
         steps: int,
@@ -252,7 +252,7 @@ class AdapterModel:
         )
         return self.state(rank, lora), stats
 
-    def evaluate(self, arrays: Mapping[str, np.ndarray], rank: int, data: Encoded, lora: LoraSpec) -> EvalStats:
+    def evaluate(self, arrays: Mapping[str, np.ndarray], rank: int, data: EncodedData, lora: LoraSpec) -> EvalStats:
         """Evaluate the adapter `arrays` at `rank` on `data`."""
         return evaluate_model(self.load(arrays, rank, lora), data, self.device, self.task)
 

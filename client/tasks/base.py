@@ -8,11 +8,14 @@ this class and register a name in `client.tasks.registry`; the server is untouch
 from __future__ import annotations
 
 import hashlib
+import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
 import datasets
+import numpy as np
 import torch
 from peft import LoraConfig
 from torch import nn
@@ -22,7 +25,7 @@ from corolla.spec import LoraSpec, TaskSpec
 
 @dataclass(frozen=True)
 class Encoded:
-    """A silo or test set as model-ready tensors (encoded once, reused every round)."""
+    """A silo or test set as model-ready tensors, all in memory (encoded once, reused every round)."""
 
     inputs: dict[str, torch.Tensor]
     labels: torch.Tensor
@@ -33,6 +36,62 @@ class Encoded:
     def batch(self, idx: torch.Tensor, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Return the rows `idx` on `device`."""
         return {k: v[idx].to(device) for k, v in self.inputs.items()}, self.labels[idx].to(device)
+
+    def head(self, n: int) -> dict[str, torch.Tensor]:
+        """The inputs of the first `n` rows (on the CPU)."""
+        return {k: v[:n] for k, v in self.inputs.items()}
+
+    def label_blocks(self) -> Iterator[np.ndarray]:
+        """Every label as int64, in row order, in consecutive blocks (here: one)."""
+        yield self.labels.numpy().astype(np.int64, copy=False)
+
+
+class LazyEncoded:
+    """A silo kept as a (memory-mapped) Dataset and encoded per batch: memory independent of its size.
+
+    Same interface as `Encoded` for the training loop (`len`, `batch`, `head`,
+    `label_blocks`). `encode_rows` turns a dict of column lists (`text`, ...) into the
+    model's input tensors; rows are encoded exactly as `Encoded` would hold them, so a
+    job trains alike on either.
+    """
+
+    def __init__(self, ds: datasets.Dataset, encode_rows: Callable[[dict[str, list]], dict[str, torch.Tensor]]) -> None:
+        self.ds = ds
+        self.encode_rows = encode_rows
+        self._lock = threading.Lock()  # fast tokenizers refuse concurrent calls ("Already borrowed")
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getstate__(self) -> dict:
+        return {"ds": self.ds, "encode_rows": self.encode_rows}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["ds"], state["encode_rows"])
+
+    def _rows(self, idx: list[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        rows = self.ds[idx]
+        with self._lock:
+            inputs = self.encode_rows(rows)
+        return inputs, torch.tensor(rows["label"], dtype=torch.long)
+
+    def batch(self, idx: torch.Tensor, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Read and encode the rows `idx`, return them on `device`."""
+        inputs, labels = self._rows(idx.tolist())
+        return {k: v.to(device) for k, v in inputs.items()}, labels.to(device)
+
+    def head(self, n: int) -> dict[str, torch.Tensor]:
+        """The inputs of the first `n` rows (on the CPU)."""
+        return self._rows(list(range(min(n, len(self)))))[0]
+
+    def label_blocks(self, block: int = 1 << 16) -> Iterator[np.ndarray]:
+        """Every label as int64, in row order, read `block` rows at a time from the Arrow column."""
+        for t in self.ds.select_columns(["label"]).with_format("arrow").iter(batch_size=block):
+            yield t.column(0).to_numpy().astype(np.int64, copy=False)
+
+
+#: what the training loop reads: a set held as tensors, or one encoded per batch
+EncodedData = Encoded | LazyEncoded
 
 
 class Task(ABC):
@@ -63,8 +122,8 @@ class Task(ABC):
         return model(**inputs).logits
 
     @abstractmethod
-    def encode(self, ds: datasets.Dataset) -> Encoded:
-        """Turn a Dataset with `text`/`label` columns into tensors."""
+    def encode(self, ds: datasets.Dataset) -> Encoded | LazyEncoded:
+        """Turn a Dataset with `text`/`label` columns into tensors (`Encoded`), or a `LazyEncoded` for a large one."""
 
     @abstractmethod
     def builtin_partition(self, partition_id: int, num_partitions: int, alpha: float) -> datasets.Dataset:
@@ -75,8 +134,8 @@ class Task(ABC):
         """Return the held-out global test split used for server-side evaluation."""
 
     @abstractmethod
-    def load_silo(self, path: str, text_column: str, label_column: str) -> datasets.Dataset:
-        """Load a user's silo file."""
+    def load_silo(self, path: str, text_column: str, label_column: str, cache_dir: str | None = None) -> datasets.Dataset:
+        """Load a user's silo file (a large one streamed into `cache_dir`, see `data.load_silo_file`)."""
 
     #: modules trained in full and exchanged (not part of the frozen base, so not fingerprinted)
     trained_modules: ClassVar[tuple[str, ...]] = ()

@@ -11,10 +11,16 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from corolla.client import data
-from corolla.client.tasks.base import Encoded, Task
+from corolla.client.tasks.base import Encoded, LazyEncoded, Task
 from corolla.spec import LoraSpec
 
 MODELS = ("minilm", "tiny-bert")
+#: a set is tokenized up front only up to this many tokens (rows × max-length; 8 Mi tokens = 128 MiB of tensors) ...
+EAGER_MAX_TOKENS = 8 * 2**20
+#: ... and this much text (tokenizing it takes seconds); larger sets are tokenized per batch (LazyEncoded)
+EAGER_MAX_TEXT_BYTES = 32 * 2**20
+#: rows tokenized per call when encoding up front
+ENCODE_CHUNK = 512
 
 
 @functools.lru_cache(maxsize=1)
@@ -78,15 +84,33 @@ class TextClassification(Task):
             modules_to_save=list(self.trained_modules),
         )
 
-    def encode(self, ds: datasets.Dataset) -> Encoded:
-        """Tokenize once to fixed-length tensors (an empty set gives zero rows, refused later by the trainer)."""
+    def _tokenize(self, rows: dict[str, list]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(
+            [str(t) for t in rows["text"]], truncation=True, padding="max_length", max_length=self.spec.max_length,
+            return_tensors="pt",
+        )
+        return {k: enc[k] for k in ("input_ids", "attention_mask")}
+
+    def encode(self, ds: datasets.Dataset) -> Encoded | LazyEncoded:
+        """Tokenize a small set once into fixed-length tensors; keep a large one on disk and tokenize per batch.
+
+        In memory (`Encoded`) when it holds at most EAGER_MAX_TOKENS tokens and
+        EAGER_MAX_TEXT_BYTES of text (the built-in corpora and their test splits, small
+        silos), tokenized ENCODE_CHUNK rows at a time so the tokenizer's per-text state
+        never holds the whole set. Otherwise `LazyEncoded`: the memory-mapped Dataset,
+        rows tokenized when a batch draws them. Both give identical tensors. An empty
+        set gives zero rows (refused later by the trainer).
+        """
         if len(ds) == 0:
             empty = torch.zeros((0, self.spec.max_length), dtype=torch.long)
             return Encoded(inputs={"input_ids": empty, "attention_mask": empty}, labels=torch.zeros(0, dtype=torch.long))
-        enc = self.tokenizer(
-            list(ds["text"]), truncation=True, padding="max_length", max_length=self.spec.max_length, return_tensors="pt"
-        )
-        inputs = {k: enc[k] for k in ("input_ids", "attention_mask")}
+        ds = ds.select_columns(["text", "label"])
+        table = ds.data
+        text_bytes = table.column("text").nbytes * len(ds) / max(table.num_rows, 1)
+        if len(ds) * self.spec.max_length > EAGER_MAX_TOKENS or text_bytes > EAGER_MAX_TEXT_BYTES:
+            return LazyEncoded(ds, self._tokenize)
+        parts = [self._tokenize(ds[i:i + ENCODE_CHUNK]) for i in range(0, len(ds), ENCODE_CHUNK)]
+        inputs = {k: torch.cat([p[k] for p in parts]) for k in ("input_ids", "attention_mask")}
         return Encoded(inputs=inputs, labels=torch.tensor(list(ds["label"]), dtype=torch.long))
 
     def builtin_partition(self, partition_id: int, num_partitions: int, alpha: float) -> datasets.Dataset:
@@ -104,6 +128,6 @@ class TextClassification(Task):
             raise data.SiloError(f"labels {list(self.spec.labels)} are your own classes, so there is no built-in data "
                                  "for them: give each client --data and the server `test-data`.")
 
-    def load_silo(self, path: str, text_column: str, label_column: str) -> datasets.Dataset:
-        """Load a CSV / JSONL / Parquet silo labelled with the configured corpus's class names."""
-        return data.load_silo_file(path, self.label_names, text_column, label_column)
+    def load_silo(self, path: str, text_column: str, label_column: str, cache_dir: str | None = None) -> datasets.Dataset:
+        """Load a CSV / JSONL / Parquet silo labelled with the configured corpus's class names (streamed when large)."""
+        return data.load_silo_file(path, self.label_names, text_column, label_column, cache_dir=cache_dir)
