@@ -115,6 +115,6 @@ class ImageClassification(Task):
         """The 10k test split."""
         return fashion_split()[1]
 
-    def load_silo(self, path: str, text_column: str, label_column: str) -> datasets.Dataset:
+    def load_silo(self, path: str, text_column: str, label_column: str, cache_dir: str | None = None) -> datasets.Dataset:
         """Image silos from files are not supported yet."""
         raise data.SiloError("the image task reads built-in Fashion-MNIST partitions only; omit --data.")
