@@ -1,4 +1,4 @@
-"""The `corolla` command: sim, server, client, trainer, report, status, keys, make-silos."""
+"""The `corolla` command: sim, server, superlink, run, nodes, keys, client, trainer, report, status, options, make-silos."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from corolla.config import ConfigError, RunConfig, parse_overrides
+from corolla.security import SecurityError
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
@@ -20,7 +21,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run directory (config.json, metrics.jsonl, report.md, curves.png)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a run-configuration key (repeatable); `corolla keys` lists them")
+                   help="override a run-configuration key (repeatable); `corolla options` lists them")
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
@@ -35,14 +36,98 @@ def cmd_sim(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tls(args: argparse.Namespace) -> dict[str, str | None]:
+    return {"ca": args.ssl_ca, "cert": args.ssl_cert, "key": args.ssl_key}
+
+
 def cmd_server(args: argparse.Namespace) -> int:
-    """Run a federation over real SuperNodes."""
+    """Run a federation over real SuperNodes: a SuperLink for one run."""
     from corolla.server.deployment import run_server
 
     cfg = _config(args)
-    tls = {"ca": args.ssl_ca, "cert": args.ssl_cert, "key": args.ssl_key} if args.ssl_ca else None
-    summary = run_server(cfg, args.fleet_address, tls=tls)
+    summary = run_server(cfg, args.fleet_address, flwr_home=Path(args.home) if args.home else None, tls=_tls(args),
+                         insecure=args.insecure, auth=args.auth, register=[Path(k) for k in args.register or []],
+                         control_port=args.control_port)
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_superlink(args: argparse.Namespace) -> int:
+    """Run a long-lived SuperLink in a home folder until signalled."""
+    import threading
+
+    from corolla.server import superlink
+
+    home = superlink.Home(Path(args.home).resolve())
+    saved = home.saved()
+    fleet = args.fleet_address or saved.get("fleet_address") or "0.0.0.0:9092"
+    tls: dict[str, str | None] = _tls(args)
+    insecure, auth = args.insecure, args.auth
+    if saved and not any(tls.values()) and not insecure:  # a restart keeps the home's transport unless told otherwise
+        tls, insecure = dict(saved.get("tls") or {}), not saved.get("tls")
+        auth = saved.get("auth") if auth is None else auth
+    files, auth_on = superlink.transport(fleet, tls=tls, insecure=insecure, auth=auth)
+    port = args.control_port or saved.get("control_port") or superlink.DEFAULT_CONTROL_PORT
+    settings = superlink.LinkSettings(fleet_address=fleet, control_port=int(port), tls=files, auth=auth_on)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return superlink.serve(home, settings, stop)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Submit one run to the SuperLink of a home folder and stream its progress."""
+    from corolla.server import superlink
+
+    cfg = _config(args)
+    cfg.check_deployment()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    code = superlink.submit_run(superlink.Home(Path(args.home).resolve()), cfg.to_mapping(), out,
+                                timeout=args.timeout or None)
+    summary = out / "summary.json"
+    if code != 0 or not summary.exists():
+        raise RuntimeError(f"the run failed (flwr run exited {code}); see {Path(args.home) / 'superlink.log'}")
+    print(summary.read_text())
+    return 0
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    """Register, unregister or list SuperNode keys of a home's SuperLink."""
+    from corolla.server import superlink
+
+    home = superlink.Home(Path(args.home).resolve())
+    if args.action == "register":
+        for key in args.keys:
+            name, node_id = superlink.register(home, Path(key), args.name if len(args.keys) == 1 else None)
+            print(f"registered {name} as node {node_id}")
+    elif args.action == "unregister":
+        for who in args.nodes:
+            name, node_id = superlink.unregister(home, who)
+            print(f"unregistered {name or 'node'} {node_id}: a SuperNode with that key is dropped and exits")
+    else:
+        listing = superlink.list_nodes(home)
+        print(json.dumps(listing, indent=2) if args.json else superlink.format_nodes(listing))
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Make TLS certificates (`keys ca`) or a SuperNode key pair (`keys node`)."""
+    from corolla import security
+
+    out = Path(args.out)
+    if args.kind == "ca":
+        paths = security.make_ca(out, args.host, days=args.days)
+        print(f"CA {paths['ca']} (kept if it existed), server certificate {paths['cert']} for "
+              f"{', '.join(dict.fromkeys([*args.host, *security.LOOPBACK_NAMES]))}, key {paths['key']}")
+        print(f"server: corolla superlink --ssl-ca {paths['ca']} --ssl-cert {paths['cert']} --ssl-key {paths['key']} ...")
+        print(f"nodes:  copy {paths['ca']} to every node: corolla client --root-certificates ca.crt ...")
+    else:
+        for name in args.names:
+            private, public = security.make_node_key(out, name, force=args.force)
+            _, fp = security.read_public_key(public)
+            print(f"{name}: private key {private} (stays on the node: --auth-key), public key {public} ({fp}) "
+                  "for the server: corolla nodes register --home DIR " + public.name)
     return 0
 
 
@@ -82,7 +167,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print()
 
 
-def cmd_keys(args: argparse.Namespace) -> int:
+def cmd_options(args: argparse.Namespace) -> int:
     """List every run-configuration key with its default and meaning, then each component choice."""
     import dataclasses
 
@@ -109,6 +194,19 @@ def cmd_make_silos(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_link_args(s: argparse.ArgumentParser) -> None:
+    """TLS, plaintext and node-authentication options of a SuperLink."""
+    s.add_argument("--ssl-ca", help="CA certificate (TLS, with --ssl-cert/--ssl-key; `corolla keys ca` makes them)")
+    s.add_argument("--ssl-cert", help="server certificate naming the fleet address's host and 127.0.0.1")
+    s.add_argument("--ssl-key", help="server private key")
+    s.add_argument("--insecure", action="store_true",
+                   help="plaintext on a non-loopback fleet address (anyone reaching the port can join and read)")
+    s.add_argument("--auth", action=argparse.BooleanOptionalAction, default=None,
+                   help="node authentication: only registered keys join (needs TLS; default: on with TLS off loopback)")
+    s.add_argument("--control-port", type=int, default=0,
+                   help="port of the Control/Runtime API on 127.0.0.1 (kept in the home; default 9093 for a new home)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the `corolla` argument parser."""
     from corolla.client.args import add_trainer_args
@@ -125,20 +223,65 @@ def build_parser() -> argparse.ArgumentParser:
                    "clients mostly wait (speed profiles)")
     s.set_defaults(fn=cmd_sim)
 
-    s = sub.add_parser("server", help="start a SuperLink and run the federation over real SuperNodes")
+    s = sub.add_parser("server", help="start a SuperLink for one run over real SuperNodes, then stop it")
     _add_config_args(s)
     s.add_argument("--fleet-address", default="0.0.0.0:9092", help="where SuperNodes connect (gRPC Fleet API)")
-    s.add_argument("--ssl-ca", help="CA certificate (enables TLS with --ssl-cert/--ssl-key)")
-    s.add_argument("--ssl-cert")
-    s.add_argument("--ssl-key")
+    _add_link_args(s)
+    s.add_argument("--home", help="keep the SuperLink's state (registered keys) in this folder (default: OUT/.flwr)")
+    s.add_argument("--register", action="append", metavar="KEY.pub",
+                   help="register this node public key once the SuperLink listens (repeatable)")
     s.set_defaults(fn=cmd_server)
+
+    s = sub.add_parser("superlink", help="run a long-lived SuperLink in a home folder; submit runs with `corolla run`")
+    s.add_argument("--home", required=True, help="folder of its state database, log, settings and `flwr` connection")
+    s.add_argument("--fleet-address", default=None,
+                   help="where SuperNodes connect (gRPC Fleet API; default: the home's, else 0.0.0.0:9092)")
+    _add_link_args(s)
+    s.set_defaults(fn=cmd_superlink)
+
+    s = sub.add_parser("run", help="submit one run to the SuperLink of a home folder and stream its progress")
+    s.add_argument("--home", required=True, help="the home folder of a running `corolla superlink`")
+    _add_config_args(s)
+    s.add_argument("--timeout", type=float, default=0.0, help="stop the run after this many seconds (0: no limit)")
+    s.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("nodes", help="register, unregister or list SuperNode keys (run on the server host)")
+    nodes = s.add_subparsers(dest="action", required=True)
+    n = nodes.add_parser("register", help="allow the nodes holding these keys' private halves to join")
+    n.add_argument("keys", nargs="+", metavar="KEY.pub", help="node public keys (`corolla keys node`)")
+    n.add_argument("--name", help="name of the node (default: the key file's name without .pub)")
+    n.add_argument("--home", required=True)
+    n = nodes.add_parser("unregister", help="revoke nodes: a running SuperNode with that key is dropped and exits")
+    n.add_argument("nodes", nargs="+", metavar="NAME|NODE_ID")
+    n.add_argument("--home", required=True)
+    n = nodes.add_parser("list", help="registered nodes, their status, and refused join attempts")
+    n.add_argument("--home", required=True)
+    n.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(fn=cmd_nodes)
+
+    s = sub.add_parser("keys", help="make TLS certificates (`keys ca`) or SuperNode key pairs (`keys node`)")
+    keys = s.add_subparsers(dest="kind", required=True)
+    k = keys.add_parser("ca", help="a CA (kept if OUT/ca.key exists) and a server certificate for --host")
+    k.add_argument("out", help="folder to write ca.crt, ca.key, server.crt, server.key")
+    k.add_argument("--host", action="append", required=True,
+                   help="IP address or DNS name the SuperNodes dial (repeatable); 127.0.0.1 and localhost are added")
+    k.add_argument("--days", type=int, default=825, help="validity of the server certificate")
+    k = keys.add_parser("node", help="a SuperNode's ECDSA P-384 key pair: OUT/NAME (private) and OUT/NAME.pub")
+    k.add_argument("out")
+    k.add_argument("names", nargs="+", metavar="NAME")
+    k.add_argument("--force", action="store_true", help="replace an existing key pair")
+    s.set_defaults(fn=cmd_keys)
 
     s = sub.add_parser("client", help="start a silo: its trainer and a SuperNode connected to the server")
     s.add_argument("--superlink", required=True, help="server's Fleet API address, e.g. 10.0.0.5:9092")
     add_trainer_args(s)
     s.add_argument("--node-port", type=int, default=0, help="the SuperNode's local API port (0: free port)")
-    s.add_argument("--root-certificates", help="CA certificate for TLS to the SuperLink")
-    s.add_argument("--auth-key", help="node private key (SuperNode authentication)")
+    s.add_argument("--root-certificates", help="the server's ca.crt: TLS to the SuperLink (required off loopback unless "
+                   "--insecure)")
+    s.add_argument("--insecure", action="store_true", help="plaintext to a SuperLink that is not on loopback")
+    s.add_argument("--auth-key", help="this node's private key (`corolla keys node`; its .pub registered on the server)")
+    s.add_argument("--max-wait-time", type=float, default=0.0,
+                   help="give up after this many seconds without the SuperLink (0: keep reconnecting)")
     s.add_argument("--flwr-home", help="Flower's state folder for this node (default ~/.flwr)")
     s.add_argument("--poll-interval", type=float, default=0.5,
                    help="seconds an idle SuperNode waits between polls of the SuperLink (Flower's default: 3)")
@@ -159,8 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--watch", type=float, default=0.0, metavar="SECONDS", help="repeat every SECONDS until the run ends")
     s.set_defaults(fn=cmd_status)
 
-    s = sub.add_parser("keys", help="list run-configuration keys")
-    s.set_defaults(fn=cmd_keys)
+    s = sub.add_parser("options", help="list run-configuration keys and component choices")
+    s.set_defaults(fn=cmd_options)
 
     s = sub.add_parser("make-silos", help="write built-in Dirichlet partitions as silo files")
     s.add_argument("--out", required=True)
@@ -182,7 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         sys.stderr.write(f"corolla: configuration error: {e}\n")
         return 2
-    except (RuntimeError, TimeoutError, FileNotFoundError) as e:  # StatusError and silo errors included
+    except SecurityError as e:  # a certificate, key or transport choice, with its fix
+        sys.stderr.write(f"corolla: {e}\n")
+        return 2
+    except (RuntimeError, TimeoutError, FileNotFoundError) as e:  # StatusError, LinkError and silo errors included
         sys.stderr.write(f"corolla: {e}\n")
         return 1
 

@@ -146,12 +146,18 @@ def flwr_run(connection: str, run_config: Mapping[str, Any], env: Mapping[str, s
 
 def start_superlink(flwr_home: Path, *, simulation: bool, log_path: Path, fleet_address: str | None = None,
                     http_port: int | None = None, tls: Mapping[str, str] | None = None,
-                    extra: Sequence[str] = ()) -> tuple[subprocess.Popen, str]:
-    """Start `flower-superlink`; return the process and the address `flwr` connects to (its HTTP API)."""
+                    extra: Sequence[str] = (), database: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """Start `flower-superlink`; return the process and the address `flwr` connects to (its HTTP API).
+
+    The HTTP API (Runtime and Control, one port in Flower 1.39) listens on 127.0.0.1 only:
+    `flwr` commands run on the server host. State lives in `database` (default
+    FLWR_HOME/state.db), so registered nodes and runs survive a restart.
+    """
     host = "127.0.0.1"
     http_port = http_port or free_port()
+    flwr_home.mkdir(parents=True, exist_ok=True)
     cmd = [str(BIN / "flower-superlink"), "--host", host, "--port", str(http_port),
-           "--control-api-address", f"{host}:{free_port()}", "--database", str(flwr_home / "state.db")]
+           "--database", str(database or flwr_home / "state.db")]
     if tls:
         cmd += ["--ssl-ca-certfile", tls["ca"], "--ssl-certfile", tls["cert"], "--ssl-keyfile", tls["key"]]
     else:

@@ -61,7 +61,7 @@ def test_installs_beside_proto_plus_and_both_import(wheel, tmp_path):
 
 
 LIGHT = [
-    ["-m", "corolla.cli", "keys"],
+    ["-m", "corolla.cli", "options"],
     ["-m", "corolla.cli", "status", "{run}"],
     ["-m", "corolla.cli", "report", "{run}"],
     ["-c", "import corolla.client.app, corolla.server.federation, corolla.server.sync_driver, "
@@ -69,9 +69,9 @@ LIGHT = [
 ]
 
 
-@pytest.mark.parametrize("argv", LIGHT, ids=["keys", "status", "report", "shim+server+strategies"])
+@pytest.mark.parametrize("argv", LIGHT, ids=["options", "status", "report", "shim+server+strategies"])
 def test_light_commands_and_the_shim_start_without_torch(argv, tmp_path):
-    """`corolla keys/status/report`, the ClientApp shim and the server's drivers never import torch or transformers."""
+    """`corolla options/status/report`, the ClientApp shim and the server's drivers never import torch or transformers."""
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text("{}\n")
