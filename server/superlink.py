@@ -373,7 +373,8 @@ def _flwr(home: Home, *args: str) -> dict[str, Any]:
     except json.JSONDecodeError:
         data = {}
     if r.returncode != 0 or not data.get("success", False):
-        reason = data.get("error-message") or data.get("error") or (r.stderr or r.stdout).strip().splitlines()[-1:]
+        tail = (r.stderr or r.stdout).strip().splitlines()
+        reason = data.get("error-message") or data.get("error") or (tail[-1] if tail else f"exit code {r.returncode}")
         raise LinkError(f"flwr supernode {args[0]} failed: {reason}")
     return data
 
