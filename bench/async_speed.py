@@ -9,8 +9,16 @@ budget and 8 concurrent clients. Reports time to each target accuracy (and the
 ratio against sync FedAvg measured in the same run), final accuracy, the
 stability drop, and whether the issue's targets were met.
 
+`--clock virtual` runs the same methods on the virtual-clock simulator instead
+(`corolla sim --clock virtual`, in-process, one job at a time): each job takes
+local-steps × `--step-s` × its tier in *simulated* seconds, so the budget and every
+time to target are simulated seconds, independent of the host's CPU contention, and
+a run repeats exactly from its seed. Results go to `<name>_virtual` unless `--name`
+is given; each run's real seconds are reported too.
+
     .venv/bin/python bench/async_speed.py [--seeds 0 1 2] [--budget 150] [--targets 0.7 0.75 0.8]
     .venv/bin/python bench/async_speed.py --task text --seeds 0 --budget 300 --targets 0.5 0.6 --name async_speed_text
+    .venv/bin/python bench/async_speed.py --clock virtual [--step-s 0.05] [--seeds 0 1 2] [--budget 150]
 """
 
 from __future__ import annotations
@@ -51,6 +59,13 @@ VARIANTS = {
 METHODS["fedfix"] = VARIANTS["fedfix-dt4-lr2"]  # the sweep's best: 20.2 s to 0.70, against 34.3 s for Δt = 2, η_g = 1
 
 
+def sim_command(run: Path, nodes: int, cfg: dict, clock: str) -> list[str]:
+    """The `corolla sim` command of one run: Ray with 8 actors (real clock), or the in-process virtual clock."""
+    cmd = [sys.executable, "-m", "corolla.cli", "sim", "--out", str(run), "--nodes", str(nodes)]
+    cmd += ["--cpus", "8"] if clock == "real" else ["--clock", "virtual"]
+    return cmd + [x for k, v in cfg.items() for x in ("--set", f"{k}={v}")]
+
+
 def time_to(evals: list[dict], target: float) -> float | None:
     t0 = evals[0]["wall_s"]
     return next((e["wall_s"] - t0 for e in evals if e["accuracy"] >= target), None)
@@ -66,8 +81,16 @@ def main() -> None:
     p.add_argument("--task", choices=list(TASKS), default="image")
     p.add_argument("--reuse", action="store_true", help="keep runs whose summary.json already exists")
     p.add_argument("--report-only", action="store_true", help="only rewrite the report from the finished runs")
-    p.add_argument("--name", default="async_speed", help="name of the result files in bench/results/")
+    p.add_argument("--name", default=None, help="name of the result files in bench/results/ (default: async_speed, "
+                   "or async_speed_virtual with --clock virtual)")
+    p.add_argument("--clock", choices=["real", "virtual"], default="real",
+                   help="real: Ray, wall-clock seconds; virtual: the discrete-event simulator, simulated seconds")
+    p.add_argument("--step-s", type=float, default=0.05,
+                   help="virtual clock: simulated seconds per local step of a 1x client (virtual-step-s)")
+    p.add_argument("--real-timeout", type=float, default=3600.0,
+                   help="virtual clock: real seconds one run may take before it is stopped")
     args = p.parse_args()
+    args.name = args.name or ("async_speed" if args.clock == "real" else "async_speed_virtual")
     out = RESULTS / args.name
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[Path]] = {m: [] for m in args.methods}
@@ -84,12 +107,13 @@ def main() -> None:
                 continue
             cfg = {**COMMON, **{**METHODS, **VARIANTS}[m], **TASKS[args.task], "seed": seed, "time-budget": args.budget,
                    "min-nodes": args.nodes}
-            cmd = [sys.executable, "-m", "corolla.cli", "sim", "--out", str(run), "--nodes", str(args.nodes),
-                   "--cpus", "8"] + [x for k, v in cfg.items() for x in ("--set", f"{k}={v}")]
+            if args.clock == "virtual":
+                cfg["virtual-step-s"] = args.step_s
             print(f"running {m} seed {seed} ...", flush=True)
-            proc = launch.start(cmd, launch.flower_env(run / ".home"), log_path=out / f"{m}-{seed}.log")
+            proc = launch.start(sim_command(run, args.nodes, cfg, args.clock), launch.flower_env(run / ".home"),
+                                log_path=out / f"{m}-{seed}.log")
             try:
-                proc.wait(timeout=args.budget + 600)
+                proc.wait(timeout=args.budget + 600 if args.clock == "real" else args.real_timeout)
             finally:
                 launch.stop(proc)
             if proc.returncode != 0:
@@ -100,6 +124,8 @@ def main() -> None:
 def report(runs: dict[str, list[Path]], args: argparse.Namespace) -> None:
     """Write the tables (outcome per method; time to each target), the target checks and the plot."""
     results, rows, groups = {}, [], {}
+    clock = getattr(args, "clock", "real")
+    unit = "simulated s" if clock == "virtual" else "s"
     data = {m: [read_run(d) for d in dirs] for m, dirs in runs.items()}
     for m, runs_m in data.items():
         times = {f"{t:.2f}": [time_to(ev, t) for _, ev in runs_m] for t in args.targets}
@@ -112,7 +138,7 @@ def report(runs: dict[str, list[Path]], args: argparse.Namespace) -> None:
                     f"{mean_spread([float(s['versions']) for s, _ in runs_m])} |")
     outcome = ["| method | final accuracy | peak accuracy | stability drop | late-run std | versions |",
                "|---|---|---|---|---|---|", *rows]
-    timing = ["| method | " + " | ".join(f"to {t:.2f}: s (reached) · vs sync" for t in args.targets) + " |",
+    timing = ["| method | " + " | ".join(f"to {t:.2f}: {unit} (reached) · vs sync" for t in args.targets) + " |",
               "|---|" + "---|" * len(args.targets)]
     for m in data:
         cells = []
@@ -123,17 +149,23 @@ def report(runs: dict[str, list[Path]], args: argparse.Namespace) -> None:
                          f"{speedup(results, m, t, args.budget)}")
         timing.append(f"| {m} | " + " | ".join(cells) + " |")
     checks = [line for t in args.targets for line in target_checks(results, t, args.budget)]
+    if clock == "virtual":
+        real = {m: [s.get("real_s") for s, _ in runs_m] for m, runs_m in data.items()}
+        checks.append("- virtual clock (`corolla sim --clock virtual`, virtual-step-s = "
+                      f"{getattr(args, 'step_s', 0.05):g}): every time above is simulated seconds; real seconds per "
+                      "run: " + ", ".join(f"{m} {mean_spread([x for x in r if x is not None])}" for m, r in real.items()))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.md").write_text(
         f"# Slow clients (tiers 1/2/5/10×), {TASKS[args.task]['model']} on {TASKS[args.task]['dataset']}, "
-        f"{args.nodes} clients, 8 concurrent, {args.budget:.0f} s budget, seeds {args.seeds}\n\n"
+        f"{args.nodes} clients, 8 concurrent, {args.budget:.0f} {unit} budget, {clock} clock, seeds {args.seeds}\n\n"
         + "\n".join(outcome) + "\n\nTime to each target accuracy (mean ± std over the seeds that reached it) and the "
         "speed-up against synchronous FedAvg (ratio of mean times; `≥` where sync did not reach the target within "
         "the budget in some seed, counted as the budget):\n\n" + "\n".join(timing) + "\n\n" + "\n".join(checks)
         + f"\n\n![curves]({args.name}.png)\n")
     (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=2))
-    plot_groups(groups, "t", RESULTS / f"{args.name}.png", "accuracy against wall-clock, 10× speed spread",
-                "seconds since training started")
+    plot_groups(groups, "t", RESULTS / f"{args.name}.png",
+                f"accuracy against {'simulated time' if clock == 'virtual' else 'wall-clock'}, 10× speed spread",
+                f"{'simulated ' if clock == 'virtual' else ''}seconds since training started")
     print("\n".join(outcome + [""] + timing + [""] + checks))
 
 

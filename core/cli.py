@@ -15,6 +15,8 @@ from corolla.security import SecurityError
 def _config(args: argparse.Namespace) -> RunConfig:
     values = parse_overrides(args.set or [])
     values["out-dir"] = str(Path(args.out).resolve())
+    if getattr(args, "clock", None):
+        values["clock"] = args.clock
     return RunConfig.from_mapping(values)
 
 
@@ -25,15 +27,35 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
-    """Run a Ray-simulated federation."""
-    from corolla.server.simulate import run_simulation
-
+    """Run a simulated federation: Ray on the real clock, or in-process on the virtual clock."""
     cfg = _config(args)
-    summary = run_simulation(cfg, num_supernodes=args.nodes, cpus_per_client=args.cpus_per_client,
-                             total_cpus=args.cpus)
+    if cfg.clock == "virtual":
+        summary = _run_virtual(cfg, args)
+    else:
+        from corolla.server.simulate import run_simulation
+
+        summary = run_simulation(cfg, num_supernodes=args.nodes, cpus_per_client=args.cpus_per_client,
+                                 total_cpus=args.cpus)
     print(json.dumps(summary, indent=2))
     print(f"report: {Path(cfg.out_dir) / 'report.md'}")
     return 0
+
+
+def _run_virtual(cfg: RunConfig, args: argparse.Namespace) -> dict:
+    """The discrete-event simulator: the server and the real ClientApp in this process, one job at a time."""
+    import logging
+
+    import torch
+
+    from corolla.client.app import app as client_app
+    from corolla.logs import setup_logging
+    from corolla.server.virtual import run_virtual
+
+    setup_logging()
+    for name in ("corolla.client", "corolla.corolla.client"):  # one line per evaluation, not one per job
+        logging.getLogger(name).setLevel(logging.WARNING)
+    torch.set_num_threads(args.cpus_per_client)
+    return run_virtual(cfg, args.nodes, client_app)
 
 
 def _tls(args: argparse.Namespace) -> dict[str, str | None]:
@@ -214,10 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="corolla", description="Federated LoRA fine-tuning on Flower.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("sim", help="run a Ray-simulated federation")
+    s = sub.add_parser("sim", help="run a simulated federation (Ray, or the virtual-clock simulator)")
     _add_config_args(s)
     s.add_argument("--nodes", type=int, default=20, help="simulated SuperNodes (silos)")
-    s.add_argument("--cpus-per-client", type=int, default=1, help="CPUs per Ray actor")
+    s.add_argument("--clock", choices=["real", "virtual"], default=None,
+                   help="real (default): Ray actors on the wall clock, slow clients sleep; virtual: a discrete-event "
+                   "simulation in this process where each job takes local-steps × virtual-step-s × its slowdown "
+                   "simulated seconds, independent of the host (sets the `clock` key)")
+    s.add_argument("--cpus-per-client", type=int, default=1,
+                   help="CPUs per Ray actor (virtual clock: torch threads of the one job running at a time)")
     s.add_argument("--cpus", type=int, default=None,
                    help="logical CPUs Ray may use = concurrent actors (default: all cores); raise it when simulated "
                    "clients mostly wait (speed profiles)")

@@ -20,6 +20,7 @@ from corolla.strategies.robust import GuardConfig
 MODES = ("sync", "async")
 SPEED_PROFILES = ("none", "tiers", "lognormal")
 RANK_ASSIGNMENTS = ("tier", "random")
+CLOCKS = ("real", "virtual")
 #: keys that describe the simulated fleet: a deployment's nodes bring their own rank, data and speed
 SIMULATION_ONLY = "simulation"
 
@@ -133,6 +134,16 @@ class RunConfig:
                                                              scope=SIMULATION_ONLY))
     speed_sigma: float = field(default=1.0, metadata=_h("σ of the `lognormal` slowdown profile", low=0.0,
                                                         scope=SIMULATION_ONLY))
+    clock: str = field(default="real", metadata=_h(
+        "simulation clock: real (Ray; slow clients sleep) or virtual (discrete-event, in-process: each job takes "
+        "local-steps × virtual-step-s × its slowdown on a simulated clock); `corolla sim --clock`", CLOCKS,
+        scope=SIMULATION_ONLY))
+    virtual_step_s: float = field(default=0.05, metadata=_h(
+        "simulated seconds per local step of a 1× client (0: measure once, from the first job)", low=0.0,
+        when="clock=virtual", scope=SIMULATION_ONLY))
+    virtual_jitter: float = field(default=0.0, metadata=_h(
+        "σ of a seeded lognormal factor on every simulated job duration (0: none)", low=0.0, when="clock=virtual",
+        scope=SIMULATION_ONLY))
     eval_every: int = field(default=1, metadata=_h("evaluate the global model every N versions", low=1))
     eval_examples: int = field(default=0, metadata=_h("evaluate on the first N test examples (0: all)", low=0))
     eval_interval: float = field(default=0.0, metadata=_h("evaluate at most every N seconds (0: every eval-every)",
