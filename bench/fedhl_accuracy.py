@@ -115,12 +115,15 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     p.add_argument("--report-only", action="store_true", help="rewrite the tables and plots from the existing runs")
+    p.add_argument("--reuse", action="store_true", help="keep finished runs of an earlier invocation")
     p.add_argument("--name", default="fedhl_accuracy", help="name of the results (bench/results/NAME.md/.json, runs in NAME/)")
     args = p.parse_args()
     global RESULT_NAME
     RESULT_NAME = args.name
     out = RESULTS / args.name
     jobs = [(m, d, s, str(out / f"{d}-{m}-{s}")) for s in args.seeds for d in args.datasets for m in args.methods]
+    if args.reuse:  # a cell whose run finished (summary.json) is not run again
+        jobs = [j for j in jobs if not (Path(j[3]) / "summary.json").exists()]
     t0 = time.monotonic()
     if args.report_only:
         total = json.loads((RESULTS / f"{args.name}.json").read_text())["total_s"]

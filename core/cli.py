@@ -17,13 +17,33 @@ def _config(args: argparse.Namespace) -> RunConfig:
     values["out-dir"] = str(Path(args.out).resolve())
     if getattr(args, "clock", None):
         values["clock"] = args.clock
-    return RunConfig.from_mapping(values)
+    if getattr(args, "resume", False) or getattr(args, "overwrite", False):
+        values["existing-run"] = "resume" if args.resume else "overwrite"
+    cfg = RunConfig.from_mapping(values)
+    _check_run_dir(Path(cfg.out_dir), cfg.existing_run)
+    return cfg
+
+
+def _check_run_dir(out: Path, existing: str) -> None:
+    """Refuse before starting any process: an earlier run is never overwritten or continued silently."""
+    from corolla.server.records import RECORDS
+
+    earlier = any((out / n).exists() for n in (*RECORDS, "summary.json", "checkpoint.json"))
+    if earlier and existing == "refuse":
+        raise ConfigError(f"{out} holds an earlier run; continue it with --resume or replace it with --overwrite")
+    if existing == "resume" and not (out / "checkpoint.json").exists():
+        raise ConfigError(f"{out} holds no checkpoint to resume (a run writes one after each aggregation); "
+                          "start it without --resume")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run directory (config.json, metrics.jsonl, report.md, curves.png)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a run-configuration key (repeatable); `corolla options` lists them")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--resume", action="store_true",
+                     help="continue the run in --out from its last checkpoint (same configuration; num-rounds may grow)")
+    how.add_argument("--overwrite", action="store_true", help="replace the run in --out")
 
 
 def cmd_sim(args: argparse.Namespace) -> int:

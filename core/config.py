@@ -18,6 +18,7 @@ from corolla.strategies.registry import ASYNC_RULES, REGISTRIES, component_optio
 from corolla.strategies.robust import GuardConfig
 
 MODES = ("sync", "async")
+EXISTING_RUN = ("refuse", "overwrite", "resume")
 SPEED_PROFILES = ("none", "tiers", "lognormal")
 RANK_ASSIGNMENTS = ("tier", "random")
 CLOCKS = ("real", "virtual")
@@ -78,6 +79,9 @@ class RunConfig:
     label_column: str = field(default="label", metadata=_h("label column of test-data"))
     max_length: int = field(default=64, metadata=_h("tokens per example", low=8))
     out_dir: str = field(default="runs/latest", metadata=_h("run directory (metrics, report, plots)"))
+    existing_run: str = field(default="refuse", metadata=_h(
+        "an earlier run in out-dir: refuse, overwrite it, or resume it from its checkpoint (--overwrite/--resume)",
+        EXISTING_RUN))
     mode: str = field(default="sync", metadata=_h("driver loop", MODES))
     aggregation: str = _choice("aggregation", "auto", "aggregation rule (auto: fedavg at one rank, fedhl for mixed)",
                                extra=("auto",))

@@ -39,7 +39,14 @@ def run_async(fed: Federation) -> dict:
     log.info("guard: %s", fed.aggregator.guard.summary())
     if isinstance(fed.aggregator, FedHL):  # keep the SVDs of every version a reply may still start from
         fed.aggregator.keep_versions = max(2, cfg.max_staleness + 1 if cfg.max_staleness >= 0 else cfg.concurrency)
-    rule = build_rule(cfg, fed.aggregator, clock.monotonic())
+    if fed.resumed and fed.resumed.get("rule") is not None:  # the buffer of received, unapplied updates survives
+        rule = fed.resumed["rule"]
+        rule.shift_clock(clock.monotonic() - float(fed.resumed["clock"]))
+        for job in fed.resumed.get("in_flight", []):
+            fed.record_update(None, job["node"], "failed", f"node {job['node']}: its job from version "
+                              f"{job['version']} was in flight when the server stopped; the reply is lost")
+    else:
+        rule = build_rule(cfg, fed.aggregator, clock.monotonic())
     log.info("async: %s, concurrency %d", rule.summary(), cfg.concurrency)
     in_flight: dict[str, Job] = {}
     answered: set[str] = set()
@@ -109,6 +116,8 @@ def run_async(fed: Federation) -> dict:
                 last_eval = clock.monotonic()
                 fed.evaluate(clients=len(step.updates), in_flight=len(in_flight),
                              mean_staleness=sum(step.staleness) / len(step.staleness))
+            fed.checkpoint(rule=rule, in_flight=[{"node": j.node_id, "version": j.dispatch.version}
+                                                 for j in in_flight.values()])
         deadline = rule.next_deadline()
         if deadline is not None:  # e.g. FedFix's next boundary: a virtual clock must stop there, not jump past it
             clock.wake_at(deadline)

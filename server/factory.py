@@ -10,6 +10,7 @@ import numpy as np
 from corolla.config import ConfigError, RunConfig
 from corolla.strategies import AGGREGATORS, ASYNC_RULES, SELECTORS, SERVER_OPTIMIZERS, STALENESS, HeteRoSelectConfig, OortConfig
 from corolla.strategies.base import Aggregator, Selector
+from corolla.strategies.fedavg import FedAvg
 from corolla.strategies.fedbuff import AsyncRule
 
 
@@ -23,7 +24,7 @@ def resolve_aggregation(cfg: RunConfig, ranks: list[int]) -> tuple[str, int]:
     name = cfg.aggregation
     if name == "auto":
         name = "fedavg" if len(set(ranks)) <= 1 else "fedhl"
-    if name == "fedavg":
+    if issubclass(AGGREGATORS[name].cls, FedAvg):  # one rank for all (FedAvg, FedMedian, FedTrimmedAvg)
         return name, ranks[0] if ranks else cfg.lora_rank
     if 0 in ranks:
         raise ConfigError(f"aggregation `{name}` needs LoRA clients; this task trains the full model: use fedavg.")

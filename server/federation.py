@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 from flwr.app import Message
@@ -17,13 +18,13 @@ from flwr.serverapp import Grid
 
 from corolla.config import ConfigError, RunConfig
 from corolla.proto import wire
-from corolla.server import codec
+from corolla.server import checkpoint, codec
 from corolla.server.clock import Clock, SystemClock
 from corolla.server.codec import JobConfig, RejectedReply
 from corolla.server.evaluation import Evaluator
 from corolla.server.factory import build_aggregator, build_selector, resolve_aggregation
 from corolla.server.nodes import NodeInfo, NodeRegistry
-from corolla.server.records import RunRecorder
+from corolla.server.records import RECORDS, RunRecorder
 from corolla.strategies import Aggregator, Candidate, ClientUpdate, Dispatch
 from corolla.strategies.exceptions import StrategyError
 from corolla.strategies.robust import GuardNote
@@ -51,7 +52,12 @@ class Federation:
         self.grid = grid
         self.clock = clock or SystemClock()
         self.evaluator = evaluator
-        self.recorder = recorder or RunRecorder(cfg.out_dir, cfg.to_json(), clock=self.clock)
+        self.recorder = recorder or RunRecorder(cfg.out_dir, cfg.to_json(), clock=self.clock, existing=cfg.existing_run)
+        #: the checkpoint this run continues from (`existing-run=resume`), read before anything is written
+        self.resumed: dict[str, Any] | None = None
+        if cfg.existing_run == "resume":
+            self.resumed = checkpoint.load(self.recorder.dir)
+            self._check_resumable(self.resumed["config"])
         self.nodes = NodeRegistry(grid, self.recorder, self.clock, self._refusal, cfg.round_timeout)
         self.selector = build_selector(cfg)
         self._aggregator: Aggregator | None = None
@@ -65,7 +71,9 @@ class Federation:
         return self._aggregator
 
     def start(self) -> list[int]:
-        """Wait for `min-nodes`, build the aggregator for their ranks, evaluate version 0."""
+        """Wait for `min-nodes`, build the aggregator for their ranks (or restore it), evaluate version 0."""
+        if self.resumed is not None:
+            return self._resume(self.resumed)
         usable = self.nodes.refresh(wait_for=self.cfg.min_nodes)
         name, init_rank = resolve_aggregation(self.cfg, [self.nodes[n].rank for n in usable])
         try:
@@ -83,6 +91,38 @@ class Federation:
         log.info("federation: %s", {**self.aggregator.summary(), **self.selector.summary()})
         self.evaluate(clients=0)
         self.train_start = self.clock.monotonic()
+        return usable
+
+    # ---- checkpoint and resume ----------------------------------------------------------
+    #: keys a resumed run may change: how long it goes on and how it is watched, never what it computes
+    RESUMABLE_CHANGES = ("num-rounds", "time-budget", "round-timeout", "existing-run", "out-dir", "eval-interval")
+
+    def _check_resumable(self, saved: dict[str, Any]) -> None:
+        now = self.cfg.to_mapping()
+        differ = sorted(k for k in set(saved) | set(now)
+                        if k not in self.RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+        if differ:
+            pairs = ", ".join(f"{k}: {saved.get(k)!r} → {now.get(k)!r}" for k in differ)
+            raise ConfigError(f"cannot resume {self.recorder.dir}: its run was configured differently ({pairs}); "
+                              f"resume with the same configuration (only {list(self.RESUMABLE_CHANGES)} may change) "
+                              "or start a new run with --overwrite")
+
+    def checkpoint(self, **extra: Any) -> None:
+        """Write everything needed to continue from here (atomically): model, optimizer, selector, records."""
+        state = {"config": self.cfg.to_mapping(), "version": self.aggregator.version, "aggregator": self.aggregator,
+                 "selector": self.selector, "recorder": self.recorder.state(),
+                 "offsets": checkpoint.line_counts(self.recorder.dir, RECORDS),
+                 "train_elapsed": self.clock.monotonic() - self.train_start, "clock": self.clock.monotonic(), **extra}
+        checkpoint.save(self.recorder.dir, state)
+
+    def _resume(self, state: dict[str, Any]) -> list[int]:
+        dropped = checkpoint.truncate_records(self.recorder.dir, state["offsets"])
+        self.recorder.restore(state["recorder"])
+        self._aggregator, self.selector = state["aggregator"], state["selector"]
+        log.info("resuming %s at version %d (round %s); record lines after the checkpoint dropped: %s",
+                 self.recorder.dir, self.aggregator.version, state.get("round"), dropped)
+        usable = self.nodes.refresh(wait_for=self.cfg.min_nodes)
+        self.train_start = self.clock.monotonic() - float(state["train_elapsed"])
         return usable
 
     def refresh_nodes(self) -> list[int]:

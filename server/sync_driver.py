@@ -13,57 +13,65 @@ log = logging.getLogger(__name__)
 
 
 def run_sync(fed: Federation) -> dict:
-    """Run `num-rounds` synchronous rounds; return the run summary."""
+    """Run `num-rounds` synchronous rounds (continuing a checkpointed run where it stopped); return the summary."""
     cfg = fed.cfg
     fed.start()
     if fed.aggregator.guard is None:  # clipping and the weight-share bound (a resumed aggregator keeps its own)
         fed.aggregator.guard = UpdateGuard(GuardConfig.from_mapping(cfg.to_mapping()))
     log.info("guard: %s", fed.aggregator.guard.summary())
-    for rnd in range(1, cfg.num_rounds + 1):
+    first = int(fed.resumed["round"]) + 1 if fed.resumed else 1
+    for rnd in range(first, cfg.num_rounds + 1):
         if fed.out_of_time():
             log.info("time budget of %.0fs spent after %d rounds", cfg.time_budget, rnd - 1)
             break
-        usable = fed.refresh_nodes()
-        picked = fed.select(usable, cfg.clients_per_round, rnd)
-        sent = {n: fed.aggregator.dispatch(fed.nodes[n].rank) for n in picked}
-        msgs = [fed.train_message(n, d) for n, d in sent.items()]
-        replies = fed.grid.send_and_receive(msgs, timeout=cfg.round_timeout)
-        updates: list[ClientUpdate] = []
-        answered: set[int] = set()
-        for reply in replies:
-            nid = reply.metadata.src_node_id
-            if nid not in sent or nid in answered:
-                why = "a second reply" if nid in answered else "a reply from a node that was sent no job"
-                log.warning("round %d: node %d: %s; it is dropped", rnd, nid, why)
-                fed.record_update(None, nid, "rejected", f"node {nid}: {why} this round; it is dropped")
-                continue
-            answered.add(nid)
-            try:
-                updates.append(fed.to_update(reply, sent[nid], fed.aggregator.version,
-                                             job_id=str(reply.metadata.reply_to_message_id)))
-            except RejectedReply as e:
-                status = "failed" if reply.has_error() else "rejected"
-                log.warning("round %d: %s", rnd, e)
-                fed.record_update(None, nid, status, str(e))
-        for nid in sorted(set(picked) - answered):
-            fed.record_update(None, nid, "failed", f"node {nid} did not reply within {cfg.round_timeout:.0f}s")
-        if not updates:
-            log.warning("round %d: no usable updates; the global model is unchanged", rnd)
-            continue
-        try:
-            weights = fed.aggregator.aggregate(updates)
-        except StrategyError as e:
-            log.warning("round %d: %s", rnd, e.reason)
-            for u in updates:
-                fed.record_update(u, u.node_id, "rejected", e.reason)
-            continue
-        for u, w, note in zip(updates, weights.lora, guard_notes(fed.aggregator, len(updates))):
-            fed.record_update(u, u.node_id, "accepted", weight=float(w), applied_version=fed.aggregator.version,
-                              guard=note)
-        fed.selector.observe(updates, rnd)
-        log.info("round %d: aggregated %d of %d updates", rnd, len(updates), len(picked))
-        if fed.aggregator.version % cfg.eval_every == 0 or rnd == cfg.num_rounds:
-            fed.evaluate(clients=len(updates))
+        play_round(fed, rnd)
+        fed.checkpoint(round=rnd)
     if fed.recorder.evals[-1]["version"] != fed.aggregator.version:
         fed.evaluate(clients=0)  # the final version is always evaluated
     return fed.finish()
+
+
+def play_round(fed: Federation, rnd: int) -> None:
+    """One round: select, send, wait, validate, aggregate, evaluate (a failed round leaves the model unchanged)."""
+    cfg = fed.cfg
+    usable = fed.refresh_nodes()
+    picked = fed.select(usable, cfg.clients_per_round, rnd)
+    sent = {n: fed.aggregator.dispatch(fed.nodes[n].rank) for n in picked}
+    msgs = [fed.train_message(n, d) for n, d in sent.items()]
+    replies = fed.grid.send_and_receive(msgs, timeout=cfg.round_timeout)
+    updates: list[ClientUpdate] = []
+    answered: set[int] = set()
+    for reply in replies:
+        nid = reply.metadata.src_node_id
+        if nid not in sent or nid in answered:
+            why = "a second reply" if nid in answered else "a reply from a node that was sent no job"
+            log.warning("round %d: node %d: %s; it is dropped", rnd, nid, why)
+            fed.record_update(None, nid, "rejected", f"node {nid}: {why} this round; it is dropped")
+            continue
+        answered.add(nid)
+        try:
+            updates.append(fed.to_update(reply, sent[nid], fed.aggregator.version,
+                                         job_id=str(reply.metadata.reply_to_message_id)))
+        except RejectedReply as e:
+            status = "failed" if reply.has_error() else "rejected"
+            log.warning("round %d: %s", rnd, e)
+            fed.record_update(None, nid, status, str(e))
+    for nid in sorted(set(picked) - answered):
+        fed.record_update(None, nid, "failed", f"node {nid} did not reply within {cfg.round_timeout:.0f}s")
+    if not updates:
+        log.warning("round %d: no usable updates; the global model is unchanged", rnd)
+        return
+    try:
+        weights = fed.aggregator.aggregate(updates)
+    except StrategyError as e:
+        log.warning("round %d: %s", rnd, e.reason)
+        for u in updates:
+            fed.record_update(u, u.node_id, "rejected", e.reason)
+        return
+    for u, w, note in zip(updates, weights.lora, guard_notes(fed.aggregator, len(updates))):
+        fed.record_update(u, u.node_id, "accepted", weight=float(w), applied_version=fed.aggregator.version,
+                          guard=note)
+    fed.selector.observe(updates, rnd)
+    log.info("round %d: aggregated %d of %d updates", rnd, len(updates), len(picked))
+    if fed.aggregator.version % cfg.eval_every == 0 or rnd == cfg.num_rounds:
+        fed.evaluate(clients=len(updates))

@@ -38,7 +38,8 @@ def _svd() -> str:
 class FedHLConfig:
     """FedHL's options."""
 
-    weighting: str = option("truncation", key="fedhl-weighting", choices=FEDHL_WEIGHTINGS,
+    # default `examples`: the paper's `truncation` rule collapsed onto the top-rank silo under label skew (NOTES.md)
+    weighting: str = option("examples", key="fedhl-weighting", choices=FEDHL_WEIGHTINGS,
                             help="FedHL weights: truncation (the paper's 1/(e²+ε)), uniform, examples, relative "
                                  "(1/(ê²+ε), ê = e/‖W‖²: scale-free), relative-examples (n_i/(ê²+ε))")
     svd: str = _svd()
@@ -97,7 +98,7 @@ class FedHL(Aggregator):
         initial: Arrays,
         lora: LoraSpec,
         *,
-        weighting: FedHLWeighting = "truncation",
+        weighting: FedHLWeighting = "examples",
         svd: str = "auto",
         max_rank: int | None = None,
     ) -> None:

@@ -24,7 +24,8 @@ def test_from_mapping_coerces_strings():
     [
         ({"num-round": 3}, r"unknown configuration key\(s\) \['num-round'\]; valid keys are: .*num-rounds"),
         ({"aggregation": "fedsgd"},
-         r"`aggregation` = 'fedsgd' is not valid; choose one of \['auto', 'fedavg', 'fedhl', 'hetlora', 'flexlora', 'flora'\]"),
+         r"`aggregation` = 'fedsgd' is not valid; choose one of \['auto', 'fedavg', 'fedhl', 'hetlora', 'flexlora', 'flora', "
+         r"'fedmedian', 'fedtrimmedavg'\]"),
         ({"num-rounds": "three"}, "`num-rounds` = 'three' is not a valid int"),
         ({"num-rounds": 2.5}, "`num-rounds` = 2.5 is not a valid int"),
         ({"num-rounds": 0}, "`num-rounds` = 0 is too small; it must be >= 1"),
@@ -43,9 +44,11 @@ def test_from_mapping_coerces_strings():
         ({"lora-rank": 64}, "exceeds `max-rank`"),
         # replace-style aggregators shrink the model under async weights that do not sum to 1
         ({"mode": "async", "aggregation": "hetlora"},
-         r"`aggregation` = 'hetlora' cannot run with mode=async: .* choose one of \['auto', 'fedavg', 'fedhl', 'flora'\]"),
+         r"`aggregation` = 'hetlora' cannot run with mode=async: .* choose one of \['auto', 'fedavg', 'fedhl', 'flora', "
+         r"'fedmedian', 'fedtrimmedavg'\]"),
         ({"mode": "async", "async-rule": "fedfix", "aggregation": "flexlora"},
-         r"`aggregation` = 'flexlora' cannot run with mode=async: .*\['auto', 'fedavg', 'fedhl', 'flora'\]"),
+         r"`aggregation` = 'flexlora' cannot run with mode=async: .*\['auto', 'fedavg', 'fedhl', 'flora', 'fedmedian',"
+         r" 'fedtrimmedavg'\]"),
     ],
 )
 def test_bad_values_name_the_key_and_the_fix(values, match):
@@ -106,7 +109,7 @@ def test_resolve_aggregation():
         ({"mode": "async", "async-rule": "fedfix", "buffer-size": 3}, "`buffer-size` = 3 would be ignored"),
         # component keys of components not chosen
         ({"server-momentum": 0.5}, r"it configures server-optimizer=fedavgm, and this run chooses none of them"),
-        ({"aggregation": "fedavg", "fedhl-weighting": "examples"}, "configures aggregation=fedhl"),
+        ({"aggregation": "fedavg", "fedhl-weighting": "relative"}, "configures aggregation=fedhl"),
         ({"aggregation": "fedavg", "max-rank": 16}, "`max-rank` = 16 would be ignored"),
         ({"mode": "async", "async-rule": "fedasync", "interval": 5.0}, "configures async-rule=fedfix"),
     ],
@@ -119,7 +122,7 @@ def test_keys_the_configuration_never_reads_are_refused(values, match):
 @pytest.mark.parametrize("values", [
     {"mode": "async", "async-rule": "fedfix", "interval": 5.0, "max-staleness": 3},
     {"mode": "async", "async-rule": "fedasync", "staleness": "hinge"},
-    {"aggregation": "auto", "fedhl-weighting": "examples", "max-rank": 16},  # auto may resolve to fedhl
+    {"aggregation": "auto", "fedhl-weighting": "relative", "max-rank": 16},  # auto may resolve to fedhl
     {"server-optimizer": "fedyogi", "server-lr": 0.05, "server-beta1": 0.8, "server-tau": 0.01},
     {"mode": "async", "concurrency": 8, "buffer-size": 4, "eval-interval": 5.0},
     {"mode": "async", "aggregation": "flora"},

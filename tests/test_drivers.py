@@ -769,11 +769,11 @@ def test_fedmedian_through_the_driver_ignores_a_scaling_liar_even_without_clippi
                                                      "max-update-norm": -1})
     summary = run.run()
 
-    assert summary["versions"] == 3 and run.evaluator.initial_ranks == [32]  # built at max-rank, pinned to 2
+    assert summary["versions"] == 3 and run.evaluator.initial_ranks == [2]  # built at the nodes' one rank, like FedAvg
     assert all(r["weight"] == pytest.approx(1 / 3) and r["clipped"] is None for r in run.updates("accepted"))
     model = run.global_model()
     np.testing.assert_allclose(model[f"dense/{HEAD}"], 3 * 0.2, rtol=1e-5)  # the median of the heads' 0.1, 0.2, 0.3
-    init = FakeEvaluator().initial_adapter(32, LoraSpec(), 0)
+    init = FakeEvaluator().initial_adapter(2, LoraSpec(), 0)
     agg = run.fed.aggregator
     for layer, (a, b) in agg.factors.items():  # every factor coordinate moved by 0.1–0.2 per round, never 10⁴×
         moved = np.concatenate([(a - init[f"{layer}.lora_A.weight"][:2]).ravel(), b.ravel()])

@@ -201,6 +201,17 @@ def test_a_time_budget_stops_the_run_at_the_budget_in_simulated_seconds(tmp_path
     assert all(u["wall_s"] <= 3.0 for u in read_jsonl(tmp_path / "updates.jsonl"))
 
 
+def test_step_time_zero_is_measured_once_from_the_first_job(tmp_path):
+    cfg = config(tmp_path, 4, **{"mode": "async", "async-rule": "fedasync", "concurrency": 4, "num-rounds": 3,
+                                 "speed-profile": "tiers", "speed-tiers": "1,3", "virtual-step-s": 0.0})
+    grid, summary = run_spied(cfg, 4)
+    step = grid.durations.step_s
+    assert summary["versions"] == 3 and 0 < step < 5  # a CNN step on a CPU
+    for mid, at in grid.answered.items():
+        node, pushed = grid.pushed[mid]
+        assert at - pushed == pytest.approx(2 * step * (1, 3)[(node - FIRST_NODE_ID) % 2], rel=1e-12)
+
+
 # ---- (b) every driver and rule completes on the virtual clock -------------------------------------
 @pytest.mark.parametrize("method", [
     {"mode": "sync", "clients-per-round": 3},

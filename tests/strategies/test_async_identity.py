@@ -13,6 +13,7 @@ from corolla.strategies import AGGREGATORS, ASYNC_RULES, FedAvg, FedHL, FlexLoRA
 from corolla.strategies.base import ClientUpdate
 from corolla.strategies.fedbuff import FedAsyncConfig, FedBuffConfig
 from corolla.strategies.fedfix import FedFixConfig
+from corolla.strategies.robust import FedMedian, FedTrimmedAvg
 from corolla.strategies.staleness import PolynomialStaleness, PolynomialStalenessConfig
 from tests.strategies.helpers import adapter, perturbed
 
@@ -24,6 +25,8 @@ FACTORIES = {
     "flora": (lambda: FLoRA(adapter(4, 0), LORA, max_rank=4), (1, 2, 4)),
     "hetlora": (lambda: HetLoRA(adapter(4, 0), LORA, max_rank=4), (1, 2, 4)),
     "flexlora": (lambda: FlexLoRA(adapter(4, 0), LORA, max_rank=4), (1, 2, 4)),
+    "fedmedian": (lambda: FedMedian(adapter(4, 0), LORA), (4, 4, 4)),
+    "fedtrimmedavg": (lambda: FedTrimmedAvg(adapter(4, 0), LORA), (4, 4, 4)),
 }
 ALLOWED = [name for name in AGGREGATORS.names() if AGGREGATORS[name].cls.supports_async]
 RULE_CONFIGS = {"fedbuff": FedBuffConfig(buffer_size=6), "fedasync": FedAsyncConfig(),
@@ -79,7 +82,7 @@ def test_identity_replies_leave_the_global_model_unchanged(agg_name, rule_name):
 
 def test_every_async_capable_aggregator_is_covered_and_replace_style_ones_are_not():
     assert set(ALLOWED) <= set(FACTORIES)
-    assert set(ALLOWED) == {"fedavg", "fedhl", "flora"}
+    assert set(ALLOWED) == {"fedavg", "fedhl", "flora", "fedmedian", "fedtrimmedavg"}
     assert not HetLoRA.supports_async and not FlexLoRA.supports_async
 
 
