@@ -10,47 +10,23 @@ path: `corolla sim` (Ray) and `corolla server/client` (gRPC) are.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from flwr.app import Context, Message, RecordDict
-from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import Message
 
 from corolla.client.app import app as client_app
-from corolla.proto import wire
+from corolla.server.local_grid import LocalGrid, set_task_identity, simulated_contexts
 
 
-class InProcessGrid(Grid):
+class InProcessGrid(LocalGrid):
     """A Grid whose nodes are ClientApp calls with simulated node configs (partition ids)."""
 
     def __init__(self, num_nodes: int, run_config: Mapping[str, Any], run_id: int = 1) -> None:
-        self.run_id = run_id
-        self.contexts = {
-            1000 + i: Context(run_id=run_id, node_id=1000 + i, state=RecordDict(), run_config=dict(run_config),
-                              node_config={wire.NODE_PARTITION: i, wire.NODE_PARTITIONS: num_nodes})
-            for i in range(num_nodes)
-        }
+        super().__init__(run_id)
+        self.contexts = simulated_contexts(num_nodes, run_config, run_id)
         self.pending: dict[str, Message] = {}
-        self.ids = itertools.count(1)
-        TaskIdentity.run_id = run_id  # Messages built outside a Flower run need an identity (platform.md)
-        TaskIdentity.node_id = 0
-        TaskIdentity.task_id = 1
-
-    @property
-    def run(self) -> Any:
-        """Grid's abstract property; the in-process grid has no Run record."""
-        return None
-
-    def set_run(self, run_id: int) -> None:
-        """Set the run id."""
-        self.run_id = run_id
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        """Build a message (Grid's abstract method)."""
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type, ttl=ttl, group_id=group_id)
+        set_task_identity(run_id)
 
     def get_node_ids(self) -> Iterable[int]:
         """Every simulated node, always up."""
@@ -60,8 +36,7 @@ class InProcessGrid(Grid):
         """Queue messages; their replies are computed when pulled."""
         ids = []
         for m in messages:
-            mid = f"m{next(self.ids)}"
-            m.metadata.__dict__["_message_id"] = mid
+            mid = self._stamp(m)
             self.pending[mid] = m
             ids.append(mid)
         return ids

@@ -28,22 +28,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import Context, Error, Message, MessageType, RecordDict
+from flwr.app import Context, Error, Message, MessageType
 from flwr.common.constant import ErrorCode
-from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
 from corolla.config import RunConfig
 from corolla.fleet import simulated_slowdown
 from corolla.proto import wire
 from corolla.server.clock import VirtualClock
+from corolla.server.local_grid import FIRST_NODE_ID, LocalGrid, set_task_identity, simulated_contexts
 
 log = logging.getLogger(__name__)
 
 #: a ClientApp (or anything called like one): message and node context in, reply out
 ClientAppFn = Callable[[Message, Context], Message]
-#: first simulated node id (node ids are FIRST_NODE_ID + partition id)
-FIRST_NODE_ID = 1000
 
 
 class NominalDurations:
@@ -92,7 +89,7 @@ class _Job:
     reply: Message | None = None
 
 
-class VirtualGrid(Grid):
+class VirtualGrid(LocalGrid):
     """Flower's Grid on a VirtualClock: node i is a ClientApp call with partition i; jobs finish at nominal times.
 
     `push_messages` schedules every job's reply at push time + its nominal duration
@@ -115,38 +112,15 @@ class VirtualGrid(Grid):
         self.client_app = client_app
         self.clock = clock
         self.durations = durations or NominalDurations(run_config)
-        self.run_id = run_id
-        mapping = run_config.to_mapping()
-        self.contexts = {
-            FIRST_NODE_ID + i: Context(run_id=run_id, node_id=FIRST_NODE_ID + i, state=RecordDict(),
-                                       run_config=dict(mapping),
-                                       node_config={wire.NODE_PARTITION: i, wire.NODE_PARTITIONS: num_nodes})
-            for i in range(num_nodes)
-        }
+        super().__init__(run_id, id_prefix="v")
+        self.contexts = simulated_contexts(num_nodes, run_config.to_mapping(), run_id)
         self.jobs: dict[str, _Job] = {}
         self.jobs_per_node: dict[int, int] = dict.fromkeys(self.contexts, 0)
         self.real_job_s = 0.0  # host seconds spent computing jobs (for the log; never enters the simulation)
-        self._ids = itertools.count(1)
         self._seq = itertools.count()
-        TaskIdentity.run_id = run_id  # Messages built outside a Flower run need an identity
-        TaskIdentity.node_id = 0
-        TaskIdentity.task_id = 1
+        set_task_identity(run_id)
 
     # ---- the Grid interface ----------------------------------------------------------
-    @property
-    def run(self) -> Any:
-        """Grid's abstract property; the virtual grid has no Run record."""
-        return None
-
-    def set_run(self, run_id: int) -> None:
-        """Set the run id."""
-        self.run_id = run_id
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        """Build a message (Grid's abstract method)."""
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type, ttl=ttl, group_id=group_id)
-
     def get_node_ids(self) -> Iterable[int]:
         """Every simulated node (always present)."""
         return list(self.contexts)
@@ -155,8 +129,7 @@ class VirtualGrid(Grid):
         """Give every message an id and schedule its reply on the clock."""
         ids = []
         for m in messages:
-            mid = f"v{next(self._ids)}"
-            m.metadata.__dict__["_message_id"] = mid  # the SuperLink sets it; replies copy it as reply_to
+            mid = self._stamp(m)
             self.jobs[mid] = job = self._schedule(m)
             if job.done_at > job.pushed_at:  # a profile query is answered at once: nothing to wake up for
                 self.clock.wake_at(job.done_at)

@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 
 from corolla.proto import wire
 from corolla.server.clock import FakeClock
 from corolla.server.evaluation import EvalResult
+from corolla.server.local_grid import LocalGrid
 from corolla.spec import LoraSpec
 from corolla.strategies import MergedModel
 
@@ -143,7 +143,7 @@ class Pushed:
         return self.message.content[wire.CONFIG]
 
 
-class FakeGrid(Grid):
+class FakeGrid(LocalGrid):
     """Flower's Grid over scripted nodes and a FakeClock.
 
     Replies become available `delay` fake seconds after their message is pushed.
@@ -157,28 +157,13 @@ class FakeGrid(Grid):
         self.nodes = {n.node_id: n for n in nodes}
         self.clock = clock
         self.t0 = clock.monotonic()
-        self.run_id = run_id
+        super().__init__(run_id)
         self.pushed: list[Pushed] = []
         self.jobs_received = dict.fromkeys(self.nodes, 0)
-        self._ids = itertools.count(1)
         self._seq = itertools.count()
         self._waiting: dict[str, list[tuple[float, int, Message]]] = {}
 
     # ---- the Grid interface ----------------------------------------------------------
-    @property
-    def run(self) -> Any:
-        """Grid's abstract property; the fake grid has no Run record."""
-        return None
-
-    def set_run(self, run_id: int) -> None:
-        """Set the run id."""
-        self.run_id = run_id
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        """Build a message (Grid's abstract method)."""
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type, ttl=ttl, group_id=group_id)
-
     def get_node_ids(self) -> Iterable[int]:
         """The nodes present now (joined and not yet left)."""
         return [nid for nid, n in sorted(self.nodes.items()) if self._present(n, self.elapsed())]
@@ -187,8 +172,7 @@ class FakeGrid(Grid):
         """Give every message an id and schedule its node's replies."""
         ids = []
         for m in messages:
-            mid = f"m{next(self._ids)}"
-            m.metadata.__dict__["_message_id"] = mid  # the SuperLink sets it; replies copy it as reply_to
+            mid = self._stamp(m)
             ids.append(mid)
             self._waiting[mid] = self._schedule(mid, m)
         return ids
