@@ -79,12 +79,17 @@ def run_trainer(args: argparse.Namespace, host: str, port: int) -> int:
         return 2
     server, bound = started
     print(f"corolla-trainer listening on {host}:{bound}", flush=True)
+    serve_until_signalled(server)
+    return 0
+
+
+def serve_until_signalled(server: grpc.Server, grace: float = 2.0) -> None:
+    """Block until SIGTERM or SIGINT, then stop `server` within `grace` seconds."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    server.stop(grace=2).wait()
-    return 0
+    server.stop(grace=grace).wait()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,14 +74,16 @@ def lora_to_proto(lora: LoraSpec) -> trainer_pb2.LoraSpec:
                                 dtype=lora.dtype)
 
 
-def serve(trainer: Trainer, address: str = "127.0.0.1:0") -> tuple[grpc.Server, int]:
+def serve(trainer: Trainer, address: str = "127.0.0.1:0",
+          servicer: type[TrainerServicer] = TrainerServicer) -> tuple[grpc.Server, int]:
     """Start a gRPC server for `trainer` on `address`; return it and the bound port.
 
     One worker thread: a trainer runs one job at a time (a SuperNode also runs one
     message at a time), so requests queue instead of fighting over the model.
+    `servicer` lets a test serve a subclass (e.g. a rogue trainer) the same way.
     """
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=1), options=wire.GRPC_OPTIONS)
-    trainer_pb2_grpc.add_TrainerServicer_to_server(TrainerServicer(trainer), server)
+    trainer_pb2_grpc.add_TrainerServicer_to_server(servicer(trainer), server)
     port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind the trainer service to {address}; choose another --port.")

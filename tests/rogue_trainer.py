@@ -9,18 +9,15 @@ honestly, then its reply tells the next lie of `LIES`, in order, cycling.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
-from concurrent import futures
 
 import grpc
 import numpy as np
 
 from corolla.client.args import add_trainer_args
-from corolla.client.serve import build_trainer
-from corolla.client.service import TrainerServicer
-from corolla.proto import trainer_pb2, trainer_pb2_grpc, wire
+from corolla.client.serve import build_trainer, serve_until_signalled
+from corolla.client.service import TrainerServicer, serve
+from corolla.proto import trainer_pb2, wire
 
 #: one lie per train job, in this order: what each does to an honestly trained reply
 LIES = {
@@ -87,17 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="rogue trainer", description=__doc__)
     add_trainer_args(p)
     args = p.parse_args(argv)
-    trainer = build_trainer(args)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1), options=wire.GRPC_OPTIONS)
-    trainer_pb2_grpc.add_TrainerServicer_to_server(RogueServicer(trainer), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
+    server, port = serve(build_trainer(args), "127.0.0.1:0", servicer=RogueServicer)
     print(f"corolla-trainer listening on 127.0.0.1:{port}", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    server.stop(grace=1).wait()
+    serve_until_signalled(server, grace=1)
     return 0
 
 
