@@ -97,8 +97,7 @@ def truncate_records(run_dir: Path, offsets: dict[str, int]) -> dict[str, int]:
         p = run_dir / name
         if not p.exists():
             continue
-        lines = p.read_bytes().split(b"\n")
-        complete = lines[:-1] if lines and lines[-1] != b"" else lines[:-1]
-        dropped[name] = max(len(complete) - keep, 0) + (1 if lines and lines[-1] != b"" else 0)
+        *complete, torn = p.read_bytes().split(b"\n")  # `torn` is b"" unless the crash cut the last line
+        dropped[name] = max(len(complete) - keep, 0) + (torn != b"")
         _atomic_write(p, b"".join(line + b"\n" for line in complete[:keep]))
     return dropped

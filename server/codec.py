@@ -35,9 +35,13 @@ class JobConfig:
     lora: LoraSpec
 
 
-def nbytes(arrays: Mapping[str, np.ndarray]) -> int:
-    """Bytes of a set of arrays on the wire (float32)."""
-    return int(sum(np.asarray(a).size * 4 for a in arrays.values()))
+def nbytes(arrays: Mapping[str, Any]) -> int:
+    """Bytes of a set of arrays on the wire (float32), from their shapes.
+
+    Works on numpy arrays and Flower `Array`s alike, so a reply's size is counted
+    without decoding its tensors a second time.
+    """
+    return int(sum(math.prod(a.shape) * 4 for a in arrays.values()))
 
 
 def _record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:

@@ -195,8 +195,8 @@ class Federation:
         trainer restarted on a grown silo behind the same SuperNode would otherwise lose honest
         work. The claimed count lands in updates.jsonl as `examples_capped`.
         """
-        if not reply.has_error() and "arrays" in reply.content:
-            self.recorder.bytes_up += codec.nbytes({k: a.numpy() for k, a in reply.content["arrays"].items()})
+        if not reply.has_error() and wire.ARRAYS in reply.content:
+            self.recorder.bytes_up += codec.nbytes(reply.content[wire.ARRAYS])
         update = codec.decode_update(reply, sent, current_version, self.evaluator.fingerprint, job_id)
         info = self.nodes.nodes.get(update.node_id)
         if info is None:
@@ -211,8 +211,7 @@ class Federation:
             self.aggregator.check(update)
         except StrategyError as e:
             raise RejectedReply(e.reason) from None
-        if update.node_id in self.nodes:
-            self.nodes[update.node_id].telemetry = dict(update.metrics)
+        info.telemetry = dict(update.metrics)
         return update
 
     def record_update(self, update: ClientUpdate | None, node_id: int, status: str, reason: str = "",
