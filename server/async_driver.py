@@ -18,9 +18,9 @@ import logging
 
 from corolla.server.factory import build_rule
 from corolla.server.federation import Federation, Job, RejectedReply
-from corolla.strategies import FedHL
+from corolla.strategies import AsyncRule, FedHL
 from corolla.strategies.exceptions import StrategyError
-from corolla.strategies.robust import GuardConfig, UpdateGuard, guard_notes
+from corolla.strategies.robust import guard_notes
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +30,16 @@ NODE_REFRESH_S = 5.0
 TTL_GRACE_S = 10.0
 
 
+def register(rule: AsyncRule, fed: Federation, usable: list[int]) -> None:
+    """Tell the rule the usable nodes and their declared example counts (after the node list was re-read)."""
+    for n in usable:
+        rule.register(n, fed.nodes[n].num_examples)
+
+
 def run_async(fed: Federation) -> dict:
     """Produce `num-rounds` global versions asynchronously; return the run summary."""
     cfg, clock = fed.cfg, fed.clock
     usable = fed.start()
-    if fed.aggregator.guard is None:  # clipping and the weight-share bound (a resumed aggregator keeps its own)
-        fed.aggregator.guard = UpdateGuard(GuardConfig.from_mapping(cfg.to_mapping()))
-    log.info("guard: %s", fed.aggregator.guard.summary())
     if isinstance(fed.aggregator, FedHL):  # keep the SVDs of every version a reply may still start from
         fed.aggregator.keep_versions = max(2, cfg.max_staleness + 1 if cfg.max_staleness >= 0 else cfg.concurrency)
     if fed.resumed and fed.resumed.get("rule") is not None:  # the buffer of received, unapplied updates survives
@@ -48,6 +51,7 @@ def run_async(fed: Federation) -> dict:
     else:
         rule = build_rule(cfg, fed.aggregator, clock.monotonic())
     log.info("async: %s, concurrency %d", rule.summary(), cfg.concurrency)
+    register(rule, fed, usable)
     in_flight: dict[str, Job] = {}
     answered: set[str] = set()
     last_refresh = clock.monotonic()
@@ -57,8 +61,7 @@ def run_async(fed: Federation) -> dict:
         if now - last_refresh > NODE_REFRESH_S:
             usable = fed.refresh_nodes()
             last_refresh = now
-        for n in usable:
-            rule.register(n, fed.nodes[n].num_examples)
+            register(rule, fed, usable)
         busy = {j.node_id for j in in_flight.values()}
         idle = [n for n in usable if n not in busy and rule.may_dispatch(n, now)]
         free = cfg.concurrency - len(in_flight)

@@ -12,6 +12,7 @@ from corolla.strategies import AGGREGATORS, ASYNC_RULES, SELECTORS, SERVER_OPTIM
 from corolla.strategies.base import Aggregator, Selector
 from corolla.strategies.fedavg import FedAvg
 from corolla.strategies.fedbuff import AsyncRule
+from corolla.strategies.robust import GuardConfig, UpdateGuard
 
 
 def resolve_aggregation(cfg: RunConfig, ranks: list[int]) -> tuple[str, int]:
@@ -39,6 +40,7 @@ def build_aggregator(cfg: RunConfig, name: str, initial: Mapping[str, np.ndarray
     aggregator = reg.cls(initial, cfg.lora_spec(), **kwargs)  # type: ignore[call-arg]
     opt = SERVER_OPTIMIZERS[cfg.server_optimizer]
     aggregator.optimizer = opt.cls(cfg.component_config("server-optimizer"))  # type: ignore[call-arg]
+    aggregator.guard = UpdateGuard(GuardConfig.from_mapping(cfg.to_mapping()))  # clipping and the weight-share bound
     return aggregator
 
 

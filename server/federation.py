@@ -88,7 +88,8 @@ class Federation:
         usable = [n for n in usable if n in self.nodes]
         if len(usable) < self.cfg.min_nodes:  # never train with fewer than min-nodes: wait for servable ones
             usable = self.nodes.refresh(wait_for=self.cfg.min_nodes)
-        log.info("federation: %s", {**self.aggregator.summary(), **self.selector.summary()})
+        log.info("federation: %s; guard: %s", {**self.aggregator.summary(), **self.selector.summary()},
+                 self.aggregator.guard.summary() if self.aggregator.guard else None)
         self.evaluate(clients=0)
         self.train_start = self.clock.monotonic()
         return usable

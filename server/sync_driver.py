@@ -7,7 +7,7 @@ import logging
 from corolla.server.federation import Federation, RejectedReply
 from corolla.strategies import ClientUpdate
 from corolla.strategies.exceptions import StrategyError
-from corolla.strategies.robust import GuardConfig, UpdateGuard, guard_notes
+from corolla.strategies.robust import guard_notes
 
 log = logging.getLogger(__name__)
 
@@ -16,9 +16,6 @@ def run_sync(fed: Federation) -> dict:
     """Run `num-rounds` synchronous rounds (continuing a checkpointed run where it stopped); return the summary."""
     cfg = fed.cfg
     fed.start()
-    if fed.aggregator.guard is None:  # clipping and the weight-share bound (a resumed aggregator keeps its own)
-        fed.aggregator.guard = UpdateGuard(GuardConfig.from_mapping(cfg.to_mapping()))
-    log.info("guard: %s", fed.aggregator.guard.summary())
     first = int(fed.resumed["round"]) + 1 if fed.resumed else 1
     for rnd in range(first, cfg.num_rounds + 1):
         if fed.out_of_time():
