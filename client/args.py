@@ -21,9 +21,11 @@ def add_trainer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-partitions", type=int, default=1, help="number of built-in partitions")
     p.add_argument("--dirichlet-alpha", type=float, default=0.5, help="label skew of built-in partitions")
     p.add_argument("--rank", default="8", help="this node's LoRA rank, or `auto` to pick one from the device (default: 8)")
-    p.add_argument("--task", default="text-classification")
-    p.add_argument("--model", default="minilm", help="minilm (default) or tiny-bert (tests)")
-    p.add_argument("--dataset", default="bbc", help="the run's corpus, whose class names the silo uses (bbc, wordnet)")
+    p.add_argument("--task", default="text-classification", help="text-classification or causal-lm (as the run's `task`)")
+    p.add_argument("--model", default="auto",
+                   help="a Hugging Face model folder, or a built-in name: minilm, smollm2, tiny-bert/tiny-llama (tests); "
+                        "auto: the task's default")
+    p.add_argument("--dataset", default="auto", help="the run's corpus, whose class names the silo uses (bbc, wordnet)")
     p.add_argument("--labels", default="", help="comma-separated class names of your own data (as the run's `labels`)")
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")

@@ -89,10 +89,17 @@ def _read_wordnet_nouns(path: Path) -> tuple[list[str], list[int]]:
     The text is the gloss's definition only — the quoted usage examples after it and the
     lemma itself are left out, so the model must classify what the definition says.
     """
+    rows = read_wordnet_definitions(path)
+    return [d for _, d, _ in rows], [c for _, _, c in rows]
+
+
+@functools.lru_cache(maxsize=1)
+def read_wordnet_definitions(path: Path = WORDNET_NOUNS) -> tuple[tuple[str, str, int], ...]:
+    """(first lemma, definition, lexicographer category) of every noun synset in data.noun, in file order."""
     if not path.is_file():
         raise SiloError(f"WordNet is not installed ({path} is missing); run `apt-get install wordnet-base` "
                         "(deploy/setup.sh does when it runs as root).")
-    texts, labels = [], []
+    rows = []
     with path.open(encoding="utf-8", errors="replace") as f:
         for line in f:
             if line.startswith("  "):  # the licence header
@@ -100,9 +107,9 @@ def _read_wordnet_nouns(path: Path) -> tuple[list[str], list[int]]:
             fields, _, gloss = line.partition(" | ")
             definition = gloss.split('; "')[0].strip().rstrip(";").strip()
             if definition:
-                texts.append(definition)
-                labels.append(int(fields.split(" ", 2)[1]) - 3)
-    return texts, labels
+                parts = fields.split(" ", 5)
+                rows.append((parts[4].replace("_", " "), definition, int(parts[1]) - 3))
+    return tuple(rows)
 
 
 def builtin_partition(

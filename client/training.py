@@ -87,7 +87,7 @@ class TrainStats:
 
 @dataclass(frozen=True)
 class EvalStats:
-    """Loss and accuracy of a model on a data set."""
+    """Loss and accuracy of a model on a data set (a causal LM: per response token)."""
 
     loss: float
     accuracy: float
@@ -101,17 +101,17 @@ def _batches(n: int, batch_size: int) -> Iterator[torch.Tensor]:
 
 @torch.no_grad()
 def evaluate_model(model: nn.Module, data: EncodedData, device: torch.device, task: Task, batch_size: int = 64) -> EvalStats:
-    """Mean cross-entropy and accuracy of `model` on all of `data`."""
+    """Mean loss and accuracy of `model` on all of `data`, in the task's units (examples, or response tokens)."""
     model.eval()
-    total_loss, correct = 0.0, 0
+    total_loss, correct, units = 0.0, 0, 0
     for idx in _batches(len(data), batch_size):
         inputs, labels = data.batch(idx, device)
         with autocast(device):
             logits = task.logits(model, inputs).float()
-        total_loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
-        correct += int((logits.argmax(-1) == labels).sum())
-    n = max(len(data), 1)
-    return EvalStats(loss=total_loss / n, accuracy=correct / n, num_examples=len(data))
+        loss, right, n = task.eval_sums(logits, labels)
+        total_loss, correct, units = total_loss + loss, correct + right, units + n
+    units = max(units, 1)
+    return EvalStats(loss=total_loss / units, accuracy=correct / units, num_examples=len(data))
 
 
 class AdapterModel:
@@ -231,7 +231,7 @@ class AdapterModel:
                 inputs, labels = data.batch(idx, self.device)
                 with autocast(self.device, lora.dtype):
                     logits = self.task.logits(model, inputs).float()
-                per_example = nn.functional.cross_entropy(logits, labels, reduction="none")
+                per_example = self.task.per_example_loss(logits, labels)
                 loss = per_example.mean()
                 if prox_mu > 0:
                     loss = loss + 0.5 * prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))

@@ -8,12 +8,12 @@ import signal
 import sys
 from pathlib import Path
 
-from corolla.config import ConfigError, RunConfig, parse_overrides
+from corolla.config import PRESETS, ConfigError, RunConfig, parse_overrides, preset
 from corolla.security import SecurityError
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
-    values = parse_overrides(args.set or [])
+    values = {**(preset(args.preset) if getattr(args, "preset", None) else {}), **parse_overrides(args.set or [])}
     values["out-dir"] = str(Path(args.out).resolve())
     if getattr(args, "clock", None):
         values["clock"] = args.clock
@@ -40,6 +40,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run directory (config.json, metrics.jsonl, report.md, curves.png)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a run-configuration key (repeatable); `corolla options` lists them")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="start from a named configuration (llm: SmolLM2 instruction tuning); --set overrides its keys")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--resume", action="store_true",
                      help="continue the run in --out from its last checkpoint (same configuration; num-rounds may grow)")

@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from corolla.spec import LORA_DTYPES, TASKS, LoraSpec, TaskSpec, parse_labels, parse_modules
+from corolla.modelinfo import DECODER_TYPES, ModelError, is_model_path, read_model_type
+from corolla.spec import LORA_DTYPES, TASKS, LoraSpec, TaskInfo, TaskSpec, parse_labels, parse_modules
 from corolla.strategies.registry import ASYNC_RULES, REGISTRIES, component_options
 from corolla.strategies.robust import GuardConfig
 
@@ -68,10 +69,11 @@ class RunConfig:
     """
 
     task: str = field(default="text-classification", metadata=_h("what is learned", tuple(TASKS)))
-    model: str = field(default="minilm", metadata=_h(
-        "base model: " + "; ".join(f"{t.name}: {', '.join(t.models)}" for t in TASKS.values())))
-    dataset: str = field(default="bbc", metadata=_h(
-        "built-in corpus for simulation and the test split: "
+    model: str = field(default="auto", metadata=_h(
+        "base model: a Hugging Face model folder path, or a built-in name (auto: the task's first) — "
+        + "; ".join(f"{t.name}: {', '.join(t.models)}" for t in TASKS.values())))
+    dataset: str = field(default="auto", metadata=_h(
+        "built-in corpus for simulation and the test split (auto: the task's first): "
         + "; ".join(f"{t.name}: {', '.join(t.datasets)}" for t in TASKS.values())))
     labels: str = field(default="", metadata=_h("comma-separated class names of your own data (empty: the dataset's)"))
     test_data: str = field(default="", metadata=_h("server-side test file, CSV/JSONL/Parquet (empty: built-in test split)"))
@@ -179,10 +181,8 @@ class RunConfig:
             if not 1 <= r <= self.max_rank:
                 raise ConfigError(f"`ranks` holds {r}, outside 1..{self.max_rank} (`max-rank`).")
         info = TASKS[self.task]
-        if self.model not in info.models:
-            raise ConfigError(f"`model` = {self.model!r} is not a model of task {self.task}; choose one of "
-                              f"{list(info.models)}.")
-        if self.dataset not in info.datasets:
+        self._check_model(info)
+        if self.dataset != "auto" and self.dataset not in info.datasets:
             raise ConfigError(f"`dataset` = {self.dataset!r} is not a corpus of task {self.task}; choose one of "
                               f"{list(info.datasets)}.")
         try:
@@ -192,6 +192,24 @@ class RunConfig:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self._refuse_unread_keys()
+
+    def _check_model(self, info: TaskInfo) -> None:
+        """A built-in name of the task, or a Hugging Face model folder of an architecture the task can train."""
+        if not is_model_path(self.model):
+            if self.model != "auto" and self.model not in info.models:
+                raise ConfigError(f"`model` = {self.model!r} is not a model of task {self.task}; choose one of "
+                                  f"{list(info.models)}, or give the path of a Hugging Face model folder.")
+            return
+        if not info.uses_lora:
+            raise ConfigError(f"task {self.task} trains only its built-in model {list(info.models)}; a model folder "
+                              "needs task=text-classification or task=causal-lm.")
+        try:
+            model_type = read_model_type(self.model)
+        except ModelError as e:
+            raise ConfigError(str(e)) from None
+        if self.task == "causal-lm" and model_type not in DECODER_TYPES:
+            raise ConfigError(f"`model` = {self.model!r} is a {model_type} encoder, which cannot generate; "
+                              "task=causal-lm needs a decoder (Llama, Qwen, Mistral, SmolLM, ...).")
 
     def _refuse_async_aggregation(self) -> None:
         """Refuse an aggregator that declares it cannot run under asynchronous weights (`supports_async`)."""
@@ -327,6 +345,24 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         return str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"`{key}` = {value!r} is not a valid {typ.__name__}.") from None
+
+
+#: named starting points for `--preset`; `--set` overrides any of their keys
+PRESETS: dict[str, dict[str, Any]] = {
+    # SmolLM2-135M-Instruct instruction-tuned on WordNet definitions split by topic, FedHL over ranks 4-32:
+    # sized for 2 CPU cores (about 10 minutes with `corolla sim --nodes 8`)
+    "llm": {"task": "causal-lm", "model": "smollm2", "dataset": "wordnet", "max-length": 72, "batch-size": 4,
+            "local-steps": 4, "clients-per-round": 4, "num-rounds": 8, "lr": 2e-3, "lr-decay": 1.0,
+            "ranks": "4,8,16,32", "eval-examples": 100},
+}
+
+
+def preset(name: str) -> dict[str, Any]:
+    """The run-configuration values of preset `name`."""
+    try:
+        return dict(PRESETS[name])
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}.") from None
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, str]:

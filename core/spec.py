@@ -88,12 +88,20 @@ class TaskSpec:
     """The run-configuration values a task needs to build its model and read data (parsed once, passed down)."""
 
     task: str = "text-classification"
-    model: str = "minilm"
-    dataset: str = "bbc"
+    model: str = "auto"
+    dataset: str = "auto"
     #: the class names of the user's own data; empty: the built-in corpus's classes
     labels: tuple[str, ...] = ()
     max_length: int = 64
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Resolve `auto` model and dataset to the task's first built-in ones."""
+        info = TASKS.get(self.task)
+        if info is not None and self.model == "auto":
+            object.__setattr__(self, "model", info.models[0])
+        if info is not None and self.dataset == "auto":
+            object.__setattr__(self, "dataset", info.datasets[0])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,6 +110,7 @@ class TaskInfo:
 
     name: str
     target: str  # "module:Class", imported by the client's task registry
+    #: built-in model names; any Hugging Face model folder path is accepted too (`corolla.modelinfo`)
     models: tuple[str, ...]
     datasets: tuple[str, ...]
     uses_lora: bool
@@ -112,8 +121,11 @@ class TaskInfo:
 #: and `corolla keys` read names and help from here, so this is the only list of tasks and models.
 TASKS: dict[str, TaskInfo] = {t.name: t for t in (
     TaskInfo(name="text-classification", target="corolla.client.tasks.text:TextClassification",
-             models=("minilm", "tiny-bert"), datasets=("bbc", "wordnet"), uses_lora=True,
-             help="encoder + LoRA on attention + a trained head"),
+             models=("minilm", "tiny-bert", "smollm2"), datasets=("bbc", "wordnet"), uses_lora=True,
+             help="an encoder or decoder + LoRA + a trained classification head"),
+    TaskInfo(name="causal-lm", target="corolla.client.tasks.causal_lm:CausalLM",
+             models=("smollm2", "tiny-llama"), datasets=("wordnet",), uses_lora=True,
+             help="instruction tuning of a decoder (loss on response tokens only)"),
     TaskInfo(name="image-classification", target="corolla.client.tasks.image:ImageClassification",
              models=("cnn",), datasets=("fashion-mnist",), uses_lora=False,
              help="a small CNN trained in full (selection studies at CPU scale)"),

@@ -10,7 +10,7 @@ and run a model) and evaluates base + ΔW on the server's test split.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -32,6 +32,8 @@ class EvalResult:
     accuracy: float
     loss: float
     num_examples: int
+    #: the task's further metrics (a causal LM: perplexity, ROUGE-L of generated answers)
+    extra: dict[str, float] = field(default_factory=dict)
 
 
 class Evaluator(Protocol):
@@ -67,6 +69,7 @@ class TaskEvaluator:
                 else self.task.builtin_test())
         if cfg.eval_examples:
             test = test.select(range(min(cfg.eval_examples, len(test))))
+        self.test_raw = test
         self.test_data = self.task.encode(test)
 
     def initial_adapter(self, rank: int, lora: LoraSpec, seed: int) -> dict[str, np.ndarray]:
@@ -94,7 +97,8 @@ class TaskEvaluator:
             for key, value in merged.dense.items():
                 self._param(key).copy_(torch.from_numpy(np.asarray(value)).to(self.device))
         s = evaluate_model(self.model, self.test_data, self.device, self.task)
-        return EvalResult(accuracy=s.accuracy, loss=s.loss, num_examples=s.num_examples)
+        extra = self.task.extra_metrics(s.loss, self.model, self.test_raw, self.device)
+        return EvalResult(accuracy=s.accuracy, loss=s.loss, num_examples=s.num_examples, extra=extra)
 
 
 def merged_from_npz(arrays: Mapping[str, np.ndarray]) -> MergedModel:

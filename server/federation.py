@@ -239,11 +239,20 @@ class Federation:
                        weight_capped_from=guard.weight_before_cap)
         self.recorder.update(row)
 
+    def job_failed(self, node_id: int, reason: str) -> None:
+        """Record a job answered with an error (its trainer unreachable, the node gone, the message expired).
+
+        The node gets no work until it answers a profile query again (`NodeRegistry.mark_unavailable`):
+        a node whose trainer died is not sent job after job that cannot run.
+        """
+        self.record_update(None, node_id, "failed", reason)
+        self.nodes.mark_unavailable(node_id, reason)
+
     # ---- evaluation and the end ---------------------------------------------------------
     def evaluate(self, clients: int, **extra: float) -> dict:
         """Evaluate the exact global model on the held-out test split and record it."""
         r = self.evaluator.evaluate(self.aggregator.merged())
-        row = self.recorder.evaluation(self.aggregator.version, r.accuracy, r.loss, clients, **extra)
+        row = self.recorder.evaluation(self.aggregator.version, r.accuracy, r.loss, clients, **r.extra, **extra)
         log.info("version %d: accuracy %.4f, loss %.4f (%.1fs)", row["version"], r.accuracy, r.loss, row["wall_s"])
         return row
 

