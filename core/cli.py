@@ -197,6 +197,25 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a run's global model as a peft adapter folder at a chosen rank."""
+    from corolla.client.export import export_adapter
+
+    report = export_adapter(args.run_dir, args.out, args.rank)
+    print(json.dumps(report, indent=2))
+    print(f"load it with: PeftModel.from_pretrained(base_model, {args.out!r})")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Answer prompts with a causal-LM run's global model."""
+    from corolla.client.export import generate
+
+    for prompt, answer in zip(args.prompts, generate(args.run_dir, args.prompts, args.rank, args.max_new_tokens)):
+        print(f"> {prompt}\n{answer.strip()}\n")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """Print what a run is doing; with --watch, again every N seconds until the run finishes."""
     import time
@@ -346,6 +365,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run_dir")
     s.set_defaults(fn=cmd_report)
 
+    s = sub.add_parser("export", help="save a run's global model as a peft adapter (adapter_config.json + safetensors)")
+    s.add_argument("run_dir")
+    s.add_argument("--out", required=True, help="folder to write the adapter into")
+    s.add_argument("--rank", type=int, default=None,
+                   help="adapter rank; FedHL's full-rank update is cut to it by SVD (default: the run's max-rank)")
+    s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("generate", help="answer prompts with a causal-LM run's global model")
+    s.add_argument("run_dir")
+    s.add_argument("prompts", nargs="+")
+    s.add_argument("--rank", type=int, default=None, help="rank the global update is cut to (default: max-rank)")
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.set_defaults(fn=cmd_generate)
+
     s = sub.add_parser("status", help="show what a running or finished federation is doing (from its run directory)")
     s.add_argument("run_dir")
     s.add_argument("--watch", type=float, default=0.0, metavar="SECONDS", help="repeat every SECONDS until the run ends")
@@ -378,6 +411,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"corolla: {e}\n")
         return 2
     except (RuntimeError, TimeoutError, FileNotFoundError) as e:  # StatusError, LinkError and silo errors included
+        sys.stderr.write(f"corolla: {e}\n")
+        return 1
+    except ValueError as e:  # corolla's own (ModelError, SiloError, ExportError) carry their fix; others are bugs
+        if not type(e).__module__.startswith("corolla."):
+            raise
         sys.stderr.write(f"corolla: {e}\n")
         return 1
 

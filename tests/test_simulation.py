@@ -36,6 +36,7 @@ def test_simulation_trains_and_writes_the_run_directory(tmp_path):
     assert all(u["model_loads"] == 1 for u in updates)  # one base-model load per Ray actor, ever
     nodes = read_jsonl(out / "nodes.jsonl")
     assert len(nodes) == 4 and all(n["status"] == "ok" for n in nodes)
+    check_export(out, tmp_path, metrics[-1])
     # FedAvg starts from peft's B = 0, so ΔW = 0: a non-zero global ΔW proves the adapter was trained and aggregated
     g = np.load(out / "global.npz")
     deltas = [g[k] for k in g.files if k.startswith("delta/")]
@@ -43,6 +44,34 @@ def test_simulation_trains_and_writes_the_run_directory(tmp_path):
     assert (out / "report.md").read_text().startswith("# corolla run report")
     assert (out / "curves.png").stat().st_size > 10_000
     assert (out / "config.json").exists() and json.loads((out / "config.json").read_text())["model"] == "tiny-bert"
+
+
+def check_export(run, tmp_path, final):
+    """`corolla export` at full rank writes a peft adapter that reproduces the server's final evaluation exactly."""
+    import torch
+
+    from corolla.client.export import load_exported, load_run
+    from corolla.client.training import evaluate_model
+
+    out = tmp_path / "adapter"
+    res = subprocess.run([*COROLLA, "export", str(run), "--out", str(out), "--rank", "64"], capture_output=True)
+    assert res.returncode == 0, res.stderr.decode()[-2000:]
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    report = json.loads((out / "corolla_export.json").read_text())
+    assert report["rank"] == 64 and report["relative_error"] < 1e-6  # rank 64 = the tiny BERT's width: exact
+    task, model = load_exported(run, out)  # plain peft: PeftModel.from_pretrained(base, folder)
+    cfg = load_run(run)[0]
+    test = task.builtin_test()
+    if cfg.eval_examples:
+        test = test.select(range(min(cfg.eval_examples, len(test))))
+    got = evaluate_model(model, task.encode(test), torch.device("cpu"), task)
+    assert got.accuracy == final["accuracy"] and abs(got.loss - final["loss"]) < 1e-4
+    low = subprocess.run([*COROLLA, "export", str(run), "--out", str(tmp_path / "r1"), "--rank", "1"],
+                         capture_output=True)
+    assert low.returncode == 0 and json.loads((tmp_path / "r1" / "corolla_export.json").read_text())["rank"] == 1
+    assert json.loads((tmp_path / "r1" / "corolla_export.json").read_text())["relative_error"] > 0
+    bad = subprocess.run([*COROLLA, "export", str(tmp_path), "--out", str(tmp_path / "x")], capture_output=True)
+    assert bad.returncode == 1 and b"not a corolla run directory" in bad.stderr
 
 
 def test_async_simulation_with_slow_clients(tmp_path):
