@@ -62,11 +62,15 @@ def write_report(run_dir: str | Path) -> Path:
     reasons = sorted({u.get("reason") for u in updates if u.get("status") != "accepted" and u.get("reason")})
     if reasons:
         lines += ["", "## Rejected or failed replies", *[f"- {r}" for r in reasons[:20]]]
+    # a causal LM adds perplexity and ROUGE-L; its accuracy is next-token accuracy on the answers
+    extra = [k for k in ("perplexity", "rouge_l") if evals and k in evals[-1]]
     lines += ["", "![curves](curves.png)", "", "## Evaluations", "",
-              "| version | wall s | accuracy | loss | clients | MB up | MB down |", "|---|---|---|---|---|---|---|"]
+              "| version | wall s | accuracy | loss | " + "".join(f"{k} | " for k in extra) + "clients | MB up | MB down |",
+              "|---|---|---|---|" + "---|" * len(extra) + "---|---|---|"]
     for e in evals:
-        lines.append(f"| {e['version']} | {e['wall_s']:.1f} | {e['accuracy']:.4f} | {e['loss']:.4f} | {e['clients']} | "
-                     f"{e['bytes_up'] / 1e6:.2f} | {e['bytes_down'] / 1e6:.2f} |")
+        more = "".join(f"{e[k]:.4f} | " if k in e else "– | " for k in extra)
+        lines.append(f"| {e['version']} | {e['wall_s']:.1f} | {e['accuracy']:.4f} | {e['loss']:.4f} | {more}"
+                     f"{e['clients']} | {e['bytes_up'] / 1e6:.2f} | {e['bytes_down'] / 1e6:.2f} |")
     lines += ["", "## Configuration", "", "```json", json.dumps(cfg, indent=2, sort_keys=True), "```", ""]
     path = d / "report.md"
     path.write_text("\n".join(lines))
