@@ -2,8 +2,9 @@
 
 Push/pull never blocks: a freed client gets the newest model as soon as the rule
 allows (`may_dispatch`), replies are keyed by the id of the message they answer,
-error replies (TTL expiry, a node gone) free the slot and are recorded, and the
-node list is re-read regularly so nodes may join or leave mid-run. The driver owns
+error replies (TTL expiry, a node gone, its trainer down) free the slot, are recorded
+and hold the node out until it answers a profile query again (asked at the next node
+refresh), and the node list is re-read regularly so nodes may join or leave mid-run. The driver owns
 the clock and hands it to the rule (FedBuff / FedFix / FedAsync in strategies/),
 which never sleeps; it talks to every rule through the same hooks.
 
@@ -18,6 +19,7 @@ import logging
 
 from corolla.server.factory import build_rule
 from corolla.server.federation import Federation, Job, RejectedReply
+from corolla.server.nodes import NODE_REFRESH_S
 from corolla.strategies import AsyncRule, FedHL
 from corolla.strategies.exceptions import StrategyError
 from corolla.strategies.robust import guard_notes
@@ -25,7 +27,6 @@ from corolla.strategies.robust import guard_notes
 log = logging.getLogger(__name__)
 
 POLL_S = 0.05
-NODE_REFRESH_S = 5.0
 #: grace beyond the message TTL before a silent job's slot is freed (Flower reports expiry itself)
 TTL_GRACE_S = 10.0
 
@@ -63,7 +64,7 @@ def run_async(fed: Federation) -> dict:
             last_refresh = now
             register(rule, fed, usable)
         busy = {j.node_id for j in in_flight.values()}
-        idle = [n for n in usable if n not in busy and rule.may_dispatch(n, now)]
+        idle = [n for n in usable if n not in busy and n in fed.nodes and rule.may_dispatch(n, now)]
         free = cfg.concurrency - len(in_flight)
         if free > 0 and idle:
             picked = fed.select(idle, free, fed.aggregator.version)
@@ -86,8 +87,11 @@ def run_async(fed: Federation) -> dict:
                 rule.observe(nid, clock.monotonic() - job.pushed_at)
                 rule.admit(update)
             except RejectedReply as e:
-                fed.record_update(None, nid, "failed" if reply.has_error() else "rejected", str(e))
                 log.warning("async: %s", e)
+                if reply.has_error():  # the node sits out until it answers a profile query again
+                    fed.job_failed(nid, str(e))
+                else:
+                    fed.record_update(None, nid, "rejected", str(e))
             except StrategyError as e:
                 fed.record_update(None, nid, "rejected", e.reason)
                 log.warning("async: %s", e.reason)

@@ -1,4 +1,12 @@
-"""Node admission: profile every SuperNode that appears, admit or refuse it, and remember why."""
+"""Node admission: profile every SuperNode that appears, admit or refuse it, and remember why.
+
+A node is asked for its profile (a Describe query its ClientApp forwards to the node's
+trainer) when it appears, and again whenever it is unavailable: its profile query or a
+job failed with an error reply (e.g. its trainer is down while its SuperNode lives). An
+unavailable node gets no work; it is asked again at every node refresh, at most every
+`NODE_REFRESH_S`, and gets work again once a profile answers. Refusals (another
+software version, base model or rank) are for good.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +26,8 @@ log = logging.getLogger(__name__)
 
 #: seconds between polls while waiting for nodes to join
 POLL_S = 0.2
+#: seconds between re-reads of the node list (async driver), and between profile queries to an unavailable node
+NODE_REFRESH_S = 5.0
 
 
 @dataclass
@@ -35,11 +45,12 @@ class NodeInfo:
 
 
 class NodeRegistry:
-    """The admitted nodes and the refused ones, kept current with the Grid.
+    """The admitted nodes, the unavailable ones and the refused ones, kept current with the Grid.
 
     `refusal(info)` (the federation's rules: software version, model fingerprint,
     ranks the aggregation can serve) decides admission; a refusal is logged and
-    recorded with its reason in nodes.jsonl.
+    recorded with its reason in nodes.jsonl, as is every change between usable and
+    unavailable (`status` "ok" / "unavailable").
     """
 
     def __init__(self, grid: Grid, recorder: RunRecorder, clock: Clock,
@@ -51,21 +62,40 @@ class NodeRegistry:
         self.timeout = timeout
         self.nodes: dict[int, NodeInfo] = {}
         self.refused: dict[int, str] = {}
+        self.unavailable: dict[int, str] = {}  # node → why it gets no work until a profile query answers
         self._pending: dict[str, tuple[int, float]] = {}  # profile query id → (node, when asked)
-        self._retry_at: dict[int, float] = {}  # node → when to ask again after an unanswered query
+        self._retry_at: dict[int, float] = {}  # node → when to ask again after an unanswered or failed query
 
     def __getitem__(self, node_id: int) -> NodeInfo:
         return self.nodes[node_id]
 
     def __contains__(self, node_id: object) -> bool:
-        return node_id in self.nodes
+        """True for a usable node: admitted and not unavailable."""
+        return node_id in self.nodes and node_id not in self.unavailable
 
     def refuse(self, nid: int, reason: str) -> None:
         """Drop a node for good and record why."""
         self.nodes.pop(nid, None)
+        self.unavailable.pop(nid, None)
         self.refused[nid] = reason
         log.warning("node %d refused: %s", nid, reason)
         self.recorder.node({"node": nid, "status": "refused", "reason": reason})
+
+    def mark_unavailable(self, nid: int, reason: str, ask_in: float = 0.0) -> None:
+        """Send the node no work until it answers a profile query, asked in `ask_in` seconds (at a refresh).
+
+        A job's error reply (its trainer unreachable, the node gone, the message expired)
+        calls this with `ask_in` 0: the next refresh asks at once. The change is recorded
+        once in nodes.jsonl, not at every failed query.
+        """
+        if nid in self.refused:
+            return
+        if nid not in self.unavailable:
+            log.warning("node %d is unavailable and gets no work until it answers a profile query (asked again at "
+                        "every node refresh): %s", nid, reason)
+            self.recorder.node({"node": nid, "status": "unavailable", "reason": reason})
+        self.unavailable[nid] = reason
+        self._retry_at[nid] = self.clock.monotonic() + ask_in
 
     def refresh(self, wait_for: int = 0, timeout: float | None = None) -> list[int]:
         """Ask newcomers for their profile and collect answers; return the usable ids present now.
@@ -80,21 +110,24 @@ class NodeRegistry:
             ids = set(self.grid.get_node_ids())
             self._ask(ids)
             self._collect()
-            usable = sorted(i for i in ids if i in self.nodes)
+            usable = sorted(i for i in ids if i in self)
             if len(usable) >= wait_for:
                 return usable
             if self.clock.monotonic() > deadline:
                 refused = f"; {len(self.refused)} refused (reasons in nodes.jsonl)" if self.refused else ""
+                down = sum(i in self.unavailable for i in ids)
+                down_s = f"; {down} unavailable (its trainer did not answer; reasons in nodes.jsonl)" if down else ""
                 raise TimeoutError(
                     f"only {len(usable)} of the {wait_for} nodes needed (min-nodes) joined within {timeout:.0f}s"
-                    f"{refused}; start more SuperNodes or lower min-nodes."
+                    f"{refused}{down_s}; start more SuperNodes or lower min-nodes."
                 )
             self.clock.sleep(POLL_S)
 
     def _ask(self, ids: set[int]) -> None:
         now = self.clock.monotonic()
         asking = {n for n, _ in self._pending.values()}
-        new = sorted(n for n in ids - set(self.nodes) - set(self.refused) - asking if self._retry_at.get(n, 0.0) <= now)
+        unknown = ids - set(self.nodes) - set(self.refused)
+        new = sorted(n for n in (unknown | (ids & set(self.unavailable))) - asking if self._retry_at.get(n, 0.0) <= now)
         if not new:
             return
         msgs = [profile_message(n, ttl=self.timeout) for n in new]
@@ -117,8 +150,8 @@ class NodeRegistry:
                             nid, self.timeout)
 
     def _admit(self, nid: int, reply: Message) -> None:
-        if reply.has_error():
-            self.refuse(nid, f"profile failed: {reply.error.reason}")
+        if reply.has_error():  # its trainer is down (or not yet up): not a refusal, it is asked again
+            self.mark_unavailable(nid, f"profile failed: {reply.error.reason}", ask_in=NODE_REFRESH_S)
             return
         try:
             m, c = reply.content[wire.METRICS], reply.content[wire.CONFIG]
@@ -132,7 +165,12 @@ class NodeRegistry:
         if reason:
             self.refuse(nid, reason)
             return
+        back = nid in self.nodes  # back after being unavailable: what the selector learnt about it stays
+        if back:
+            info.telemetry = self.nodes[nid].telemetry
+        self.unavailable.pop(nid, None)
         self.nodes[nid] = info
         row = {k: v for k, v in info.__dict__.items() if k != "node_id"}
         self.recorder.node({"node": nid, "status": "ok", **row})
-        log.info("node %d joined: rank %d, %d examples, %s", nid, info.rank, info.num_examples, info.device)
+        log.info("node %d %s: rank %d, %d examples, %s", nid, "is back" if back else "joined", info.rank,
+                 info.num_examples, info.device)

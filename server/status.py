@@ -44,10 +44,13 @@ def run_status(run_dir: str | Path, reasons: int = 3) -> str:
                      + (f" · {last['in_flight']} jobs in flight" if "in_flight" in last else ""))
     else:
         lines.append("no evaluation yet (nodes joining or the first round training)")
-    ok = [n for n in nodes if n.get("status") == "ok"]
+    now = {n.get("node"): n for n in nodes}  # a node's last row is its state now: ok, unavailable or refused
+    ok = [n for n in now.values() if n.get("status") == "ok"]
+    down = sum(n.get("status") == "unavailable" for n in now.values())
     ranks = Counter(n.get("rank") for n in ok)
     lines.append(f"nodes: {len(ok)} profiled" + (f", ranks {dict(sorted(ranks.items()))}" if ranks else "")
-                 + (f", {len(nodes) - len(ok)} unusable" if len(nodes) > len(ok) else ""))
+                 + (f", {down} unavailable (no work until a profile query answers)" if down else "")
+                 + (f", {len(now) - len(ok) - down} unusable" if len(now) > len(ok) + down else ""))
     status = Counter(u["status"] for u in updates)
     lines.append(f"updates: {status.get('accepted', 0)} accepted, {status.get('rejected', 0)} rejected, "
                  f"{status.get('failed', 0)} failed")

@@ -32,6 +32,13 @@ def play_round(fed: Federation, rnd: int) -> None:
     """One round: select, send, wait, validate, aggregate, evaluate (a failed round leaves the model unchanged)."""
     cfg = fed.cfg
     usable = fed.refresh_nodes()
+    if not usable:  # every node gone or unavailable: wait for one (at most round-timeout), never spin through rounds
+        try:
+            usable = fed.nodes.refresh(wait_for=1)
+        except TimeoutError:
+            log.warning("round %d: no usable node within %.0fs (reasons in nodes.jsonl); the global model is unchanged",
+                        rnd, cfg.round_timeout)
+            return
     picked = fed.select(usable, cfg.clients_per_round, rnd)
     sent = {n: fed.aggregator.dispatch(fed.nodes[n].rank) for n in picked}
     msgs = [fed.train_message(n, d) for n, d in sent.items()]
@@ -50,9 +57,11 @@ def play_round(fed: Federation, rnd: int) -> None:
             updates.append(fed.to_update(reply, sent[nid], fed.aggregator.version,
                                          job_id=str(reply.metadata.reply_to_message_id)))
         except RejectedReply as e:
-            status = "failed" if reply.has_error() else "rejected"
             log.warning("round %d: %s", rnd, e)
-            fed.record_update(None, nid, status, str(e))
+            if reply.has_error():  # the node sits out until it answers a profile query again
+                fed.job_failed(nid, str(e))
+            else:
+                fed.record_update(None, nid, "rejected", str(e))
     for nid in sorted(set(picked) - answered):
         fed.record_update(None, nid, "failed", f"node {nid} did not reply within {cfg.round_timeout:.0f}s")
     if not updates:

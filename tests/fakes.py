@@ -34,6 +34,9 @@ IMPOSTOR_ID = 999
 #: the message id a "stray" reply claims to answer (a job the server never pushed)
 STRAY_ID = "no-such-job"
 CLIENT_ERROR = 2  # Flower's ErrorCode.CLIENT_APP_RAISED_EXCEPTION, as client/app.py sends it
+#: the reason client/app.py replies with when the node's trainer does not answer (node id for the port)
+TRAINER_DOWN = ("the trainer at 127.0.0.1:{port} is unreachable (Socket closed); start it with `corolla client` or "
+                "`corolla trainer`, and check the node's trainer-address.")
 
 #: train-job behaviours a node can be scripted with
 JOBS = {
@@ -97,7 +100,10 @@ class FakeNode:
     `jobs` holds one behaviour (a key of `JOBS`) per train job the node receives, in
     order; the last one repeats. `joins_at`/`leaves_at` are seconds after the grid
     was built: the node is listed by `get_node_ids` in between, and a job whose reply
-    would come after `leaves_at` is never answered.
+    would come after `leaves_at` is never answered. `trainer_down` = (from, until):
+    its trainer is dead in between while its SuperNode lives, so every job that is
+    running at some moment of that window, and every profile query, is answered with
+    the error the ClientApp shim sends when its trainer is unreachable (`TRAINER_DOWN`).
     """
 
     node_id: int
@@ -112,11 +118,16 @@ class FakeNode:
     device: str = "cpu"
     joins_at: float = 0.0
     leaves_at: float = math.inf
+    trainer_down: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         unknown = [j for j in self.jobs if j not in JOBS]
         if unknown or not self.jobs or self.query not in QUERIES:
             raise ValueError(f"node {self.node_id}: unknown behaviour {unknown or self.query!r}")
+
+    def trainer_dead(self, start: float, end: float) -> bool:
+        """True when its trainer is down at some moment of [start, end] (seconds after the grid was built)."""
+        return self.trainer_down is not None and start < self.trainer_down[1] and end >= self.trainer_down[0]
 
     def behaviour(self, job_index: int) -> str:
         """The behaviour of the node's `job_index`-th train job (0-based)."""
@@ -235,7 +246,11 @@ class FakeGrid(LocalGrid):
         delay = node.delay if is_train else 0.0
         if not self._present(node, self.elapsed() + delay):
             return []  # it leaves before it finishes
-        replies = train_replies(node, msg, behaviour) if is_train else query_replies(node, msg)
+        if node.trainer_dead(self.elapsed(), self.elapsed() + delay):
+            replies = [Message(Error(code=CLIENT_ERROR, reason=TRAINER_DOWN.format(port=9000 + node.node_id)),
+                               reply_to=msg)]
+        else:
+            replies = train_replies(node, msg, behaviour) if is_train else query_replies(node, msg)
         due = self.clock.monotonic() + delay
         return [(due, next(self._seq), r) for r in replies]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -50,6 +51,56 @@ def start_client(procs: list, tmp_path: Path, name: str, fleet: str, partition: 
     proc = launch.start(cmd, launch.flower_env(tmp_path / f"{name}-flwr"), log_path=log)
     procs.append(proc)
     return proc, log
+
+
+def start_server(procs: list, home: Path, out: Path, fleet: str, values: dict, *extra: str) -> tuple[subprocess.Popen, Path]:
+    """`corolla server` (one run, its own SuperLink) logging to HOME/server.log, waited on until its Fleet API listens.
+
+    The log is a file, not a pipe: a test may poll the run directory for minutes without draining the output.
+    """
+    home.mkdir(parents=True, exist_ok=True)
+    log = home / "server.log"
+    cmd = [*COROLLA, "server", "--out", str(out), "--fleet-address", fleet, *sets(values), *extra]
+    server = launch.start(cmd, launch.flower_env(home), log_path=log)
+    procs.append(server)
+    wait_text(log, "corolla-server fleet API on", timeout=120, proc=server)
+    return server, log
+
+
+def start_trainer(procs: list, home: Path, port: int, *trainer_args: str,
+                  prefix: tuple[str, ...] = ()) -> subprocess.Popen:
+    """`corolla trainer` alone on 127.0.0.1:PORT (a fixed port: a restarted trainer is found at the same address).
+
+    Logs to HOME/trainer.log (appended across restarts); waited on until it listens. Its pid is the one
+    its replies report (`trainer_pid` in updates.jsonl). `prefix` runs it through another command first
+    (`ip netns exec NS`, which execs in place: the pid stays the trainer's).
+    """
+    home.mkdir(parents=True, exist_ok=True)
+    log = home / "trainer.log"
+    before = len(text(log))
+    cmd = [*prefix, *COROLLA, "trainer", "--port", str(port), "--model", "tiny-bert", "--max-length", "32", "--threads",
+           "1", *trainer_args]
+    trainer = launch.start(cmd, launch.flower_env(home), log_path=log)
+    procs.append(trainer)
+    launch.wait_for(lambda: "corolla-trainer listening on" in text(log)[before:], 120, "the trainer", interval=0.5,
+                    proc=trainer)
+    return trainer
+
+
+def start_supernode(procs: list, home: Path, fleet: str, trainer: str, *extra: str,
+                    prefix: tuple[str, ...] = ()) -> subprocess.Popen:
+    """A SuperNode alone (as `corolla client` starts it) whose ClientApp forwards every job to the trainer at `trainer`.
+
+    Logs to HOME/supernode.log. `prefix` runs it through another command first (e.g. `ip netns exec NS`).
+    """
+    home.mkdir(parents=True, exist_ok=True)
+    node_config = {"trainer-address": trainer, "partition-id": 0, "num-partitions": 1}
+    cmd = [*prefix, sys.executable, "-m", "corolla.client.supernode", "--superlink", fleet, "--grpc-rere", "--insecure",
+           "--node-config", launch.run_config_arg(node_config), "--host", "127.0.0.1", "--port",
+           str(launch.free_port()), *extra]
+    node = launch.start(cmd, launch.flower_env(home), log_path=home / "supernode.log")
+    procs.append(node)
+    return node
 
 
 def text(path: Path) -> str:

@@ -64,3 +64,20 @@ def test_status_of_a_running_async_run(tmp_path):
     ]
     (tmp_path / "summary.json").write_text("{}")
     assert "finished" in corolla("status", str(tmp_path), "--watch", "5").stdout.splitlines()[0]
+
+
+def test_status_counts_each_node_by_its_latest_row(tmp_path):
+    """A node's rows in nodes.jsonl change with it (ok → unavailable → ok): the status counts where each stands now."""
+    import json
+
+    from corolla.server.status import run_status
+
+    (tmp_path / "config.json").write_text(json.dumps({"mode": "sync", "aggregation": "fedavg", "selector": "random"}))
+    rows = [{"node": 1, "status": "ok", "rank": 4}, {"node": 2, "status": "ok", "rank": 4},
+            {"node": 2, "status": "unavailable", "reason": "node 2 replied with error 2: the trainer at ..."},
+            {"node": 3, "status": "unavailable", "reason": "profile failed: the trainer at ..."},
+            {"node": 2, "status": "ok", "rank": 4}, {"node": 4, "status": "refused", "reason": "runs corolla 0.1"},
+            {"node": 1, "status": "unavailable", "reason": "node 1 replied with error 5: ..."}]
+    (tmp_path / "nodes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = run_status(tmp_path).splitlines()
+    assert "nodes: 1 profiled, ranks {4: 1}, 2 unavailable (no work until a profile query answers), 1 unusable" in lines

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.app import MessageType
 from flwr.supercore.task_identity import TaskIdentity
 
 from corolla.config import RunConfig
@@ -34,6 +35,7 @@ from tests.fakes import (
     HEAD,
     IMPOSTOR_ID,
     LAYERS,
+    TRAINER_DOWN,
     FakeEvaluator,
     FakeGrid,
     FakeNode,
@@ -276,7 +278,6 @@ REFUSALS = [
      f"base model fingerprint another-model differs from the server's {FINGERPRINT}; start the trainer with"),
     (FakeNode(3, software="0.0.1"), {}, f"runs corolla 0.0.1, the server runs {wire.SOFTWARE_VERSION}; install the same"),
     (FakeNode(3, num_examples=0), {}, "declares 0 training examples; a node needs at least one"),
-    (FakeNode(3, query="error"), {}, "profile failed: the trainer of node 3 is unreachable"),
     (FakeNode(3, query="malformed"), {}, "profile reply is malformed (KeyError('model-fingerprint'))"),
     (FakeNode(3, rank=4), {"aggregation": "fedavg"},
      "fedavg: a client asked for rank 4 but the global adapter has rank 2; FedAvg needs one rank"),
@@ -285,7 +286,7 @@ REFUSALS = [
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 @pytest.mark.parametrize("node3, keys, reason", REFUSALS,
-                         ids=["fingerprint", "software", "no-examples", "profile-error", "malformed", "rank"])
+                         ids=["fingerprint", "software", "no-examples", "malformed", "rank"])
 def test_refused_node_is_recorded_with_its_reason_and_never_sent_work(tmp_path, mode, node3, keys, reason):
     nodes = [FakeNode(1, delay=1.0), FakeNode(2, delay=1.0), node3]
     run = federation(tmp_path, nodes, SYNC if mode == "sync" else ASYNC, **{"num-rounds": 2, **keys})
@@ -481,8 +482,9 @@ def test_async_error_reply_frees_the_slot_and_the_node_gets_work_again(tmp_path)
     assert summary["failed_replies"] == 1
     jobs = run.grid.train_jobs(1)
     assert len(jobs) >= 2
-    # freed at once, not after a timeout: its next job left before node 2's first reply (3 s)
-    assert 1.0 <= jobs[1].at - run.grid.t0 < 1.0 + 2 * POLL_S
+    # held out until it answered the profile query of the next node refresh (not a round-timeout later)
+    assert queried_at(run, 1) == pytest.approx([0.0, jobs[1].at - run.grid.t0])
+    assert NODE_REFRESH_S < jobs[1].at - run.grid.t0 <= NODE_REFRESH_S + 2 * POLL_S
     assert run.updates("accepted", node=1)
 
 
@@ -539,6 +541,105 @@ def test_async_node_that_leaves_is_not_sent_work_and_its_last_job_fails(tmp_path
     assert jobs[-1].at - run.grid.t0 < 2.5  # nothing after it left
     assert [(r["node"], r["reason"]) for r in run.updates("failed")] == [(2, "node 2 did not reply within 5s")]
     assert len(run.updates("accepted", node=2)) == len(jobs) - 1
+
+
+# ---- a node whose trainer is down while its SuperNode lives: no work until a profile query answers --------------
+#: node 3's trainer dies during its second job (pushed at 1 s, due at 2 s) and is back at 12 s
+DOWN = (1.5, 12.0)
+
+
+def queried_at(run: Run, node_id: int) -> list[float]:
+    """When the node's profile queries were pushed (fake seconds after the grid was built)."""
+    return [p.at - run.grid.t0 for p in run.grid.pushed
+            if p.node_id == node_id and p.message.metadata.message_type == MessageType.QUERY]
+
+
+def test_sync_node_whose_trainer_died_gets_no_work_until_its_profile_answers_again(tmp_path):
+    nodes = [FakeNode(1, delay=1.0), FakeNode(2, delay=1.0), FakeNode(3, delay=1.0, trainer_down=DOWN)]
+    run = federation(tmp_path, nodes, SYNC, **{"num-rounds": 16})
+    summary = run.run()
+
+    assert summary["versions"] == 16 and summary["failed_replies"] == 1
+    [failed] = run.updates("failed")
+    assert failed["node"] == 3 and failed["reason"] == f"node 3 replied with error 2: {TRAINER_DOWN.format(port=9003)}"
+    # asked at once after the failure (2 s, still down), then every NODE_REFRESH_S until it answered (12 s)
+    assert queried_at(run, 3) == [0.0, 2.0, 2.0 + NODE_REFRESH_S, 12.0]
+    assert [j.at - run.grid.t0 for j in run.grid.train_jobs(3)] == [0.0, 1.0, 12.0, 13.0, 14.0, 15.0]
+    rows = [r for r in read_jsonl(run.dir / "nodes.jsonl") if r["node"] == 3]
+    assert [(r["status"], r["wall_s"]) for r in rows] == [("ok", 0.0), ("unavailable", 2.0), ("ok", 12.0)]
+    assert rows[1]["reason"] == failed["reason"]
+    candidates = [s["candidates"] for s in read_jsonl(run.dir / "selection.jsonl")]
+    assert candidates == [3, 3] + [2] * 10 + [3] * 4
+    assert [r["applied_version"] for r in run.updates("accepted", node=3)] == [1, 13, 14, 15, 16]
+
+
+def test_async_node_whose_trainer_died_is_asked_at_every_node_refresh_and_gets_work_when_back(tmp_path):
+    nodes = [FakeNode(1, delay=1.0), FakeNode(2, delay=1.0), FakeNode(3, delay=1.0, trainer_down=DOWN)]
+    run = federation(tmp_path, nodes, ASYNC, **{"async-rule": "fedasync", "concurrency": 3, "num-rounds": 40})
+    run.run()
+
+    [failed] = run.updates("failed")
+    assert failed["node"] == 3 and failed["reason"] == f"node 3 replied with error 2: {TRAINER_DOWN.format(port=9003)}"
+    probes = queried_at(run, 3)
+    assert probes[0] == 0.0 and len(probes) == 4 and probes[-1] >= DOWN[1]
+    assert all(NODE_REFRESH_S < b - a <= NODE_REFRESH_S + 2 * POLL_S for a, b in zip(probes[1:], probes[2:]))
+    jobs = [j.at - run.grid.t0 for j in run.grid.train_jobs(3)]
+    assert jobs[:2] == pytest.approx([0.0, 1.0], abs=2 * POLL_S)
+    assert jobs[2] == probes[-1] and len(jobs) >= 4  # work again as soon as its profile answered
+    assert len(run.updates("accepted", node=3)) >= 3
+
+
+@pytest.mark.parametrize("back_at", [12.0, math.inf], ids=["back", "never-back"])
+def test_sync_round_without_a_usable_node_waits_for_one_at_most_round_timeout_instead_of_spinning(tmp_path, back_at):
+    nodes = [FakeNode(1, delay=1.0, trainer_down=(1.5, back_at))]
+    run = federation(tmp_path, nodes, SYNC, **{"min-nodes": 1, "num-rounds": 3})
+    summary = run.run()
+
+    jobs = [j.at - run.grid.t0 for j in run.grid.train_jobs(1)]
+    selections = read_jsonl(run.dir / "selection.jsonl")
+    if back_at == 12.0:  # round 3 waited for the re-probes at 2 and 7 s (down) and 12 s (back), then trained
+        assert jobs[:2] == [0.0, 1.0] and jobs[2] == pytest.approx(12.0, abs=0.2 + 1e-9)
+        assert summary["versions"] == 2 and [s["picked"] for s in selections] == [[1], [1], [1]]
+    else:  # round 3 gave up after round-timeout (30 s): no version, and no round spun through without waiting
+        assert jobs == [0.0, 1.0] and summary["versions"] == 1
+        assert len(selections) == 2 and 32.0 <= run.grid.elapsed() <= 32.0 + 0.2 + 1e-9
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_node_whose_profile_fails_is_unavailable_never_sent_work_and_asked_at_every_node_refresh(tmp_path, mode):
+    nodes = [FakeNode(1, delay=1.0), FakeNode(2, delay=1.0), FakeNode(3, query="error")]
+    keys = {"num-rounds": 12} if mode == "sync" else {"async-rule": "fedasync", "num-rounds": 24}
+    run = federation(tmp_path, nodes, SYNC if mode == "sync" else ASYNC, **keys)
+    run.run()
+
+    rows = [r for r in read_jsonl(run.dir / "nodes.jsonl") if r["node"] == 3]
+    assert [(r["status"], r["reason"]) for r in rows] == [
+        ("unavailable", "profile failed: the trainer of node 3 is unreachable")]  # recorded once, not per query
+    assert run.grid.train_jobs(3) == [] and run.updates(node=3) == []
+    probes = queried_at(run, 3)
+    assert len(probes) == 3 and all(NODE_REFRESH_S <= b - a <= NODE_REFRESH_S + 2 * POLL_S
+                                    for a, b in zip(probes, probes[1:]))
+
+
+def test_min_nodes_reached_once_a_trainer_started_after_its_supernode_answers(tmp_path):
+    nodes = [FakeNode(1), FakeNode(2), FakeNode(3, trainer_down=(0.0, 7.0))]
+    run = federation(tmp_path, nodes, SYNC, **{"min-nodes": 3, "num-rounds": 1})
+    run.run()
+
+    assert queried_at(run, 3) == pytest.approx([0.0, NODE_REFRESH_S, 2 * NODE_REFRESH_S], abs=0.2 + 1e-9)
+    assert [j.at - run.grid.t0 for j in run.grid.train_jobs()] == pytest.approx([queried_at(run, 3)[-1]] * 3)
+    assert sorted(r["node"] for r in run.updates("accepted")) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_min_nodes_timeout_names_the_nodes_whose_trainers_do_not_answer(tmp_path, mode):
+    nodes = [FakeNode(1), FakeNode(2), FakeNode(3, query="error")]
+    run = federation(tmp_path, nodes, SYNC if mode == "sync" else ASYNC, **{"min-nodes": 3})
+
+    with pytest.raises(TimeoutError) as e:
+        run.run()
+    assert str(e.value) == ("only 2 of the 3 nodes needed (min-nodes) joined within 30s; 1 unavailable (its trainer did "
+                            "not answer; reasons in nodes.jsonl); start more SuperNodes or lower min-nodes.")
 
 
 def test_async_time_budget_ends_the_run(tmp_path):

@@ -23,6 +23,7 @@ import pytest
 from corolla import launch
 from corolla.server.records import read_jsonl
 from tests.conftest import COROLLA, processes, read_line
+from tests.linkhelpers import start_supernode
 from tests.rogue_trainer import CLAIMED_EXAMPLES, EXTRA_TENSOR, LIES
 
 pytestmark = pytest.mark.timeout(420)
@@ -82,10 +83,7 @@ def start_rogue(procs: list, home: Path, fleet: str, partition: int) -> subproce
                            launch.flower_env(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     procs.append(trainer)
     address = read_line(trainer, "corolla-trainer listening on", timeout=120).rsplit(" ", 1)[1]
-    node_config = {"trainer-address": address, "partition-id": 0, "num-partitions": 1}
-    node = [sys.executable, "-m", "corolla.client.supernode", "--superlink", fleet, "--grpc-rere", "--insecure",
-            "--node-config", launch.run_config_arg(node_config), "--host", "127.0.0.1", "--port", str(launch.free_port())]
-    procs.append(launch.start(node, launch.flower_env(home), log_path=home / "supernode.log"))
+    start_supernode(procs, home, fleet, address)
     return trainer
 
 
