@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 
+from corolla.server import codec
 from corolla.server.factory import build_rule
 from corolla.server.federation import Federation, Job, RejectedReply
 from corolla.server.nodes import NODE_REFRESH_S
@@ -75,7 +76,7 @@ def run_async(fed: Federation) -> dict:
         for reply in fed.grid.pull_messages(list(in_flight)):
             mid = str(reply.metadata.reply_to_message_id)
             job = in_flight.pop(mid, None)
-            nid = reply.metadata.src_node_id
+            nid = codec.reply_node(reply, {mid: job.node_id} if job else {})
             if job is None:
                 why = "a second reply to one job" if mid in answered else "a reply to an unknown job"
                 fed.record_update(None, nid, "rejected", f"node {nid}: {why}; it is dropped")
@@ -83,7 +84,7 @@ def run_async(fed: Federation) -> dict:
                 continue
             answered.add(mid)
             try:
-                update = fed.to_update(reply, job.dispatch, fed.aggregator.version, job_id=mid)
+                update = fed.to_update(reply, job.dispatch, fed.aggregator.version, job_id=mid, node_id=nid)
                 rule.observe(nid, clock.monotonic() - job.pushed_at)
                 rule.admit(update)
             except RejectedReply as e:

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 
 from corolla.proto import wire
 from corolla.spec import LoraSpec
@@ -69,12 +70,29 @@ def train_message(node_id: int, dispatch: Dispatch, job: JobConfig, seed: int, p
     return Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN, ttl=ttl)
 
 
+def reply_node(reply: Message, sent_to: Mapping[str, int]) -> int:
+    """The node a reply is about: its sender, except for an error the SuperLink wrote itself.
+
+    When a node is offline or a message expired, the SuperLink answers in the node's place and
+    signs the error as node SUPERLINK_NODE_ID (1); such a reply is about the node its message
+    went to (`sent_to`: message id → node).
+    """
+    nid = reply.metadata.src_node_id
+    if reply.has_error() and nid == SUPERLINK_NODE_ID:
+        return sent_to.get(str(reply.metadata.reply_to_message_id), nid)
+    return nid
+
+
 def decode_update(reply: Message, sent: Dispatch, current_version: int, fingerprint: str,
-                  job_id: str = "") -> ClientUpdate:
-    """Validate a reply against what its node was sent; raise RejectedReply with the reason."""
+                  job_id: str = "", node_id: int | None = None) -> ClientUpdate:
+    """Validate a reply against what its node was sent; raise RejectedReply with the reason.
+
+    `node_id`: the node the reply is about when not its sender (`reply_node`: an error written by the SuperLink).
+    """
     nid = reply.metadata.src_node_id
     if reply.has_error():
-        raise RejectedReply(f"node {nid} replied with error {reply.error.code}: {reply.error.reason}")
+        who = nid if node_id is None else node_id
+        raise RejectedReply(f"node {who} replied with error {reply.error.code}: {reply.error.reason}")
     content = reply.content
     for key in (wire.ARRAYS, wire.METRICS, wire.CONFIG):
         if key not in content:

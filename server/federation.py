@@ -188,8 +188,11 @@ class Federation:
         return msg
 
     # ---- replies ----------------------------------------------------------------------
-    def to_update(self, reply: Message, sent: Dispatch, current_version: int, job_id: str = "") -> ClientUpdate:
+    def to_update(self, reply: Message, sent: Dispatch, current_version: int, job_id: str = "",
+                  node_id: int | None = None) -> ClientUpdate:
         """Validate a reply against what its node was sent and declared; raise RejectedReply with the reason.
+
+        `node_id`: the job's node, for an error reply the SuperLink wrote in its name (`codec.reply_node`).
 
         An example count above what the node declared when it joined is capped to that
         declaration (the arrays are still checked and used): the count only sets a weight, and a
@@ -198,7 +201,7 @@ class Federation:
         """
         if not reply.has_error() and wire.ARRAYS in reply.content:
             self.recorder.bytes_up += codec.nbytes(reply.content[wire.ARRAYS])
-        update = codec.decode_update(reply, sent, current_version, self.evaluator.fingerprint, job_id)
+        update = codec.decode_update(reply, sent, current_version, self.evaluator.fingerprint, job_id, node_id)
         info = self.nodes.nodes.get(update.node_id)
         if info is None:
             raise RejectedReply(f"node {update.node_id} is not an admitted node (it declared nothing to check the reply "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from corolla.server import codec
 from corolla.server.federation import Federation, RejectedReply
 from corolla.strategies import ClientUpdate
 from corolla.strategies.exceptions import StrategyError
@@ -43,10 +44,11 @@ def play_round(fed: Federation, rnd: int) -> None:
     sent = {n: fed.aggregator.dispatch(fed.nodes[n].rank) for n in picked}
     msgs = [fed.train_message(n, d) for n, d in sent.items()]
     replies = fed.grid.send_and_receive(msgs, timeout=cfg.round_timeout)
+    sent_to = {str(m.metadata.message_id): n for m, n in zip(msgs, sent)}  # ids given when pushed
     updates: list[ClientUpdate] = []
     answered: set[int] = set()
     for reply in replies:
-        nid = reply.metadata.src_node_id
+        nid = codec.reply_node(reply, sent_to)
         if nid not in sent or nid in answered:
             why = "a second reply" if nid in answered else "a reply from a node that was sent no job"
             log.warning("round %d: node %d: %s; it is dropped", rnd, nid, why)
@@ -55,7 +57,7 @@ def play_round(fed: Federation, rnd: int) -> None:
         answered.add(nid)
         try:
             updates.append(fed.to_update(reply, sent[nid], fed.aggregator.version,
-                                         job_id=str(reply.metadata.reply_to_message_id)))
+                                         job_id=str(reply.metadata.reply_to_message_id), node_id=nid))
         except RejectedReply as e:
             log.warning("round %d: %s", rnd, e)
             if reply.has_error():  # the node sits out until it answers a profile query again

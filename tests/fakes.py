@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 
 from corolla.proto import wire
 from corolla.server.clock import FakeClock
@@ -34,6 +35,8 @@ IMPOSTOR_ID = 999
 #: the message id a "stray" reply claims to answer (a job the server never pushed)
 STRAY_ID = "no-such-job"
 CLIENT_ERROR = 2  # Flower's ErrorCode.CLIENT_APP_RAISED_EXCEPTION, as client/app.py sends it
+#: the reason the SuperLink gives when it answers for a node that is offline (Flower 1.39's text)
+NODE_GONE = "Error: Node Unavailable — The destination node failed to report a heartbeat within 2 × its expected interval."
 #: the reason client/app.py replies with when the node's trainer does not answer (node id for the port)
 TRAINER_DOWN = ("the trainer at 127.0.0.1:{port} is unreachable (Socket closed); start it with `corolla client` or "
                 "`corolla trainer`, and check the node's trainer-address.")
@@ -52,6 +55,7 @@ JOBS = {
     "nan": "return a NaN in the first LoRA A factor",
     "shape": "return LoRA factors one rank smaller than sent (metrics still claim the sent rank)",
     "no-examples": "report 0 training examples",
+    "gone": "the SuperLink answers in its place: Error 5 (node unavailable) signed by node 1, as for a node gone offline",
 }
 #: profile behaviours: answer, answer with an Error, never answer, answer without a fingerprint
 QUERIES = ("ok", "error", "silent", "malformed")
@@ -285,6 +289,10 @@ def train_replies(node: FakeNode, msg: Message, behaviour: str) -> list[Message]
     if behaviour == "error":
         return [Message(Error(code=CLIENT_ERROR, reason=f"CUDA out of memory on node {node.node_id}"),
                         reply_to=msg)]
+    if behaviour == "gone":
+        reply = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason=NODE_GONE), reply_to=msg)
+        reply.metadata.__dict__["_src_node_id"] = reply.metadata.__dict__["_dst_node_id"] = SUPERLINK_NODE_ID
+        return [reply]
     replies = [_train_reply(node, msg, behaviour, node.step)]
     if behaviour == "twice":
         replies.append(_train_reply(node, msg, behaviour, 10 * node.step))

@@ -35,6 +35,7 @@ from tests.fakes import (
     HEAD,
     IMPOSTOR_ID,
     LAYERS,
+    NODE_GONE,
     TRAINER_DOWN,
     FakeEvaluator,
     FakeGrid,
@@ -587,6 +588,21 @@ def test_async_node_whose_trainer_died_is_asked_at_every_node_refresh_and_gets_w
     assert jobs[:2] == pytest.approx([0.0, 1.0], abs=2 * POLL_S)
     assert jobs[2] == probes[-1] and len(jobs) >= 4  # work again as soon as its profile answered
     assert len(run.updates("accepted", node=3)) >= 3
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_an_error_the_superlink_writes_for_a_node_gone_offline_is_recorded_against_that_node(tmp_path, mode):
+    # Flower signs it as node 1 (SUPERLINK_NODE_ID): it is the job's node that failed, not an unknown node 1
+    nodes = [FakeNode(2, delay=1.0), FakeNode(3, delay=1.0, jobs=["ok", "gone", "ok"])]
+    keys = {"num-rounds": 4} if mode == "sync" else {"async-rule": "fedasync", "num-rounds": 8}
+    run = federation(tmp_path, nodes, SYNC if mode == "sync" else ASYNC, **keys)
+    run.run()
+
+    assert run.updates("rejected") == []
+    assert [(r["node"], r["reason"]) for r in run.updates("failed")] == [(3, f"node 3 replied with error 5: {NODE_GONE}")]
+    assert [(r["node"], r["status"]) for r in read_jsonl(run.dir / "nodes.jsonl")][2:] == [(3, "unavailable"), (3, "ok")]
+    [failed] = run.updates("failed")
+    assert any(r["wall_s"] > failed["wall_s"] for r in run.updates("accepted", node=3))  # work again once re-profiled
 
 
 @pytest.mark.parametrize("back_at", [12.0, math.inf], ids=["back", "never-back"])
