@@ -36,16 +36,29 @@ def llama_dir(tmp_path_factory):
     return d
 
 
+def save_tiny(d, family: str):
+    """A tiny model of `family` built from a config and saved with a tokenizer, as a user's folder would be."""
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
+
+    tok = models.load_tokenizer(models.minilm_path() if family in ("bert", "roberta") else models.smollm2_path())
+    torch.manual_seed(0)
+    small = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+    if family == "bert":
+        model = BertForSequenceClassification(BertConfig(vocab_size=tok.vocab_size, **small))
+    elif family == "roberta":
+        model = RobertaForSequenceClassification(RobertaConfig(vocab_size=tok.vocab_size, pad_token_id=0,
+                                                               max_position_embeddings=80, **small))
+    else:
+        model = Qwen2ForSequenceClassification(Qwen2Config(vocab_size=len(tok), num_key_value_heads=1, **small))
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory):
     """A tiny BERT folder with MiniLM's tokenizer."""
-    tok = models.load_tokenizer(models.minilm_path())
-    d = tmp_path_factory.mktemp("bert")
-    torch.manual_seed(0)
-    BertForSequenceClassification(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1,
-                                             num_attention_heads=2, intermediate_size=64)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny(tmp_path_factory.mktemp("bert"), "bert")
 
 
 # ---- configuration -------------------------------------------------------------------------------
@@ -62,6 +75,9 @@ def test_model_folder_errors_name_the_problem(tmp_path, bert_dir):
     with pytest.raises(ConfigError, match="not a model of task causal-lm"):
         RunConfig(task="causal-lm", model="minilm")
     assert read_model_type(bert_dir) == "bert"
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))  # Conv1D weights are stored transposed
+    with pytest.raises(ConfigError, match="architecture 'gpt2'"):
+        RunConfig(model=str(tmp_path))
 
 
 def test_auto_model_and_dataset_follow_the_task():
@@ -71,17 +87,18 @@ def test_auto_model_and_dataset_follow_the_task():
 
 
 # ---- your own model for classification ------------------------------------------------------------
-@pytest.mark.parametrize("family", ["encoder", "decoder"])
-def test_own_model_folder_classifies_and_learns(family, bert_dir, llama_dir):
-    path = bert_dir if family == "encoder" else llama_dir
+@pytest.mark.parametrize("family", ["bert", "roberta", "llama", "qwen2"])
+def test_own_model_folder_classifies_and_learns(family, tmp_path, bert_dir, llama_dir):
+    path = {"bert": bert_dir, "llama": llama_dir}.get(family) or save_tiny(tmp_path, family)
+    encoder = family in ("bert", "roberta")
     task = build_task(TaskSpec(task="text-classification", model=str(path), dataset="bbc", max_length=24))
     model = AdapterModel(task, torch.device("cpu"))
-    assert task.trained_modules == (("classifier",) if family == "encoder" else ("score",))
+    assert task.trained_modules == (("classifier",) if encoder else ("score",))
     assert task.tokenizer.pad_token is not None  # the Llama folder has none: its end-of-sequence token pads
     lora = LoraSpec()
     start = initial_adapter(task, 4, lora, seed=0)
     wrapped = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in start if ".lora_" in k}
-    assert wrapped == ({"query", "value"} if family == "encoder" else {"q_proj", "v_proj"})  # peft's defaults
+    assert wrapped == ({"query", "value"} if encoder else {"q_proj", "v_proj"})  # peft's defaults
     assert any(k.startswith(f"base_model.model.{task.trained_modules[0]}") for k in start)  # the head travels
     texts = ["stocks fell and markets slid", "the team won the cup final"] * 8
     import datasets
