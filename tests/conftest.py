@@ -55,3 +55,15 @@ def tiny_silos(tmp_path: Path) -> list[Path]:
     from corolla.client.data import write_silos
 
     return write_silos(tmp_path / "silos", 3, alpha=0.5, seed=0, fmt="csv")
+
+
+def run_sim(tmp_path: Path, out: Path, nodes: int, sets: dict, *extra: str, timeout: float = 400) -> tuple[int, str]:
+    """`corolla sim --out OUT --nodes N --set k=v ...` as a real process group, reaped on exit; (exit code, output)."""
+    cmd = [*COROLLA, "sim", "--out", str(out), "--nodes", str(nodes), *extra]
+    for k, v in sets.items():
+        cmd += ["--set", f"{k}={v}"]
+    with processes() as procs:
+        p = launch.start(cmd, launch.flower_env(tmp_path / "home"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        procs.append(p)
+        stdout, _ = p.communicate(timeout=timeout)
+    return p.returncode, stdout.decode()

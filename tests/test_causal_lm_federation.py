@@ -17,7 +17,7 @@ from corolla import launch
 from corolla.client.tasks.causal_lm import CausalLM
 from corolla.server.records import read_jsonl
 from corolla.spec import TaskSpec
-from tests.conftest import COROLLA, processes
+from tests.conftest import COROLLA, processes, run_sim
 from tests.test_deployment import start_client, start_server
 
 LM = {"task": "causal-lm", "model": "tiny-llama", "max-length": 64, "local-steps": 2, "batch-size": 4,
@@ -40,14 +40,8 @@ def check_lm_run(out, versions: int, ranks: set[int]) -> None:
 def test_causal_lm_simulation_with_mixed_ranks_and_generate(tmp_path):
     out = tmp_path / "run"
     sets = {**LM, "ranks": "2,4,8", "num-rounds": 2, "clients-per-round": 3, "min-nodes": 3}
-    cmd = [*COROLLA, "sim", "--out", str(out), "--nodes", "3"]
-    for k, v in sets.items():
-        cmd += ["--set", f"{k}={v}"]
-    with processes() as procs:
-        p = launch.start(cmd, launch.flower_env(tmp_path / "home"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        procs.append(p)
-        stdout, _ = p.communicate(timeout=400)
-    assert p.returncode == 0, stdout.decode()[-3000:]
+    code, log = run_sim(tmp_path, out, 3, sets)
+    assert code == 0, log[-3000:]
     check_lm_run(out, 2, {2, 4, 8})
     gen = subprocess.run([*COROLLA, "generate", str(out), "Define the noun 'dog'.", "--max-new-tokens", "5"],
                          capture_output=True, timeout=300)

@@ -8,22 +8,15 @@ import subprocess
 import numpy as np
 
 from corolla.server.records import read_jsonl
-from tests.conftest import COROLLA, processes
+from tests.conftest import COROLLA, run_sim
 
 
 def test_simulation_trains_and_writes_the_run_directory(tmp_path):
     out = tmp_path / "run"
-    cmd = [*COROLLA, "sim", "--out", str(out), "--nodes", "4", "--set", "model=tiny-bert", "--set", "num-rounds=2",
-           "--set", "clients-per-round=3", "--set", "local-steps=3", "--set", "lr=0.01", "--set", "min-nodes=4",
-           "--set", "max-length=32"]
-    with processes() as procs:
-        from corolla import launch
-
-        p = launch.start(cmd, launch.flower_env(tmp_path / "home"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        procs.append(p)
-        stdout, _ = p.communicate(timeout=400)
-    log = stdout.decode()
-    assert p.returncode == 0, log[-3000:]
+    sets = {"model": "tiny-bert", "num-rounds": 2, "clients-per-round": 3, "local-steps": 3, "lr": 0.01,
+            "min-nodes": 4, "max-length": 32}
+    code, log = run_sim(tmp_path, out, 4, sets)
+    assert code == 0, log[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["versions"] == 2 and summary["rejected_updates"] == 0 and summary["failed_replies"] == 0
     metrics = read_jsonl(out / "metrics.jsonl")
@@ -82,16 +75,8 @@ def test_async_simulation_with_slow_clients(tmp_path):
     sets = {"model": "tiny-bert", "mode": "async", "async-rule": "fedbuff", "num-rounds": 12, "concurrency": 4,
             "buffer-size": 2, "local-steps": 2, "max-length": 32, "speed-profile": "tiers", "speed-tiers": "1,10",
             "min-nodes": 4, "lr": 0.01}
-    cmd = [*COROLLA, "sim", "--out", str(out), "--nodes", "4", "--cpus", "3"]
-    for k, v in sets.items():
-        cmd += ["--set", f"{k}={v}"]
-    with processes() as procs:
-        from corolla import launch
-
-        p = launch.start(cmd, launch.flower_env(tmp_path / "home"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        procs.append(p)
-        stdout, _ = p.communicate(timeout=400)
-    assert p.returncode == 0, stdout.decode()[-3000:]
+    code, log = run_sim(tmp_path, out, 4, sets, "--cpus", "3")
+    assert code == 0, log[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["versions"] == 12 and summary["mode"] == "async"
     accepted = [u for u in read_jsonl(out / "updates.jsonl") if u["status"] == "accepted"]
