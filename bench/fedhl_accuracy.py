@@ -126,7 +126,8 @@ def main() -> None:
         jobs = [j for j in jobs if not (Path(j[3]) / "summary.json").exists()]
     t0 = time.monotonic()
     if args.report_only:
-        total = json.loads((RESULTS / f"{args.name}.json").read_text())["total_s"]
+        saved = RESULTS / f"{args.name}.json"  # absent when the benchmark was stopped before writing it
+        total = json.loads(saved.read_text())["total_s"] if saved.exists() else None
     else:
         with mp.get_context("spawn").Pool(args.workers) as pool:
             for i, (run, secs) in enumerate(pool.imap_unordered(_job, jobs), 1):
@@ -144,12 +145,14 @@ def main() -> None:
     plots = "\n".join(f"![{d}]({args.name}_{d}.png)" for d in args.datasets)
     (RESULTS / f"{args.name}.md").write_text(
         f"# Heterogeneous LoRA ranks: MiniLM + LoRA, {NODES} clients, α = 0.3, ranks {{2,4,8,16,32}}, "
-        f"seeds {args.seeds}\n\nWhole benchmark: {total / 60:.1f} min on this machine ({args.workers} runs at a time).\n\n"
+        f"seeds {args.seeds}\n\n"
+        + (f"Whole benchmark: {total / 60:.1f} min on this machine ({args.workers} runs at a time).\n\n" if total
+           else "Rebuilt from the finished runs of an interrupted benchmark (its total time was not recorded).\n\n")
         + "\n".join(table) + "\n\nMean aggregation weight per update, by the client's rank:\n\n" + "\n".join(weights)
         + "\n\n" + plots + "\n")
     (RESULTS / f"{args.name}.json").write_text(json.dumps({"total_s": total, "results": results}, indent=2))
     print("\n".join(table + [""] + weights))
-    print(f"whole benchmark: {total / 60:.1f} min")
+    print(f"whole benchmark: {total / 60:.1f} min" if total else "whole benchmark: not timed (rebuilt report)")
 
 
 if __name__ == "__main__":
