@@ -107,6 +107,8 @@ def main() -> None:
                 continue
             cfg = {**COMMON, **{**METHODS, **VARIANTS}[m], **TASKS[args.task], "seed": seed, "time-budget": args.budget,
                    "min-nodes": args.nodes}
+            if cfg["mode"] == "sync":  # sync evaluates every round; the config refuses eval-interval there
+                cfg.pop("eval-interval", None)
             if args.clock == "virtual":
                 cfg["virtual-step-s"] = args.step_s
             print(f"running {m} seed {seed} ...", flush=True)
