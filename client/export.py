@@ -31,8 +31,8 @@ class ExportError(ValueError):
     """A run cannot be exported; the message names the problem and the fix."""
 
 
-def load_run(run_dir: str | Path) -> tuple[RunConfig, dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(configuration, ΔW per layer, dense parameters) of a finished run directory."""
+def run_config(run_dir: str | Path) -> RunConfig:
+    """The configuration of a finished run directory (its global model is checked for, not read)."""
     d = Path(run_dir)
     if not (d / "config.json").is_file():
         raise ExportError(f"{d} is not a corolla run directory (no config.json); pass the --out folder of a run.")
@@ -40,7 +40,13 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, dict[str, np.ndarray], dic
         raise ExportError(f"{d} has no global.npz: the run has not finished; resume it (--resume) or wait for it.")
     values = json.loads((d / "config.json").read_text())
     values["existing-run"] = "refuse"
-    cfg = RunConfig.from_mapping(values)
+    return RunConfig.from_mapping(values)
+
+
+def load_run(run_dir: str | Path) -> tuple[RunConfig, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(configuration, ΔW per layer, dense parameters) of a finished run directory."""
+    d = Path(run_dir)
+    cfg = run_config(d)
     with np.load(d / "global.npz") as g:
         deltas = {k.removeprefix("delta/"): g[k] for k in g.files if k.startswith("delta/")}
         dense = {k.removeprefix("dense/"): g[k] for k in g.files if k.startswith("dense/")}
@@ -99,8 +105,7 @@ def export_adapter(run_dir: str | Path, out: str | Path, rank: int | None = None
 
 def load_exported(run_dir: str | Path, adapter_dir: str | Path) -> tuple[Task, PeftModel]:
     """The run's base model with an exported adapter loaded by peft (what a user's own code does)."""
-    cfg, _, _ = load_run(run_dir)
-    task = build_task(cfg.task_spec())
+    task = build_task(run_config(run_dir).task_spec())
     model = PeftModel.from_pretrained(task.load_base_model(), str(adapter_dir))
     return task, model.eval()
 
@@ -109,7 +114,7 @@ def generate(run_dir: str | Path, prompts: list[str], rank: int | None = None, m
     """Answer `prompts` with the run's global model (exported at `rank` into a temporary folder, loaded by peft)."""
     import tempfile
 
-    cfg, _, _ = load_run(run_dir)
+    cfg = run_config(run_dir)
     if cfg.task != "causal-lm":
         raise ExportError(f"the run trained a {cfg.task} model, which does not generate; `corolla generate` needs a "
                           "task=causal-lm run.")

@@ -132,6 +132,12 @@ def default_lora_targets(model_type: str) -> list[str]:
                          "lora-target-modules (e.g. q_proj,v_proj or all-linear).") from None
 
 
+def lora_targets(configured: tuple[str, ...], model_type: str) -> str | list[str]:
+    """The `target_modules` for peft: the run's list (`all-linear` passed as peft's string shorthand), else the default."""
+    targets = list(configured) or default_lora_targets(model_type)
+    return targets[0] if targets == ["all-linear"] else targets
+
+
 def load_tokenizer(path: str):  # noqa: ANN201 - transformers' tokenizer type
     """The folder's tokenizer, with a pad token (a tokenizer without one pads with its end-of-sequence token)."""
     from transformers import AutoTokenizer

@@ -43,7 +43,7 @@ def check_export(run, tmp_path, final):
     """`corolla export` at full rank writes a peft adapter that reproduces the server's final evaluation exactly."""
     import torch
 
-    from corolla.client.export import load_exported, load_run
+    from corolla.client.export import load_exported, run_config
     from corolla.client.training import evaluate_model
 
     out = tmp_path / "adapter"
@@ -53,7 +53,7 @@ def check_export(run, tmp_path, final):
     report = json.loads((out / "corolla_export.json").read_text())
     assert report["rank"] == 64 and report["relative_error"] < 1e-6  # rank 64 = the tiny BERT's width: exact
     task, model = load_exported(run, out)  # plain peft: PeftModel.from_pretrained(base, folder)
-    cfg = load_run(run)[0]
+    cfg = run_config(run)
     test = task.builtin_test()
     if cfg.eval_examples:
         test = test.select(range(min(cfg.eval_examples, len(test))))

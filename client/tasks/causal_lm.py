@@ -98,23 +98,20 @@ class CausalLM(Task):
 
     def lora_config(self, rank: int, lora: LoraSpec) -> LoraConfig:
         """LoRA on the spec's targets, default peft's for the architecture (q_proj/v_proj for Llama)."""
-        targets = list(lora.target_modules) or models.default_lora_targets(self.model_type)
         return LoraConfig(r=rank, lora_alpha=lora.alpha, use_rslora=lora.rslora, lora_dropout=0.0,
-                          target_modules=targets[0] if targets == ["all-linear"] else targets, task_type="CAUSAL_LM")
+                          target_modules=models.lora_targets(lora.target_modules, self.model_type), task_type="CAUSAL_LM")
 
     # ---- encoding ---------------------------------------------------------------------------
     def _render(self, prompt: str | list[dict], response: str) -> tuple[list[int], list[int]]:
         """Token ids of the prompt (ending where the answer starts) and of prompt + answer."""
         tok = self.tokenizer
-        turns = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        head = self.prompt_text(prompt)
+        full = head + response + (tok.eos_token or "")
         if tok.chat_template:
-            head = tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
-            full = tok.apply_chat_template([*turns, {"role": "assistant", "content": response}], tokenize=False)
-            if not full.startswith(head):  # a template that rewrites earlier turns: fall back to concatenation
-                full = head + response + (tok.eos_token or "")
-        else:
-            head = "\n".join(t["content"] for t in turns) + "\n"
-            full = head + response + (tok.eos_token or "")
+            turns = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            templated = tok.apply_chat_template([*turns, {"role": "assistant", "content": response}], tokenize=False)
+            if templated.startswith(head):  # else the template rewrites earlier turns: keep the concatenation
+                full = templated
         head_ids = tok(head, add_special_tokens=False)["input_ids"]
         return head_ids, tok(full, add_special_tokens=False)["input_ids"]
 

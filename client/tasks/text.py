@@ -94,10 +94,9 @@ class TextClassification(Task):
 
     def lora_config(self, rank: int, lora: LoraSpec) -> LoraConfig:
         """LoRA on the spec's targets (default: peft's for the architecture), the classification head trained in full."""
-        targets = list(lora.target_modules) or models.default_lora_targets(self.model_type)
         return LoraConfig(
             r=rank, lora_alpha=lora.alpha, use_rslora=lora.rslora, lora_dropout=0.0,
-            target_modules=targets[0] if targets == ["all-linear"] else targets,
+            target_modules=models.lora_targets(lora.target_modules, self.model_type),
             modules_to_save=list(self.trained_modules),
         )
 
