@@ -134,6 +134,7 @@ class RunConfig:
     staleness_exponent: float = _component("staleness-exponent")
     max_staleness: int = _component("max-staleness")
     interval: float = _component("interval")
+    fedfix_weighting: str = _component("fedfix-weighting")
     speed_profile: str = field(default="none", metadata=_h("simulated client speeds", SPEED_PROFILES,
                                                            scope=SIMULATION_ONLY))
     speed_tiers: str = field(default="1,2,5,10", metadata=_h("slowdown factors of the `tiers` profile",

@@ -1,4 +1,4 @@
-"""FedFix: aggregation at fixed time intervals with unbiased weights."""
+"""FedFix: aggregation at fixed time intervals, weights p_i⌈τ_i/Δt⌉ (normalised per interval by default)."""
 
 from __future__ import annotations
 
@@ -13,18 +13,28 @@ from corolla.strategies.exceptions import AggregationError
 from corolla.strategies.fedbuff import AsyncRule, _max_staleness
 from corolla.strategies.options import option
 
+#: how an interval's weights d_i = p_i ⌈τ_i/Δt⌉ become the step: `normalized` divides them by their sum over the
+#: interval (a weighted mean, the self-normalised / Hájek form); `paper` applies them as they are (Fraboni et al.)
+FEDFIX_WEIGHTINGS = ("normalized", "paper")
+
 
 @dataclass(frozen=True, kw_only=True)
 class FedFixConfig:
     """FedFix's options."""
 
     interval: float = option(20.0, key="interval", low=0.001, help="FedFix: seconds between aggregations (Δt)")
+    weighting: str = option("normalized", key="fedfix-weighting", choices=FEDFIX_WEIGHTINGS,
+                            help="FedFix: normalized (each step is the weighted mean of the interval's changes, "
+                                 "weights ∝ p_i⌈τ_i/Δt⌉) or paper (d_i = p_i⌈τ_i/Δt⌉ as they are: unbiased when "
+                                 "every client always trains, unbounded when Δt is below the job durations)")
     max_staleness: int = _max_staleness()
     duration_ema: float = option(0.5, key=None, help="weight of the newest duration in τ_i's moving average")
 
     def __post_init__(self) -> None:
         if not self.interval > 0:
             raise ValueError(f"`interval` must be > 0 seconds, got {self.interval}")
+        if self.weighting not in FEDFIX_WEIGHTINGS:
+            raise ValueError(f"`fedfix-weighting` must be one of {list(FEDFIX_WEIGHTINGS)}; got {self.weighting!r}")
         if not 0 < self.duration_ema <= 1:
             raise ValueError(f"`duration-ema` must be in (0, 1], got {self.duration_ema}")
 
@@ -57,6 +67,20 @@ class FedFix(AsyncRule):
     weights move weight between the interval's updates (Σ_S w^examples r = 1) instead
     of being dropped. An update with zero examples gets r_i = 1 (its p_i is normally 0 too).
 
+    Weighting (`fedfix-weighting`). `paper` applies d_i as they are: the Horvitz–Thompson
+    form, unbiased per client when every client always trains (test above), but its step is
+    unbounded: ⌈τ_i/Δt⌉ grows without limit as Δt falls below the job durations, and the
+    interval's total Σ_S d_i swings around its mean (1 with every client training, about C/N
+    with C of N training). On the virtual-clock text benchmark (Δt = 4 s, jobs 5–50 s, 8 of
+    16 clients, η_g = 2) single updates got 2.6, whole versions up to 7.2, and every seed
+    collapsed to one class (bench/results/async_speed_text_virtual.md). `normalized` (the
+    default) divides the interval's weights by their sum — the self-normalised (Hájek) form
+    of the same estimator: within an interval the updates keep the paper's relative weights
+    p_i⌈τ_i/Δt⌉ r_i, but every step is a weighted mean of the interval's changes (weights ≥ 0
+    that sum to 1), so the global change is never larger than the largest client change,
+    whatever Δt, and needs no η_g = N/C to make up for clients that are not training. The
+    price: a client's mean share per interval is no longer exactly p_i (ratio-estimator bias).
+
     An interval in which nobody returned produces no new version. Decisions: p_i uses
     the example counts of the clients known so far; a client that never returned (at the
     start, or with concurrency < N a client taking a freed slot) may start at any time;
@@ -74,6 +98,7 @@ class FedFix(AsyncRule):
         self.interval = self.config.interval
         self.deadline = now + self.interval
         self.ema = self.config.duration_ema
+        self.weighting = self.config.weighting
         self.durations: dict[int, float] = {}
         self.examples: dict[int, int] = {}
         #: clients that returned since the last aggregation boundary: they restart at the next one
@@ -118,7 +143,7 @@ class FedFix(AsyncRule):
             self.returned.clear()  # the boundary's model is out: the clients that returned restart
 
     def weights(self, updates: Sequence[ClientUpdate], now: float) -> Weights:
-        """d_i = p_i ⌈τ_i / Δt⌉ r_i (times s(τ) when a staleness weight is configured).
+        """d_i = p_i ⌈τ_i / Δt⌉ r_i (times s(τ) when a staleness weight is configured); `normalized`: over Σ_S d_i.
 
         Raises
         ------
@@ -139,11 +164,21 @@ class FedFix(AsyncRule):
             for u in updates
         ])
         agg, ex = self.aggregator.weights(updates), example_weights(updates)
-        return Weights(lora=d * _relative(agg.lora, ex), dense=d * _relative(agg.dense, ex))
+        lora, dense = d * _relative(agg.lora, ex), d * _relative(agg.dense, ex)
+        if self.weighting == "normalized":
+            lora, dense = _normalized(lora), _normalized(dense)
+        return Weights(lora=lora, dense=dense)
 
     def summary(self) -> dict:
-        """Hyper-parameters including Δt."""
-        return {**super().summary(), "interval_s": self.interval, "duration_ema": self.ema}
+        """Hyper-parameters including Δt and the weighting."""
+        return {**super().summary(), "interval_s": self.interval, "weighting": self.weighting,
+                "duration_ema": self.ema}
+
+
+def _normalized(weights: np.ndarray) -> np.ndarray:
+    """Weights over their sum (unchanged when the sum is not positive: nothing to normalise)."""
+    total = float(np.sum(weights))
+    return weights / total if total > 0 else weights
 
 
 def _relative(weights: np.ndarray, examples: np.ndarray) -> np.ndarray:

@@ -57,7 +57,7 @@ SELECTORS.register("heteroselect", HeteRoSelect, None,
 
 ASYNC_RULES: Registry[AsyncRule] = Registry("async-rule")
 ASYNC_RULES.register("fedbuff", FedBuff, FedBuffConfig, "FedBuff: a new version every K updates, staleness-weighted")
-ASYNC_RULES.register("fedfix", FedFix, FedFixConfig, "FedFix: a new version every Δt seconds, unbiased weights")
+ASYNC_RULES.register("fedfix", FedFix, FedFixConfig, "FedFix: a new version every Δt seconds, weights p_i⌈τ_i/Δt⌉")
 ASYNC_RULES.register("fedasync", FedAsync, FedAsyncConfig, "FedAsync: every update applied on arrival")
 
 STALENESS: Registry[StalenessWeight] = Registry("staleness")

@@ -706,9 +706,10 @@ def test_async_update_that_grows_too_stale_while_buffered_is_dropped(tmp_path):
 
 def test_async_fedfix_aggregates_on_its_interval_with_unbiased_weights(tmp_path):
     # Δt = 2 s; node 1 (10 examples) takes 1 s, node 2 (30 examples) 3 s:
-    # d_i = p_i ⌈τ_i / Δt⌉ = 0.25 · 1 and 0.75 · 2
+    # d_i = p_i ⌈τ_i / Δt⌉ = 0.25 · 1 and 0.75 · 2 (the paper's weights, unnormalised)
     nodes = [FakeNode(1, delay=1.0, num_examples=10, step=0.1), FakeNode(2, delay=3.0, num_examples=30, step=0.2)]
-    run = federation(tmp_path, nodes, ASYNC, **{"async-rule": "fedfix", "interval": 2.0, "num-rounds": 4})
+    run = federation(tmp_path, nodes, ASYNC, **{"async-rule": "fedfix", "interval": 2.0, "num-rounds": 4,
+                                                "fedfix-weighting": "paper"})
     summary = run.run()
 
     assert summary["versions"] == 4

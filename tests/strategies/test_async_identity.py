@@ -30,7 +30,7 @@ FACTORIES = {
 }
 ALLOWED = [name for name in AGGREGATORS.names() if AGGREGATORS[name].cls.supports_async]
 RULE_CONFIGS = {"fedbuff": FedBuffConfig(buffer_size=6), "fedasync": FedAsyncConfig(),
-                "fedfix": FedFixConfig(interval=10.0)}
+                "fedfix": FedFixConfig(interval=10.0, weighting="paper")}  # Σ d ≠ 1: the hard case
 
 
 def build_rule(rule_name, agg):

@@ -107,7 +107,7 @@ def test_fedasync_applies_every_update():
 
 def test_fedfix_unbiased_weights_and_interval_clock():
     agg = FedAvg(adapter(2, 0), LoraSpec())
-    rule = FedFix(agg, FedFixConfig(interval=10.0), now=0.0)
+    rule = FedFix(agg, FedFixConfig(interval=10.0, weighting="paper"), now=0.0)
     for node, n in ((1, 10), (2, 30), (3, 60)):
         rule.register(node, n)
     rule.observe(1, 5.0)
@@ -197,3 +197,23 @@ def test_fedbuff_second_job_of_one_node_at_one_version_is_a_distinct_update():
     with pytest.raises(InvalidUpdateError, match="node 7: duplicate reply to job m10"):
         rule.admit(upd(7, d, perturbed(d, 11), job="m10"))  # the same job twice is a duplicate
     assert len(rule.buffer) == 1
+
+
+def test_fedfix_normalized_weights_keep_the_papers_ratios_and_sum_to_one():
+    """The default `fedfix-weighting=normalized`: d_i = p_i ⌈τ_i/Δt⌉ over the interval's Σ d_i."""
+    agg = FedAvg(adapter(2, 0), LoraSpec())
+    rule = FedFix(agg, FedFixConfig(interval=10.0), now=0.0)
+    assert rule.weighting == "normalized" and rule.summary()["weighting"] == "normalized"
+    for node, n in ((1, 10), (2, 30), (3, 60)):
+        rule.register(node, n)
+    rule.observe(2, 25.0)
+    rule.observe(3, 12.0)
+    d = agg.dispatch(2)
+    rule.admit(upd(2, d, perturbed(d, 2), n=30))
+    rule.admit(upd(3, d, perturbed(d, 3), n=60))
+    step = rule.step(now=10.0)
+    paper = np.array([0.3 * 3, 0.6 * 2])  # 0.9 and 1.2: Σ = 2.1
+    np.testing.assert_allclose(step.lora_weights, paper / paper.sum())
+    np.testing.assert_allclose(step.dense_weights, paper / paper.sum())
+    with pytest.raises(ValueError, match="fedfix-weighting"):
+        FedFixConfig(weighting="hajek")

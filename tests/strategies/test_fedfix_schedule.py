@@ -27,7 +27,7 @@ TOLERANCE = 2e-3
 def simulate_fedfix(durations, examples, interval, intervals):
     """Run FedFix for `intervals` aggregation intervals; return the (intervals × N) weights each client received."""
     agg = FedAvg(adapter(2, 0), LoraSpec())
-    rule = FedFix(agg, FedFixConfig(interval=interval), now=0.0)
+    rule = FedFix(agg, FedFixConfig(interval=interval, weighting="paper"), now=0.0)  # the paper's d_i, unnormalised
     nodes = range(len(durations))
     for n in nodes:
         rule.register(n, examples[n])
@@ -102,7 +102,7 @@ def test_fedfix_composes_with_the_aggregators_weights():
 
     def run(weighting):
         agg = FedHL(adapter(4, 0), LoraSpec(alpha=8), max_rank=4, weighting=weighting)  # W ≠ 0: errors differ
-        rule = FedFix(agg, FedFixConfig(interval=10.0), now=0.0)
+        rule = FedFix(agg, FedFixConfig(interval=10.0, weighting="paper"), now=0.0)
         for node, (n, tau) in enumerate(zip(counts, taus)):
             rule.register(node, n)
             rule.observe(node, tau)
@@ -133,3 +133,79 @@ def test_fedfix_without_examples_refuses_to_weight():
     with pytest.raises(AggregationError, match="example counts sum to 0"):
         rule.step(10.0)
     assert agg.version == 0
+
+
+# ---- #10: FedFix collapsed on the text benchmark (Δt = 4 s below every job of 5/10/25/50 s) ----------------------
+#: the virtual-clock text benchmark's fleet: 16 clients in speed tiers 1/2/5/10× of a 5 s job, 8 training at once
+TEXT_TIERS = tuple(5.0 * t for t in (1, 2, 5, 10) for _ in range(4))
+
+
+def simulate_steps(config, durations, examples, concurrency, horizon, seed=0):
+    """FedFix on an exact clock with `concurrency` slots; each client returns its start plus a unit-norm change.
+
+    Returns (per step: the LoRA weights, ‖global change‖, the largest ‖client change‖ of the step).
+    The slots go to idle clients in a seeded random order, as the driver's random selector does.
+    """
+    rng = np.random.default_rng(seed)
+    agg = FedAvg(adapter(2, 0), LoraSpec())
+    rule = FedFix(agg, config, now=0.0)
+    nodes = list(range(len(durations)))
+    for n in nodes:
+        rule.register(n, examples[n])
+    running, jobs, steps = {}, iter(range(10**9)), []
+
+    def dispatch_idle(now):
+        idle = [n for n in rng.permutation(nodes) if n not in running and rule.may_dispatch(int(n), now)]
+        for n in idle[: concurrency - len(running)]:
+            n = int(n)
+            running[n] = (now + durations[n], agg.dispatch(2), f"m{next(jobs)}", now)
+
+    def state():
+        return np.concatenate([v.ravel() for _, v in sorted(agg.state().items())]).astype(np.float64)
+
+    now = 0.0
+    dispatch_idle(now)
+    while now < horizon:
+        next_return = min((job[0] for job in running.values()), default=math.inf)
+        if next_return <= rule.next_deadline():
+            now = next_return
+            for n in [n for n, job in running.items() if job[0] == now]:
+                _, sent, job_id, pushed = running.pop(n)
+                rule.observe(n, now - pushed)
+                change = {k: rng.normal(size=v.shape) for k, v in sent.arrays.items()}
+                norm = math.sqrt(sum(float(np.sum(c**2)) for c in change.values()))
+                arrays = {k: (v + change[k] / norm).astype(np.float32) for k, v in sent.arrays.items()}
+                rule.admit(ClientUpdate(node_id=n, arrays=arrays, sent=sent, num_examples=examples[n], job_id=job_id))
+        else:
+            now = rule.next_deadline()
+            before = state()
+            step = rule.step(now)
+            if step is not None:
+                steps.append((np.array(step.lora_weights), float(np.linalg.norm(state() - before)), 1.0))
+        dispatch_idle(now)
+    return steps
+
+
+def test_fedfix_default_step_is_bounded_when_every_job_outlasts_the_interval():
+    """#10: with Δt = 4 s below every job (the text benchmark), the paper's d_i = p_i⌈τ_i/Δt⌉ reached 2.6 for one
+    update and an interval's total far above 1, so one version moved the model several times further than any
+    client did, and the text task collapsed to one class. FedFix's default step is a weighted mean of the
+    interval's changes: weights ≥ 0 that sum to 1, so the global change is at most the largest client change."""
+    examples = tuple(40 + 5 * i for i in range(16))
+    steps = simulate_steps(FedFixConfig(interval=4.0), TEXT_TIERS, examples, concurrency=8, horizon=600.0)
+    assert len(steps) > 50
+    for w, moved, largest in steps:
+        assert moved <= largest + 1e-5  # today's code: up to 2.25
+        assert np.all(w >= 0)
+        assert w.sum() == pytest.approx(1.0, abs=1e-9)  # today's code: 0.23 to 3.38
+
+
+def test_fedfix_paper_weighting_is_still_reachable_and_unbounded_there():
+    """The paper's unnormalised rule stays available (`fedfix-weighting=paper`); in the same setting it puts a
+    weight above 1 on single updates and moves the model further than any client did (why it is not the default)."""
+    examples = tuple(40 + 5 * i for i in range(16))
+    steps = simulate_steps(FedFixConfig(interval=4.0, weighting="paper"), TEXT_TIERS, examples, concurrency=8,
+                           horizon=600.0)
+    assert max(w.max() for w, _, _ in steps) > 0.6  # ⌈50/4⌉ = 13 times p_i ≈ 1/16
+    assert max(w.sum() for w, _, _ in steps) > 1.5
+    assert max(moved for _, moved, _ in steps) > 1.2
