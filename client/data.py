@@ -28,7 +28,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 from datasets.table import InMemoryTable
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
 
 log = logging.getLogger(f"corolla.{__name__}")
 
@@ -123,30 +123,138 @@ def builtin_partition(
 def partition_dataset(
     train: datasets.Dataset, partition_id: int, num_partitions: int, alpha: float, seed: int = 0
 ) -> datasets.Dataset:
-    """Return one client's share of `train` (flwr-datasets' Dirichlet partitioner; alpha <= 0 means IID)."""
+    """Return one client's share of `train` (flwr-datasets' Dirichlet partitioner; alpha <= 0 means IID).
+
+    A split that cannot give every node its minimum rows raises PartitionError with the
+    numbers and the largest node count that works (simulations check it before they start).
+    """
     if not 0 <= partition_id < num_partitions:
         raise SiloError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}; check `num-partitions`.")
-    return _partitioner(train, num_partitions, alpha, seed).load_partition(partition_id)
+    scheme = "dirichlet" if alpha > 0 else "iid"
+    return _partitioner(train, num_partitions, scheme, alpha, 0, seed, shuffle=False).load_partition(partition_id)
+
+
+#: how one dataset is cut into simulated silos (flwr-datasets partitioners)
+PARTITION_SCHEMES = ("dirichlet", "iid", "pathological")
+#: rows every node must get: Dirichlet keeps the minimum it always had; a node needs at least one example
+MIN_PARTITION_ROWS = {"dirichlet": 2, "iid": 1, "pathological": 1}
+
+
+class PartitionError(SiloError):
+    """A dataset cannot be cut into the partitions asked for; the message has the numbers and the fix."""
 
 
 _PARTITIONERS: dict[tuple, object] = {}
 
 
-def _partitioner(train: datasets.Dataset, num_partitions: int, alpha: float, seed: int):  # noqa: ANN202
-    """One partitioner per (dataset, n, alpha, seed): the Dirichlet draw is computed once per process."""
-    key = (train._fingerprint, num_partitions, alpha, seed)
-    if key in _PARTITIONERS:
-        return _PARTITIONERS[key]
-    if alpha > 0:
-        part = DirichletPartitioner(
-            num_partitions=num_partitions, partition_by="label", alpha=alpha, min_partition_size=2,
-            self_balancing=True, seed=seed,
-        )
+def _partitioner(ds: datasets.Dataset, n: int, scheme: str, alpha: float, k: int, seed: int,  # noqa: ANN202
+                 shuffle: bool = True, by: str = "label"):
+    """One checked partitioner per (dataset, n, scheme, ...): the draw is computed once per process.
+
+    IID is flwr-datasets' contiguous sharding, of a seeded shuffle when `shuffle` (a
+    user's file may be sorted by label; the built-in splits are already shuffled).
+    """
+    key = (ds._fingerprint, n, scheme, alpha, k, seed, shuffle, by)
+    if key not in _PARTITIONERS:
+        tried = _try_partition(ds, n, scheme, alpha, k, seed, shuffle, by)
+        if isinstance(tried, str):
+            raise PartitionError(_partition_failure(ds, n, scheme, alpha, k, seed, shuffle, by, tried))
+        _PARTITIONERS[key] = tried[1]
+    return _PARTITIONERS[key]
+
+
+def partition_sizes(ds: datasets.Dataset, n: int, scheme: str, alpha: float = 0.5, k: int = 2, seed: int = 0,
+                    shuffle: bool = True, by: str = "label") -> list[int]:
+    """Rows of each of the `n` partitions (PartitionError, with the numbers and the fix, when it cannot work)."""
+    part = _partitioner(ds, n, scheme, alpha, k, seed, shuffle, by)
+    return _sizes(part, len(ds), n, scheme)
+
+
+def partition_of(ds: datasets.Dataset, pid: int, n: int, scheme: str, alpha: float = 0.5, k: int = 2, seed: int = 0,
+                 shuffle: bool = True, by: str = "label") -> datasets.Dataset:
+    """Partition `pid` of `n` of `ds` under `scheme` (the same draw in every process)."""
+    if not 0 <= pid < n:
+        raise SiloError(f"partition-id {pid} is outside 0..{n - 1}.")
+    return _partitioner(ds, n, scheme, alpha, k, seed, shuffle, by).load_partition(pid)
+
+
+def _make(ds: datasets.Dataset, n: int, scheme: str, alpha: float, k: int, seed: int, shuffle: bool, by: str):  # noqa: ANN202
+    if scheme == "dirichlet":
+        part = DirichletPartitioner(num_partitions=n, partition_by=by, alpha=alpha,
+                                    min_partition_size=MIN_PARTITION_ROWS["dirichlet"], self_balancing=True, seed=seed)
+    elif scheme == "pathological":
+        part = PathologicalPartitioner(num_partitions=n, partition_by=by, num_classes_per_partition=k,
+                                       class_assignment_mode="first-deterministic", seed=seed)
+    elif scheme == "iid":
+        part = IidPartitioner(num_partitions=n)
+        if shuffle:
+            ds = ds.shuffle(seed=seed)
     else:
-        part = IidPartitioner(num_partitions=num_partitions)
-    part.dataset = train
-    _PARTITIONERS[key] = part
+        raise SiloError(f"unknown partitioner {scheme!r}; use one of {list(PARTITION_SCHEMES)}.")
+    part.dataset = ds
     return part
+
+
+def _sizes(part, rows: int, n: int, scheme: str) -> list[int]:  # noqa: ANN001
+    if scheme == "iid":  # datasets' contiguous shards: the first rows % n get one more row
+        return [rows // n + (1 if i < rows % n else 0) for i in range(n)]
+    part._check_num_partitions_correctness_if_needed()
+    part._determine_partition_id_to_indices_if_needed()
+    return [len(part._partition_id_to_indices[i]) for i in range(n)]
+
+
+def _try_partition(ds: datasets.Dataset, n: int, scheme: str, alpha: float, k: int, seed: int, shuffle: bool,
+                   by: str) -> tuple[list[int], object] | str:
+    """(sizes, partitioner), or why the split fails (a partition below its minimum rows, or flwr-datasets' error)."""
+    import warnings
+
+    if n < 1:
+        return "there are no nodes"
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # `unique` flattens an index mapping with a bar per try
+    try:
+        with warnings.catch_warnings():  # the Dirichlet partitioner warns on every redraw
+            warnings.simplefilter("ignore")
+            part = _make(ds, n, scheme, alpha, k, seed, shuffle, by)
+            sizes = _sizes(part, len(ds), n, scheme)
+    except ValueError as e:
+        if "max number of attempts" in str(e):
+            return f"11 seeded draws each left some node with fewer than {MIN_PARTITION_ROWS[scheme]} rows"
+        return str(e).split(". ")[0]
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+    low = MIN_PARTITION_ROWS[scheme]
+    if min(sizes) < low:
+        return f"{sum(s < low for s in sizes)} node(s) would get fewer than {low} row(s)"
+    return sizes, part
+
+
+def describe_scheme(scheme: str, alpha: float, k: int) -> str:
+    """`Dirichlet(α=0.5)`, `IID`, `pathological-2` — as messages and reports name a partitioning."""
+    return {"dirichlet": f"Dirichlet(α={alpha:g})", "iid": "IID", "pathological": f"pathological-{k}"}[scheme]
+
+
+def _partition_failure(ds: datasets.Dataset, n: int, scheme: str, alpha: float, k: int, seed: int, shuffle: bool,
+                       by: str, why: str) -> str:
+    """One line: the rows, the nodes, why it fails, and the largest node count that works (found by trying)."""
+    rows, low = len(ds), MIN_PARTITION_ROWS[scheme]
+    lo, hi, best = 1, min(n - 1, rows // low), 0
+    while lo <= hi:  # the largest working count; the draws are seeded, so this is what the run would get
+        mid = (lo + hi) // 2
+        if isinstance(_try_partition(ds, mid, scheme, alpha, k, seed, shuffle, by), str):
+            hi = mid - 1
+        else:
+            best, lo = mid, mid + 1
+    fix = f"use --nodes {best:,} or fewer" if best else "this split works for no node count"
+    others = [] if scheme == "iid" else [f"an IID split (up to {rows:,} nodes)"]
+    if scheme == "dirichlet":
+        others.insert(0, "a larger dirichlet-alpha (less skew; --alpha)")
+    if scheme == "pathological":
+        others.insert(0, "a larger --classes-per-node")
+    more = f", or {' or '.join(others)}" if others else ""
+    return (f"{rows:,} rows cannot be split into {n:,} {describe_scheme(scheme, alpha, k)} partitions of at least {low} "
+            f"row(s) each ({why}); {fix}, more data{more}.")
 
 
 #: a silo file up to this size is read into memory (as fast as a pandas read); a larger one is streamed in
@@ -339,7 +447,7 @@ class _SiloReader:
             raise SiloError(f"silo file {self.name!r} is empty (not even a header line); write a header with "
                             f"`{self.text_column}` and `{self.label_column}` and at least one row.")
         self._check_columns(header)
-        cols = [self.text_column, self.label_column]
+        cols = list(dict.fromkeys([self.text_column, self.label_column]))
         reader = pacsv.open_csv(
             self.path,
             read_options=pacsv.ReadOptions(block_size=STREAM_CHUNK_BYTES),
@@ -399,7 +507,7 @@ class _SiloReader:
     def _parquet(self) -> Iterator[pa.Table]:
         pf = pq.ParquetFile(self.path)
         self._check_columns(pf.schema_arrow.names)
-        cols = [self.text_column, self.label_column]
+        cols = list(dict.fromkeys([self.text_column, self.label_column]))
         idx = [pf.schema_arrow.get_field_index(c) for c in cols]
         if self.size > IN_MEMORY_MAX_BYTES:
             meta = pf.metadata
@@ -412,6 +520,44 @@ class _SiloReader:
                         "`pyarrow.parquet.write_table(table, path, row_group_size=50_000)`.")
         for batch in pf.iter_batches(batch_size=65_536, columns=cols):
             yield pa.Table.from_batches([batch])
+
+
+def file_columns(path: str | os.PathLike[str]) -> list[str]:
+    """The columns of a silo file, read cheaply: a CSV's header, a Parquet schema, the keys of the first JSON rows."""
+    p = Path(path)
+    fmt = SILO_FORMATS.get(p.suffix.lower())
+    try:
+        if fmt == "csv":
+            with p.open(newline="", encoding="utf-8-sig", errors="replace") as f:
+                return list(next(csv.reader(f), []))
+        if fmt == "parquet":
+            return list(pq.ParquetFile(p).schema_arrow.names)
+        if fmt == "jsonl":
+            with p.open("rb") as f:
+                head = f.read(4096).lstrip()
+                f.seek(0)
+                if head.startswith(b"["):
+                    rows = json.load(f) if p.stat().st_size <= IN_MEMORY_MAX_BYTES else []
+                else:
+                    rows = [json.loads(line) for line, _ in zip((ln for ln in f if ln.strip()), range(100))]
+            return list(dict.fromkeys(k for r in rows[:100] if isinstance(r, dict) for k in r))
+    except (OSError, ValueError, pa.ArrowException) as e:
+        raise SiloError(f"silo file {p.name!r} could not be read as {fmt}: {str(e)[:200]}") from e
+    raise SiloError(f"silo file {p.name!r} has an unknown format; use one of {sorted(SILO_FORMATS)}.")
+
+
+def read_column(path: str | os.PathLike[str], column: str) -> pa.ChunkedArray:
+    """One column of a silo file as strings, streamed and parsed exactly as `load_silo_file` reads rows.
+
+    The rows come in the file's order, so position i is row i of the loaded silo.
+    """
+    p = Path(path)
+    fmt = SILO_FORMATS.get(p.suffix.lower())
+    if fmt is None:
+        raise SiloError(f"silo file {p.name!r} has an unknown format; use one of {sorted(SILO_FORMATS)}.")
+    reader = _SiloReader(p, fmt, p.stat().st_size, column, column, ())
+    chunks = [_as_string(t.column(column), p.name, column) for t in reader._tables() if t.num_rows]
+    return pa.chunked_array([c for ch in chunks for c in ch.chunks], pa.string())
 
 
 def _as_string(col: pa.ChunkedArray, file: str, name: str) -> pa.ChunkedArray:

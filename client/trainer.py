@@ -66,11 +66,18 @@ GIB = 1024**3
 
 
 def memory_bytes(device: str) -> int:
-    """Memory of `device` (that GPU's, not GPU 0's) or physical RAM (CPU), in bytes."""
+    """Memory of `device` (that GPU's, not GPU 0's) or physical RAM (CPU), in bytes.
+
+    `cuda` without an index is the process's current CUDA device; a Ray actor sees only
+    the GPU Ray assigned it (CUDA_VISIBLE_DEVICES), so its cuda:0 is that GPU.
+    """
     if device.startswith("cuda"):
         import torch
 
-        return int(torch.cuda.get_device_properties(torch.device(device)).total_memory)
+        index = torch.device(device).index
+        if index is None:
+            index = torch.cuda.current_device()
+        return int(torch.cuda.get_device_properties(index).total_memory)
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 

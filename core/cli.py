@@ -17,11 +17,19 @@ def _config(args: argparse.Namespace) -> RunConfig:
     values["out-dir"] = str(Path(args.out).resolve())
     if getattr(args, "clock", None):
         values["clock"] = args.clock
+    for key, attr in _SIM_DATA_FLAGS:  # `corolla sim --data ...`: the keys the Ray actors read
+        value = getattr(args, attr, None)
+        if value is not None:
+            values[key] = str(Path(value).resolve()) if key == "sim-data" else value
     if getattr(args, "resume", False) or getattr(args, "overwrite", False):
         values["existing-run"] = "resume" if args.resume else "overwrite"
     cfg = RunConfig.from_mapping(values)
     _check_run_dir(Path(cfg.out_dir), cfg.existing_run)
     return cfg
+
+
+_SIM_DATA_FLAGS = (("sim-data", "data"), ("partition-by", "partition_by"), ("partitioner", "partitioner"),
+                   ("dirichlet-alpha", "alpha"), ("classes-per-node", "classes_per_node"))
 
 
 def _check_run_dir(out: Path, existing: str) -> None:
@@ -51,16 +59,52 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def cmd_sim(args: argparse.Namespace) -> int:
     """Run a simulated federation: Ray on the real clock, or in-process on the virtual clock."""
     cfg = _config(args)
+    if cfg.clock == "virtual" and (args.ray_address or args.gpus_per_client):
+        raise ConfigError("--ray-address and --gpus-per-client place Ray actors; the virtual clock runs in this "
+                          "process without Ray: drop them or use --clock real.")
+    args.nodes = _plan_sim(cfg, args.nodes)
     if cfg.clock == "virtual":
         summary = _run_virtual(cfg, args)
     else:
         from corolla.server.simulate import run_simulation
 
         summary = run_simulation(cfg, num_supernodes=args.nodes, cpus_per_client=args.cpus_per_client,
-                                 total_cpus=args.cpus)
+                                 total_cpus=args.cpus, ray_address=args.ray_address,
+                                 gpus_per_client=args.gpus_per_client)
     print(json.dumps(summary, indent=2))
     print(f"report: {Path(cfg.out_dir) / 'report.md'}")
     return 0
+
+
+def _plan_sim(cfg: RunConfig, nodes: int | None) -> int:
+    """Check the simulated silos before anything starts; return the node count (one line per problem otherwise).
+
+    Every silo is loaded by the reader the Ray actors use and every partition is drawn,
+    so a split that leaves a node without rows, a bad file or a label outside the label
+    set stops here instead of inside the run (where it cost a round-timeout).
+    """
+    from corolla.client.simdata import DEFAULT_NODES, SimData, node_count, plan
+    from corolla.client.tasks import build_task
+    from corolla.logs import quiet_libraries
+
+    quiet_libraries()
+    sim_data = SimData.from_config(cfg)
+    n = node_count(sim_data, nodes) if sim_data else (nodes or DEFAULT_NODES)
+    if n < 1:
+        raise ConfigError(f"--nodes {n}: a simulation needs at least one node.")
+    if cfg.min_nodes > n:
+        raise ConfigError(f"`min-nodes` = {cfg.min_nodes} but the simulation has {n} node(s), so no round would "
+                          f"start; lower it (--set min-nodes={n}) or add silos.")
+    task = build_task(cfg.task_spec())
+    the_plan = plan(task, sim_data, n, 0.0 if cfg.partitioner == "iid" else cfg.dirichlet_alpha)
+    if cfg.test_data:
+        task.load_silo(cfg.test_data, cfg.text_column, cfg.label_column)
+    print(the_plan.summary(), flush=True)
+    if sim_data:
+        out = Path(cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "silos.json").write_text(the_plan.to_json())
+    return n
 
 
 def _run_virtual(cfg: RunConfig, args: argparse.Namespace) -> dict:
@@ -279,7 +323,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sim", help="run a simulated federation (Ray, or the virtual-clock simulator)")
     _add_config_args(s)
-    s.add_argument("--nodes", type=int, default=20, help="simulated SuperNodes (silos)")
+    s.add_argument("--nodes", type=int, default=None,
+                   help="simulated SuperNodes (default 20; with --data DIR or --partition-by: one per file / value)")
+    s.add_argument("--data", metavar="DIR|FILE",
+                   help="simulate your own data: a folder (one silo per CSV/JSONL/Parquet file) or one file cut by "
+                   "--partition-by or --partitioner (sets `sim-data`; the task's columns: text/label, prompt/response)")
+    s.add_argument("--partition-by", metavar="COLUMN", help="one silo per value of this column of the --data file "
+                   "(a site id)")
+    s.add_argument("--partitioner", choices=["dirichlet", "iid", "pathological"], default=None,
+                   help="how one --data file (or the built-in corpus: dirichlet, iid) is cut into --nodes silos")
+    s.add_argument("--alpha", type=float, default=None, help="Dirichlet α of the label skew (sets `dirichlet-alpha`)")
+    s.add_argument("--classes-per-node", type=int, default=None, help="classes per node with --partitioner pathological")
+    s.add_argument("--ray-address", metavar="auto|HOST:PORT",
+                   help="attach to this existing Ray cluster (`ray start --head`) instead of starting a private one")
+    s.add_argument("--gpus-per-client", type=float, default=0.0, metavar="FRACTION",
+                   help="GPU share of each Ray actor (0.25: four clients per GPU); actors spread over the visible GPUs")
     s.add_argument("--clock", choices=["real", "virtual"], default=None,
                    help="real (default): Ray actors on the wall clock, slow clients sleep; virtual: a discrete-event "
                    "simulation in this process where each job takes local-steps × virtual-step-s × its slowdown "

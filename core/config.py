@@ -23,6 +23,8 @@ EXISTING_RUN = ("refuse", "overwrite", "resume")
 SPEED_PROFILES = ("none", "tiers", "lognormal")
 RANK_ASSIGNMENTS = ("tier", "random")
 CLOCKS = ("real", "virtual")
+#: how one file of simulated silos (or the built-in corpus) is cut (flwr-datasets partitioners; client/data.py)
+PARTITIONERS = ("dirichlet", "iid", "pathological")
 #: keys that describe the simulated fleet: a deployment's nodes bring their own rank, data and speed
 SIMULATION_ONLY = "simulation"
 
@@ -126,6 +128,18 @@ class RunConfig:
     update_norm_multiple: float = _guard("update-norm-multiple", when="max-update-norm=0.0")
     dirichlet_alpha: float = field(default=0.5, metadata=_h("label skew of simulated silos (<= 0: IID)",
                                                             scope=SIMULATION_ONLY))
+    sim_data: str = field(default="", metadata=_h(
+        "simulated silos from your files: a folder (one silo per CSV/JSONL/Parquet file) or one file, cut by "
+        "`partition-by` or `partitioner` (empty: the built-in corpus; `corolla sim --data`)", scope=SIMULATION_ONLY))
+    partition_by: str = field(default="", metadata=_h(
+        "column of the `sim-data` file whose values are the silos, e.g. a site id (one node per value)",
+        scope=SIMULATION_ONLY))
+    partitioner: str = field(default="dirichlet", metadata=_h(
+        "how one `sim-data` file is cut: dirichlet (label skew, `dirichlet-alpha`), iid, pathological "
+        "(`classes-per-node` classes per node); the built-in corpus takes dirichlet or iid", PARTITIONERS,
+        scope=SIMULATION_ONLY))
+    classes_per_node: int = field(default=2, metadata=_h("classes per node of the pathological partitioner", low=1,
+                                                         when="partitioner=pathological", scope=SIMULATION_ONLY))
     async_rule: str = _choice("async-rule", "fedbuff", "asynchronous rule", when="mode=async")
     concurrency: int = field(default=4, metadata=_h("clients training at once", low=1, when="mode=async"))
     buffer_size: int = _component("buffer-size")
@@ -171,6 +185,7 @@ class RunConfig:
         if self.lr <= 0:
             raise ConfigError(f"`lr` = {self.lr!r} must be > 0.")
         self._refuse_async_aggregation()
+        self._check_sim_data()
         if self.labels and not self.test_data:
             raise ConfigError("`labels` names your own classes, which have no built-in test split; set `test-data` to "
                               "a CSV/JSONL/Parquet file the server evaluates on.")
@@ -193,6 +208,18 @@ class RunConfig:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self._refuse_unread_keys()
+
+    def _check_sim_data(self) -> None:
+        """`partition-by` and `partitioner` describe how a `sim-data` file is cut."""
+        if self.partition_by and not self.sim_data:
+            raise ConfigError(f"`partition-by` = {self.partition_by!r} cuts a `sim-data` file; give the file with "
+                              "`corolla sim --data FILE` or drop --partition-by.")
+        if self.partition_by and self.partitioner != "dirichlet":
+            raise ConfigError(f"`partition-by` gives one silo per value of {self.partition_by!r}, so `partitioner` = "
+                              f"{self.partitioner!r} would be ignored; drop one of them.")
+        if self.partitioner == "pathological" and not self.sim_data:
+            raise ConfigError("`partitioner` = 'pathological' cuts your own file (`corolla sim --data FILE`); the "
+                              "built-in corpus takes dirichlet or iid.")
 
     def _check_model(self, info: TaskInfo) -> None:
         """A built-in name of the task, or a Hugging Face model folder of an architecture the task can train."""

@@ -125,10 +125,21 @@ def write_connection(flwr_home: Path, name: str, address: str, *, root_certifica
     (flwr_home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": name, name: conn}}))
 
 
-def simulation_options(num_supernodes: int, cpus_per_client: int, total_cpus: int) -> dict[str, Any]:
-    """Ray backend options for a simulated federation (`flwr run --federation-config` keys)."""
-    return {"num-supernodes": num_supernodes, "client-resources-num-cpus": cpus_per_client,
-            "init-args-num-cpus": total_cpus}
+def simulation_options(num_supernodes: int, cpus_per_client: int, total_cpus: int | None,
+                       gpus_per_client: float = 0.0) -> dict[str, Any]:
+    """Ray backend options for a simulated federation (`flwr run --federation-config` keys).
+
+    `total_cpus` None leaves Ray's init args out: a driver that attaches to an existing
+    cluster must not size it (ray.init refuses num_cpus there). `gpus_per_client` is each
+    actor's GPU share (0.25: four actors per GPU); Ray then sets each actor's
+    CUDA_VISIBLE_DEVICES to the GPU it was given.
+    """
+    options: dict[str, Any] = {"num-supernodes": num_supernodes, "client-resources-num-cpus": cpus_per_client}
+    if gpus_per_client:
+        options["client-resources-num-gpus"] = float(gpus_per_client)
+    if total_cpus is not None:
+        options["init-args-num-cpus"] = total_cpus
+    return options
 
 
 def flwr_run(connection: str, run_config: Mapping[str, Any], env: Mapping[str, str], timeout: float | None = None,
