@@ -185,3 +185,21 @@ def test_simulation_on_a_folder_of_own_label_silos(tmp_path):
     silos = json.loads((out / "silos.json").read_text())
     assert [s["silo"] for s in silos["silos"]] == ["a_site.csv", "b_site.jsonl", "c_site.parquet"]
     assert json.loads((out / "config.json").read_text())["sim-data"] == str((tmp_path / "silos").resolve())
+
+
+def test_causal_lm_silos_from_a_folder_and_an_iid_split(tmp_path):
+    from corolla.client.tasks import build_task
+
+    folder = tmp_path / "qa"
+    folder.mkdir()
+    for i, n in enumerate((5, 8)):
+        pd.DataFrame({"prompt": [f"Define word {j}." for j in range(n)],
+                      "response": [f"meaning {j}" for j in range(n)]}).to_json(folder / f"s{i}.jsonl", orient="records",
+                                                                              lines=True)
+    task = build_task(TaskSpec(task="causal-lm", model="tiny-llama", max_length=16))
+    plan = simdata.plan(task, SimData(path=str(folder)), 2, 0.5)
+    assert plan.rows == [5, 8]
+    one = folder / "s1.jsonl"
+    assert simdata.plan(task, SimData(path=str(one), partitioner="iid"), 3, 0.0).rows == [3, 3, 2]
+    with pytest.raises(data.SiloError, match="partitioner=dirichlet splits by label, and task causal-lm has none"):
+        simdata.plan(task, SimData(path=str(one)), 3, 0.5)
