@@ -157,7 +157,8 @@ def flwr_run(connection: str, run_config: Mapping[str, Any], env: Mapping[str, s
 
 def start_superlink(flwr_home: Path, *, simulation: bool, log_path: Path, fleet_address: str | None = None,
                     http_port: int | None = None, tls: Mapping[str, str] | None = None,
-                    extra: Sequence[str] = (), database: Path | None = None) -> tuple[subprocess.Popen, str]:
+                    extra: Sequence[str] = (), database: Path | None = None,
+                    env: Mapping[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     """Start `flower-superlink`; return the process and the address `flwr` connects to (its HTTP API).
 
     The HTTP API (Runtime and Control, one port in Flower 1.39) listens on 127.0.0.1 only:
@@ -180,6 +181,6 @@ def start_superlink(flwr_home: Path, *, simulation: bool, log_path: Path, fleet_
     # Dependencies are provisioned on every machine by deploy/setup.sh; never pip/uv-install at run time.
     cmd += ["--disable-runtime-dependency-installation"]
     cmd += list(extra)
-    proc = start(cmd, flower_env(flwr_home), log_path)
+    proc = start(cmd, flower_env(flwr_home, env), log_path)  # `env`: e.g. RAY_ADDRESS for the simulation it runs
     wait_for(lambda: port_open(host, http_port), 60, "flower-superlink", proc=proc)
     return proc, f"{host}:{http_port}"

@@ -2,7 +2,8 @@
 
 Starts a private simulation SuperLink (own FLWR_HOME, free ports, own process
 group), submits this app with `flwr run`, streams progress, and always reaps the
-SuperLink and Ray when the run ends or fails.
+SuperLink and Ray when the run ends or fails. Ray is a private instance, or an
+existing cluster the simulation attaches to (`--ray-address`), which it leaves running.
 """
 
 from __future__ import annotations
@@ -111,20 +112,21 @@ def run_simulation(cfg: RunConfig, num_supernodes: int, cpus_per_client: int = 1
     out.mkdir(parents=True, exist_ok=True)
     flwr_home = out / ".flwr"
     total = total_cpus or os.cpu_count() or 1
-    extra = {"RAY_DEDUP_LOGS": "0", "OMP_NUM_THREADS": str(cpus_per_client)}
+    # the SuperLink starts the simulation process (Ray's driver), so Ray's settings go into the SuperLink's environment
+    link_env = {"RAY_DEDUP_LOGS": "0", "OMP_NUM_THREADS": str(cpus_per_client), "RAY_ADDRESS": ""}
+    ray_address = ray_address or os.environ.get("RAY_ADDRESS") or None  # Ray's own convention: attach
     if ray_address:
         cluster = probe_ray(ray_address)
         check_gpus(gpus_per_client, cluster["resources"].get("GPU", 0.0), f"the Ray cluster at {ray_address}")
-        extra["RAY_ADDRESS"] = cluster["address"]
+        link_env["RAY_ADDRESS"] = cluster["address"]
     else:
         check_gpus(gpus_per_client, local_gpus(), "this machine")
-        extra["RAY_TMPDIR"] = str(flwr_home / "ray")
-    env = launch.flower_env(flwr_home, extra)
+    env = launch.flower_env(flwr_home, link_env)
     options = launch.simulation_options(num_supernodes, cpus_per_client, None if ray_address else total,
                                         gpus_per_client)
     procs: list = []
     with launch.running(procs):
-        link, address = launch.start_superlink(flwr_home, simulation=True, log_path=out / "superlink.log")
+        link, address = launch.start_superlink(flwr_home, simulation=True, log_path=out / "superlink.log", env=link_env)
         procs.append(link)
         launch.write_connection(flwr_home, "corolla-sim", address)
         run_cfg = {**cfg.to_mapping(), "out-dir": str(out)}
