@@ -59,8 +59,11 @@ def actor_device() -> str:
 
 
 def placement() -> str:
-    """Where this actor runs: host, Ray node id and assigned GPUs (reported in the node's profile)."""
-    where = [f"host={socket.gethostname()}"]
+    """Where this actor runs: host, process, Ray node id and assigned GPUs (reported in the node's profile).
+
+    The process id matches `trainer_pid` in updates.jsonl, so every job can be traced to its Ray node and GPU.
+    """
+    where = [f"host={socket.gethostname()}", f"pid={os.getpid()}"]
     try:
         import ray
 
