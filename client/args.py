@@ -29,6 +29,11 @@ def add_trainer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", default="", help="comma-separated class names of your own data (as the run's `labels`)")
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass: less memory for long sequences and large models, "
+                        "about a third more compute; the result is the same")
+    p.add_argument("--quantize", choices=["none", "4bit"], default="none",
+                   help="4bit: hold the frozen base in 4-bit NF4 (QLoRA; CUDA and bitsandbytes; a model folder)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--slowdown", type=float, default=1.0, help="emulate hardware this many times slower (tests, demos)")

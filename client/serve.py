@@ -30,7 +30,7 @@ def build_trainer(args: argparse.Namespace) -> Trainer:
     import torch
 
     from corolla.client.tasks import build_task
-    from corolla.client.training import AdapterModel, select_device
+    from corolla.client.training import AdapterModel, ComputeOptions, select_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -43,7 +43,9 @@ def build_trainer(args: argparse.Namespace) -> Trainer:
     else:
         ds = task.builtin_partition(args.partition_id, args.num_partitions, args.dirichlet_alpha)
     device = select_device(args.device)
-    model = AdapterModel(task, device)
+    compute = ComputeOptions(gradient_checkpointing=getattr(args, "gradient_checkpointing", False),
+                             quantize=getattr(args, "quantize", "none"))
+    model = AdapterModel(task, device, compute)
     return Trainer(model, task.encode(ds), parse_rank(args.rank, str(device)), args.slowdown)
 
 

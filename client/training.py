@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import math
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,11 +31,60 @@ BASE_PREFIX = "base_model.model."
 MODEL_LOADS = 0
 
 
-def load_base(task: Task) -> nn.Module:
-    """Load the task's base model, counting the load."""
+def load_base(task: Task, **from_pretrained: Any) -> nn.Module:
+    """Load the task's base model, counting the load (`from_pretrained`: extra loading options, e.g. 4-bit)."""
     global MODEL_LOADS
     MODEL_LOADS += 1
-    return task.load_base_model()
+    return task.load_base_model(**from_pretrained)
+
+
+#: how a trainer may hold its frozen base model (`--quantize`)
+QUANTIZE = ("none", "4bit")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ComputeOptions:
+    """How this trainer computes: its own choice, invisible to the server (the adapter exchanged is the same).
+
+    Parameters
+    ----------
+    gradient_checkpointing : bool (default: False)
+        Recompute activations in the backward pass instead of keeping them: less memory for
+        long sequences and deep models, about a third more compute. The result is the same.
+    quantize : str (default: "none")
+        `4bit`: hold the frozen base in 4-bit NF4 with bf16 compute (QLoRA, bitsandbytes, CUDA
+        only). The adapter then learns against the quantized base; the server applies it to
+        the full-precision one, as QLoRA adapters are used.
+
+    """
+
+    gradient_checkpointing: bool = False
+    quantize: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.quantize not in QUANTIZE:
+            raise ValueError(f"--quantize {self.quantize!r} is not one of {list(QUANTIZE)}")
+
+
+def _quantized_base(task: Task, device: torch.device, compute: ComputeOptions) -> nn.Module:
+    """The task's model folder loaded in 4-bit NF4 on `device` and prepared for k-bit training (QLoRA)."""
+    if device.type != "cuda":
+        raise ValueError(f"--quantize 4bit needs a CUDA device (bitsandbytes' 4-bit kernels); this trainer runs on "
+                         f"{device}. Drop --quantize or start the trainer on a GPU.")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("--quantize 4bit needs the `bitsandbytes` package; install it with "
+                         "`pip install bitsandbytes` on the GPU client, or drop --quantize.")
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16,
+                             llm_int8_skip_modules=list(getattr(task, "HEADS", ())) or None)
+    model = load_base(task, quantization_config=bnb, device_map={"": device.index or 0})
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=compute.gradient_checkpointing,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.requires_grad_(False)
+    return model.eval()
 
 
 def select_device(requested: str = "auto") -> torch.device:
@@ -117,11 +168,29 @@ def evaluate_model(model: nn.Module, data: EncodedData, device: torch.device, ta
 class AdapterModel:
     """A frozen base model with one LoRA adapter per rank."""
 
-    def __init__(self, task: Task, device: torch.device) -> None:
+    def __init__(self, task: Task, device: torch.device, compute: ComputeOptions | None = None) -> None:
         self.task = task
         self.device = device
-        self.base = load_base(task).to(device)
-        self.fingerprint = task.fingerprint(self.base)
+        self.compute = compute or ComputeOptions()
+        if self.compute.quantize == "4bit":
+            # The fingerprint proves the server and this trainer share one base: take it from the full-precision
+            # weights (a quantized copy differs in every weight), then load the 4-bit copy that trains.
+            self.fingerprint = task.fingerprint(load_base(task))
+            self.base = _quantized_base(task, device, self.compute)
+        else:
+            self.base = load_base(task).to(device)
+            self.fingerprint = task.fingerprint(self.base)
+        if self.compute.gradient_checkpointing:
+            if not getattr(self.base, "supports_gradient_checkpointing", False):
+                raise ValueError(f"--gradient-checkpointing: the {task.name} model does not support gradient "
+                                 "checkpointing; drop the flag.")
+            # non-reentrant checkpointing needs no input that requires grad (the base is frozen, only LoRA trains)
+            no_reentrant = {"use_reentrant": False}
+            if hasattr(self.base, "activation_checkpointing_enable"):  # the name from transformers 5.2x on
+                self.base.activation_checkpointing_enable(activation_checkpointing_kwargs=no_reentrant)
+            else:
+                self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=no_reentrant)
+            self.base.config.use_cache = False
         self.model: PeftModel | None = None
         self._base_params = dict(self.base.named_parameters())
         self._originals: dict[str, torch.Tensor] = {}
@@ -129,6 +198,9 @@ class AdapterModel:
     @torch.no_grad()
     def set_base_deltas(self, frozen: Mapping[str, np.ndarray]) -> None:
         """Set each named base weight to original + ΔW; restore weights not named to their original."""
+        if frozen and self.compute.quantize != "none":
+            raise ValueError("this trainer holds its base in 4-bit (--quantize 4bit), so it cannot add FLoRA's "
+                             "merged update to the base weights; run FLoRA on trainers without --quantize.")
         wanted = {}
         for key, dw in frozen.items():
             if not key.endswith(".base_delta"):
@@ -218,7 +290,9 @@ class AdapterModel:
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         anchor = [p.detach().clone() for p in params] if prox_mu > 0 else []
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        # fused on CUDA: one kernel for every LoRA tensor instead of several per tensor (a small model's GPU step is
+        # bound by kernel launches, bench/gpu_clients.py)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=self.device.type == "cuda" or None)
         gen = torch.Generator().manual_seed(seed)
         losses: list[float] = []
         n = len(data)

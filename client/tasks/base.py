@@ -12,7 +12,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import datasets
 import numpy as np
@@ -21,6 +21,27 @@ from peft import LoraConfig
 from torch import nn
 
 from corolla.spec import LoraSpec, TaskSpec
+
+
+def trim_padding(inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Drop the trailing columns that are padding in every row of a batch (rows are padded to max-length).
+
+    Those positions are masked out of attention and loss, so the result is the same; a
+    batch of short rows then costs its longest row, not max-length (on the WordNet
+    instructions, about a quarter of max-length=256). Left-padded batches are untouched.
+    """
+    mask = inputs.get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        return inputs, labels
+    width = mask.shape[1]
+    used = mask.any(0).nonzero()
+    keep = int(used.max()) + 1 if used.numel() else 1
+    if keep == width:
+        return inputs, labels
+    inputs = {k: v[:, :keep] if v.dim() >= 2 and v.shape[1] == width else v for k, v in inputs.items()}
+    if labels.dim() == 2 and labels.shape[1] == width:
+        labels = labels[:, :keep]
+    return inputs, labels
 
 
 @dataclass(frozen=True)
@@ -34,8 +55,9 @@ class Encoded:
         return int(self.labels.shape[0])
 
     def batch(self, idx: torch.Tensor, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Return the rows `idx` on `device`."""
-        return {k: v[idx].to(device) for k, v in self.inputs.items()}, self.labels[idx].to(device)
+        """Return the rows `idx` on `device`, without the columns that are padding in all of them."""
+        inputs, labels = trim_padding({k: v[idx] for k, v in self.inputs.items()}, self.labels[idx])
+        return {k: v.to(device) for k, v in inputs.items()}, labels.to(device)
 
     def head(self, n: int) -> dict[str, torch.Tensor]:
         """The inputs of the first `n` rows (on the CPU)."""
@@ -78,8 +100,8 @@ class LazyEncoded:
         return inputs, torch.tensor(rows["label"], dtype=torch.long)
 
     def batch(self, idx: torch.Tensor, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Read and encode the rows `idx`, return them on `device`."""
-        inputs, labels = self._rows(idx.tolist())
+        """Read and encode the rows `idx`, return them on `device` (trailing all-padding columns dropped)."""
+        inputs, labels = trim_padding(*self._rows(idx.tolist()))
         return {k: v.to(device) for k, v in inputs.items()}, labels.to(device)
 
     def head(self, n: int) -> dict[str, torch.Tensor]:
@@ -108,14 +130,24 @@ class Task(ABC):
     def __init__(self, spec: TaskSpec) -> None:
         self.spec = spec
 
+    def _no_load_options(self, from_pretrained: dict[str, Any], what: str) -> None:
+        """Refuse loading options (4-bit) for a model built in code rather than read from a folder."""
+        if from_pretrained:
+            raise ValueError(f"{what} is built in code, so it cannot be loaded in 4-bit; --quantize 4bit needs a "
+                             "model folder (`--model /path/to/model`).")
+
     @property
     @abstractmethod
     def label_names(self) -> tuple[str, ...]:
         """Class names, in label-id order."""
 
     @abstractmethod
-    def load_base_model(self) -> nn.Module:
-        """Load the frozen pretrained model (called once per process)."""
+    def load_base_model(self, **from_pretrained: Any) -> nn.Module:
+        """Load the frozen pretrained model (called once per process).
+
+        `from_pretrained` are extra loading options for a model folder (a 4-bit
+        `quantization_config` and its `device_map`); a model built in code refuses them.
+        """
 
     @abstractmethod
     def lora_config(self, rank: int, lora: LoraSpec) -> LoraConfig:

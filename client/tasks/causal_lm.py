@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
@@ -80,9 +81,10 @@ class CausalLM(Task):
         """The decoder's tokenizer (a pad token added when it has none)."""
         return models.load_tokenizer(self.source.path if self.source else models.smollm2_path())
 
-    def load_base_model(self) -> nn.Module:
+    def load_base_model(self, **from_pretrained: Any) -> nn.Module:
         """Load the decoder in float32, or build the seeded 2-layer, 64-wide tiny Llama."""
         if self.source is None:
+            self._no_load_options(from_pretrained, "the tiny test Llama")
             cfg = LlamaConfig(vocab_size=len(self.tokenizer), hidden_size=64, intermediate_size=128,
                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                               max_position_embeddings=512, tie_word_embeddings=True,
@@ -92,7 +94,7 @@ class CausalLM(Task):
                 model = LlamaForCausalLM(cfg)
         else:
             self.model_type = self.source.model_type
-            model = AutoModelForCausalLM.from_pretrained(self.source.path, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(self.source.path, dtype=torch.float32, **from_pretrained)
         model.requires_grad_(False)
         return model.eval()
 

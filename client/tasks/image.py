@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import gzip
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
@@ -86,8 +87,9 @@ class ImageClassification(Task):
         """Fashion-MNIST's ten classes."""
         return FASHION_LABELS
 
-    def load_base_model(self) -> nn.Module:
+    def load_base_model(self, **from_pretrained: Any) -> nn.Module:
         """Build the CNN with a fixed seed (identical on every host)."""
+        self._no_load_options(from_pretrained, "the image CNN")
         with torch.random.fork_rng():
             torch.manual_seed(4321)
             return SmallCNN(len(FASHION_LABELS))

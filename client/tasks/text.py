@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import datasets
 import torch
@@ -65,10 +66,11 @@ class TextClassification(Task):
         """The model's tokenizer (loaded on first use; a pad token added when it has none)."""
         return models.load_tokenizer(self.source.path if self.source else models.minilm_path())
 
-    def load_base_model(self) -> nn.Module:
+    def load_base_model(self, **from_pretrained: Any) -> nn.Module:
         """Load the model folder with a fresh classification head, or build the seeded tiny BERT."""
         n = len(self.label_names)
         if self.source is None:
+            self._no_load_options(from_pretrained, "the tiny test BERT")
             cfg = BertConfig(
                 vocab_size=self.tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                 intermediate_size=128, max_position_embeddings=512, num_labels=n,
@@ -81,7 +83,7 @@ class TextClassification(Task):
             # a fresh head, drawn from the caller's RNG: the server's seeded initial adapter holds its start (a folder
             # fine-tuned for another label set keeps its body; its head of the wrong size is replaced)
             model = AutoModelForSequenceClassification.from_pretrained(
-                self.source.path, num_labels=n, dtype=torch.float32, ignore_mismatched_sizes=True)
+                self.source.path, num_labels=n, dtype=torch.float32, ignore_mismatched_sizes=True, **from_pretrained)
             if model.config.pad_token_id is None:  # decoders find each row's last token through the pad id
                 model.config.pad_token_id = self.tokenizer.pad_token_id
         names = {name.split(".")[0] for name, _ in model.named_children()}
