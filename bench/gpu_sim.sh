@@ -3,7 +3,7 @@
 # Flower's Ray simulation. Prints the GPU every actor was given (Ray's id) and the device torch trained on, per node
 # profile and per training job (updates.jsonl's trainer_pid -> the profile of the same actor process).
 # Needs CUDA GPUs and the CUDA build of torch (deploy/setup.sh installs it when nvidia-smi sees a GPU).
-#   bash bench/gpu_sim.sh [OUT]            (MODEL=minilm for the real model; default: tiny-bert, built from a config)
+#   bash bench/gpu_sim.sh [OUT [corolla sim options...]]   (MODEL=minilm or a model folder; default: tiny-bert)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/gpu_sim}
@@ -13,7 +13,7 @@ nvidia-smi -L || echo "nvidia-smi: no GPU driver here"
 .venv/bin/python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.device_count(), 'GPUs')"
 .venv/bin/corolla sim --out "$OUT" --overwrite --nodes 4 --gpus-per-client "$SHARE" --cpus-per-client 1 \
     --set model="$MODEL" --set num-rounds=2 --set clients-per-round=4 --set local-steps=5 --set min-nodes=4 \
-    --set max-length=32
+    --set max-length=32 "${@:2}"
 .venv/bin/python - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
