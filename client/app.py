@@ -45,6 +45,7 @@ def _train_request(msg: Message) -> trainer_pb2.TrainRequest:
         prox_mu=float(cfg[wire.PROX_MU]), seed=int(cfg[wire.SEED]), pushed_at=float(cfg[wire.PUSHED_AT]),
         software_version=str(cfg[wire.SOFTWARE]), arrays=wire.encode_tensors(arrays),
         frozen=wire.encode_tensors(frozen), lora=_lora(LoraSpec.from_record(cfg)),
+        task_spec=wire.task_spec_proto(cfg),
     )
 
 
@@ -113,7 +114,9 @@ def train(msg: Message, context: Context) -> Message:
 def query(msg: Message, context: Context) -> Message:
     """Reply with the trainer's profile (rank, device, examples, model fingerprint, version)."""
     try:
-        p: trainer_pb2.ClientProfile = _dispatch(context, "Describe", trainer_pb2.DescribeRequest())  # type: ignore[assignment]
+        cfg = msg.content[wire.CONFIG] if wire.CONFIG in msg.content else {}
+        request = trainer_pb2.DescribeRequest(task_spec=wire.task_spec_proto(cfg))  # the trainer loads it if needed
+        p: trainer_pb2.ClientProfile = _dispatch(context, "Describe", request)  # type: ignore[assignment]
     except (ClientJobError, ValueError) as e:
         return _error(msg, e)
     content = RecordDict({
@@ -123,6 +126,7 @@ def query(msg: Message, context: Context) -> Message:
         }),
         wire.CONFIG: ConfigRecord({
             wire.DEVICE: p.device, wire.SOFTWARE: p.software_version, wire.FINGERPRINT: p.model_fingerprint,
+            wire.REFUSAL: p.refusal,
         }),
     })
     return Message(content, reply_to=msg)

@@ -8,10 +8,12 @@ SIGTERM/SIGINT.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import signal
 import sys
 import threading
+from typing import Any
 
 import grpc
 
@@ -26,27 +28,42 @@ log = logging.getLogger("corolla.trainer")
 
 
 def build_trainer(args: argparse.Namespace) -> Trainer:
-    """Load the base model once and the silo; raise SiloError/TrainerError with a clear message."""
+    """Load the base model once and the silo; raise SiloError/TrainerError with a clear message.
+
+    The trainer keeps a loader for its silo, so a run of another TaskSpec reloads it
+    (`Trainer.ensure`) unless `--pin-model`.
+    """
     import torch
 
-    from corolla.client.tasks import build_task
-    from corolla.client.training import AdapterModel, ComputeOptions, select_device
+    from corolla.client.training import ComputeOptions, select_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = TaskSpec(task=args.task, model=args.model, dataset=args.dataset, labels=parse_labels(args.labels),
                     max_length=args.max_length, seed=args.seed)
+    device = select_device(args.device)
+    compute = ComputeOptions(gradient_checkpointing=getattr(args, "gradient_checkpointing", False),
+                             quantize=getattr(args, "quantize", "none"))
+    loader = functools.partial(load_silo, args, device, compute)
+    model, data = loader(spec)
+    pinned = bool(getattr(args, "pin_model", False))
+    return Trainer(model, data, parse_rank(args.rank, str(device)), args.slowdown, spec=spec,
+                   loader=None if pinned else loader, pinned=pinned)
+
+
+def load_silo(args: argparse.Namespace, device: Any, compute: Any, spec: TaskSpec) -> tuple[Any, Any]:
+    """Build `spec`'s model and encode this site's silo (`--data`, else its built-in partition) for it."""
+    from corolla.client.tasks import build_task
+    from corolla.client.training import AdapterModel
+
     task = build_task(spec)
     if args.data:
         cache = {"cache_dir": args.cache_dir} if getattr(args, "cache_dir", None) else {}
         ds = task.load_silo(args.data, args.text_column, args.label_column, **cache)
     else:
         ds = task.builtin_partition(args.partition_id, args.num_partitions, args.dirichlet_alpha)
-    device = select_device(args.device)
-    compute = ComputeOptions(gradient_checkpointing=getattr(args, "gradient_checkpointing", False),
-                             quantize=getattr(args, "quantize", "none"))
     model = AdapterModel(task, device, compute)
-    return Trainer(model, task.encode(ds), parse_rank(args.rank, str(device)), args.slowdown)
+    return model, task.encode(ds)
 
 
 def parse_rank(value: str, device: str) -> int:

@@ -20,12 +20,24 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
         self.trainer = trainer
 
     def Describe(self, request: trainer_pb2.DescribeRequest, context: grpc.ServicerContext) -> trainer_pb2.ClientProfile:  # noqa: N802
-        """Return the trainer's profile."""
-        return trainer_pb2.ClientProfile(**self.trainer.describe())
+        """Return the trainer's profile, after loading the run's TaskSpec when it differs from the one held.
+
+        A spec this trainer cannot serve is not an RPC error: the profile of the model it
+        keeps serving comes back with `refusal` set, and the server refuses the node with it.
+        """
+        refusal = ""
+        try:
+            self.trainer.ensure(*wire.task_spec_from_proto(request.task_spec))
+        except TrainerError as e:
+            refusal = str(e)
+        except ValueError as e:  # a malformed TaskSpec (e.g. an unknown task name)
+            refusal = f"the run's task specification is invalid here: {e}"
+        return trainer_pb2.ClientProfile(**self.trainer.describe(), refusal=refusal)
 
     def Train(self, request: trainer_pb2.TrainRequest, context: grpc.ServicerContext) -> trainer_pb2.TrainReply:  # noqa: N802
         """Run one local training job."""
         try:
+            self.trainer.ensure(*wire.task_spec_from_proto(request.task_spec))
             job = TrainJob(
                 arrays=wire.decode_tensors(request.arrays), rank=request.rank, base_version=request.base_version,
                 local_steps=request.local_steps, batch_size=request.batch_size, lr=request.lr,
@@ -49,6 +61,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
     def Evaluate(self, request: trainer_pb2.EvaluateRequest, context: grpc.ServicerContext) -> trainer_pb2.EvaluateReply:  # noqa: N802
         """Evaluate an adapter on the silo."""
         try:
+            self.trainer.ensure(*wire.task_spec_from_proto(request.task_spec))
             s = self.trainer.evaluate(wire.decode_tensors(request.arrays), request.rank, request.software_version,
                                       lora_from_proto(request.lora))
         except (wire.WireError, ValueError) as e:

@@ -19,7 +19,7 @@ class Tensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ClientProfile(_message.Message):
-    __slots__ = ("rank", "device", "memory_bytes", "num_examples", "software_version", "model_fingerprint", "task", "model_loads")
+    __slots__ = ("rank", "device", "memory_bytes", "num_examples", "software_version", "model_fingerprint", "task", "model_loads", "refusal")
     RANK_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class ClientProfile(_message.Message):
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     MODEL_LOADS_FIELD_NUMBER: _ClassVar[int]
+    REFUSAL_FIELD_NUMBER: _ClassVar[int]
     rank: int
     device: str
     memory_bytes: int
@@ -36,7 +37,24 @@ class ClientProfile(_message.Message):
     model_fingerprint: str
     task: str
     model_loads: int
-    def __init__(self, rank: _Optional[int] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., num_examples: _Optional[int] = ..., software_version: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., task: _Optional[str] = ..., model_loads: _Optional[int] = ...) -> None: ...
+    refusal: str
+    def __init__(self, rank: _Optional[int] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., num_examples: _Optional[int] = ..., software_version: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., task: _Optional[str] = ..., model_loads: _Optional[int] = ..., refusal: _Optional[str] = ...) -> None: ...
+
+class TaskSpec(_message.Message):
+    __slots__ = ("task", "model", "dataset", "labels", "max_length", "fingerprint")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    model: str
+    dataset: str
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    max_length: int
+    fingerprint: str
+    def __init__(self, task: _Optional[str] = ..., model: _Optional[str] = ..., dataset: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., max_length: _Optional[int] = ..., fingerprint: _Optional[str] = ...) -> None: ...
 
 class UpdateMetadata(_message.Message):
     __slots__ = ("model_fingerprint", "base_version", "rank", "num_examples", "loss_mean", "loss_sq_mean", "duration_s", "steps", "started_at", "queue_s", "model_loads", "trainer_pid", "samples")
@@ -81,7 +99,7 @@ class LoraSpec(_message.Message):
     def __init__(self, alpha: _Optional[float] = ..., rslora: _Optional[bool] = ..., target_modules: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("base_version", "rank", "local_steps", "batch_size", "lr", "prox_mu", "seed", "pushed_at", "software_version", "arrays", "frozen", "lora")
+    __slots__ = ("base_version", "rank", "local_steps", "batch_size", "lr", "prox_mu", "seed", "pushed_at", "software_version", "arrays", "frozen", "lora", "task_spec")
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +112,7 @@ class TrainRequest(_message.Message):
     ARRAYS_FIELD_NUMBER: _ClassVar[int]
     FROZEN_FIELD_NUMBER: _ClassVar[int]
     LORA_FIELD_NUMBER: _ClassVar[int]
+    TASK_SPEC_FIELD_NUMBER: _ClassVar[int]
     base_version: int
     rank: int
     local_steps: int
@@ -106,7 +125,8 @@ class TrainRequest(_message.Message):
     arrays: _containers.RepeatedCompositeFieldContainer[Tensor]
     frozen: _containers.RepeatedCompositeFieldContainer[Tensor]
     lora: LoraSpec
-    def __init__(self, base_version: _Optional[int] = ..., rank: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., prox_mu: _Optional[float] = ..., seed: _Optional[int] = ..., pushed_at: _Optional[float] = ..., software_version: _Optional[str] = ..., arrays: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., frozen: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ...) -> None: ...
+    task_spec: TaskSpec
+    def __init__(self, base_version: _Optional[int] = ..., rank: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., prox_mu: _Optional[float] = ..., seed: _Optional[int] = ..., pushed_at: _Optional[float] = ..., software_version: _Optional[str] = ..., arrays: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., frozen: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ..., task_spec: _Optional[_Union[TaskSpec, _Mapping]] = ...) -> None: ...
 
 class TrainReply(_message.Message):
     __slots__ = ("metadata", "arrays")
@@ -117,18 +137,20 @@ class TrainReply(_message.Message):
     def __init__(self, metadata: _Optional[_Union[UpdateMetadata, _Mapping]] = ..., arrays: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("base_version", "rank", "software_version", "arrays", "lora")
+    __slots__ = ("base_version", "rank", "software_version", "arrays", "lora", "task_spec")
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
     ARRAYS_FIELD_NUMBER: _ClassVar[int]
     LORA_FIELD_NUMBER: _ClassVar[int]
+    TASK_SPEC_FIELD_NUMBER: _ClassVar[int]
     base_version: int
     rank: int
     software_version: str
     arrays: _containers.RepeatedCompositeFieldContainer[Tensor]
     lora: LoraSpec
-    def __init__(self, base_version: _Optional[int] = ..., rank: _Optional[int] = ..., software_version: _Optional[str] = ..., arrays: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ...) -> None: ...
+    task_spec: TaskSpec
+    def __init__(self, base_version: _Optional[int] = ..., rank: _Optional[int] = ..., software_version: _Optional[str] = ..., arrays: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ..., task_spec: _Optional[_Union[TaskSpec, _Mapping]] = ...) -> None: ...
 
 class EvaluateReply(_message.Message):
     __slots__ = ("loss", "accuracy", "num_examples", "model_fingerprint")
@@ -143,5 +165,7 @@ class EvaluateReply(_message.Message):
     def __init__(self, loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., num_examples: _Optional[int] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("task_spec",)
+    TASK_SPEC_FIELD_NUMBER: _ClassVar[int]
+    task_spec: TaskSpec
+    def __init__(self, task_spec: _Optional[_Union[TaskSpec, _Mapping]] = ...) -> None: ...

@@ -8,11 +8,13 @@ in numpy and protobuf only (no torch), so the ClientApp shim stays light.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
 from corolla import __version__
 from corolla.proto import trainer_pb2
+from corolla.spec import TaskSpec, parse_labels
 
 SOFTWARE_VERSION = __version__
 
@@ -47,6 +49,14 @@ SAMPLES = "samples"
 DEVICE = "device"
 MEMORY_BYTES = "memory-bytes"
 ERROR = "error"
+REFUSAL = "refusal"
+# The run's TaskSpec, sent with every profile query and job (a trainer holding another reloads).
+TASK = "task"
+MODEL = "model"
+DATASET = "dataset"
+LABELS = "labels"
+MAX_LENGTH = "max-length"
+BASE_FINGERPRINT = "base-fingerprint"
 ACCURACY = "accuracy"
 LOSS = "loss"
 
@@ -62,6 +72,32 @@ GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+
+
+def task_record(spec: TaskSpec, fingerprint: str = "") -> dict[str, Any]:
+    """The run's TaskSpec (and the server's base-model fingerprint) as ConfigRecord fields."""
+    return {TASK: spec.task, MODEL: spec.model, DATASET: spec.dataset, LABELS: ",".join(spec.labels),
+            MAX_LENGTH: int(spec.max_length), BASE_FINGERPRINT: fingerprint}
+
+
+def task_spec_proto(record: Mapping[str, Any]) -> trainer_pb2.TaskSpec:
+    """`task_record`'s fields → the trainer's TaskSpec message; empty (keep what you hold) when absent."""
+    if not record.get(TASK):
+        return trainer_pb2.TaskSpec()
+    return trainer_pb2.TaskSpec(task=str(record[TASK]), model=str(record.get(MODEL, "auto")),
+                                dataset=str(record.get(DATASET, "auto")),
+                                labels=list(parse_labels(str(record.get(LABELS, "")))),
+                                max_length=int(record.get(MAX_LENGTH, 64)),
+                                fingerprint=str(record.get(BASE_FINGERPRINT, "")))
+
+
+def task_spec_from_proto(msg: trainer_pb2.TaskSpec) -> tuple[TaskSpec | None, str]:
+    """The requested TaskSpec and the server's fingerprint; (None, "") for an empty message (an older server)."""
+    if not msg.task:
+        return None, ""
+    spec = TaskSpec(task=msg.task, model=msg.model or "auto", dataset=msg.dataset or "auto",
+                    labels=tuple(msg.labels), max_length=int(msg.max_length) or 64)
+    return spec, msg.fingerprint
 
 
 class WireError(ValueError):

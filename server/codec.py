@@ -7,6 +7,7 @@ sent; otherwise `RejectedReply` carries the recorded reason.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ class JobConfig:
     lr: float
     prox_mu: float
     lora: LoraSpec
+    #: the run's TaskSpec as `wire.task_record` fields: a trainer holding another model reloads it
+    task: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def nbytes(arrays: Mapping[str, Any]) -> int:
@@ -49,10 +52,13 @@ def _record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord(array_dict={k: Array.from_numpy_ndarray(np.asarray(v, np.float32)) for k, v in arrays.items()})
 
 
-def profile_message(node_id: int, ttl: float | None = None) -> Message:
-    """Ask a node for its profile (rank, device, examples, model fingerprint, software version)."""
-    return Message(RecordDict({wire.CONFIG: ConfigRecord({wire.SOFTWARE: wire.SOFTWARE_VERSION})}),
-                   dst_node_id=node_id, message_type=MessageType.QUERY, ttl=ttl)
+def profile_message(node_id: int, ttl: float | None = None, task: Mapping[str, Any] | None = None) -> Message:
+    """Ask a node for its profile (rank, device, examples, model fingerprint, software version).
+
+    `task`: the run's TaskSpec (`wire.task_record`); the node's trainer loads it first when it holds another.
+    """
+    config = ConfigRecord({wire.SOFTWARE: wire.SOFTWARE_VERSION, **(task or {})})
+    return Message(RecordDict({wire.CONFIG: config}), dst_node_id=node_id, message_type=MessageType.QUERY, ttl=ttl)
 
 
 def train_message(node_id: int, dispatch: Dispatch, job: JobConfig, seed: int, pushed_at: float,
@@ -62,7 +68,7 @@ def train_message(node_id: int, dispatch: Dispatch, job: JobConfig, seed: int, p
         wire.SERVER_ROUND: dispatch.version + 1, wire.MODEL_VERSION: dispatch.version,
         wire.LORA_RANK: dispatch.rank, wire.LOCAL_STEPS: job.local_steps, wire.BATCH_SIZE: job.batch_size,
         wire.LR: job.lr, wire.PROX_MU: job.prox_mu, wire.SEED: seed, wire.PUSHED_AT: pushed_at,
-        wire.SOFTWARE: wire.SOFTWARE_VERSION, **job.lora.to_record(),
+        wire.SOFTWARE: wire.SOFTWARE_VERSION, **job.lora.to_record(), **job.task,
     })
     content = RecordDict({wire.ARRAYS: _record(dispatch.arrays), wire.CONFIG: config})
     if dispatch.frozen:

@@ -58,7 +58,8 @@ class Federation:
         if cfg.existing_run == "resume":
             self.resumed = checkpoint.load(self.recorder.dir)
             self._check_resumable(self.resumed["config"])
-        self.nodes = NodeRegistry(grid, self.recorder, self.clock, self._refusal, cfg.round_timeout)
+        self.nodes = NodeRegistry(grid, self.recorder, self.clock, self._refusal, cfg.round_timeout,
+                                  task=wire.task_record(cfg.task_spec(), evaluator.fingerprint))
         self.selector = build_selector(cfg)
         self._aggregator: Aggregator | None = None
         self.train_start = self.clock.monotonic()
@@ -170,7 +171,7 @@ class Federation:
         """The instructions of every job started from `version`."""
         c = self.cfg
         return JobConfig(local_steps=c.local_steps, batch_size=c.batch_size, lr=c.lr * c.lr_decay**version,
-                         prox_mu=c.prox_mu, lora=c.lora_spec())
+                         prox_mu=c.prox_mu, lora=c.lora_spec(), task=self.nodes.task)
 
     def job_seed(self, version: int) -> int:
         """The seed of every job of `version`; each trainer mixes in a digest of its own silo.

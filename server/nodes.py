@@ -5,14 +5,15 @@ trainer) when it appears, and again whenever it is unavailable: its profile quer
 job failed with an error reply (e.g. its trainer is down while its SuperNode lives). An
 unavailable node gets no work; it is asked again at every node refresh, at most every
 `NODE_REFRESH_S`, and gets work again once a profile answers. Refusals (another
-software version, base model or rank) are for good.
+software version, base model or rank, or a TaskSpec its trainer cannot load) are for good.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -54,12 +55,14 @@ class NodeRegistry:
     """
 
     def __init__(self, grid: Grid, recorder: RunRecorder, clock: Clock,
-                 refusal: Callable[[NodeInfo], str | None], timeout: float) -> None:
+                 refusal: Callable[[NodeInfo], str | None], timeout: float,
+                 task: Mapping[str, Any] | None = None) -> None:
         self.grid = grid
         self.recorder = recorder
         self.clock = clock
         self.refusal = refusal
         self.timeout = timeout
+        self.task = dict(task or {})  # the run's TaskSpec, sent with every profile query (`wire.task_record`)
         self.nodes: dict[int, NodeInfo] = {}
         self.refused: dict[int, str] = {}
         self.unavailable: dict[int, str] = {}  # node → why it gets no work until a profile query answers
@@ -130,7 +133,7 @@ class NodeRegistry:
         new = sorted(n for n in (unknown | (ids & set(self.unavailable))) - asking if self._retry_at.get(n, 0.0) <= now)
         if not new:
             return
-        msgs = [profile_message(n, ttl=self.timeout) for n in new]
+        msgs = [profile_message(n, ttl=self.timeout, task=self.task) for n in new]
         for mid, n in zip(self.grid.push_messages(msgs), new):
             self._pending[str(mid)] = (n, now)
 
@@ -161,7 +164,8 @@ class NodeRegistry:
         except (KeyError, TypeError, ValueError) as e:
             self.refuse(nid, f"profile reply is malformed ({e!r}); the node runs another corolla version")
             return
-        reason = self.refusal(info)
+        # the trainer's own word first: it could not load the run's TaskSpec (and keeps serving its model)
+        reason = str(c.get(wire.REFUSAL, "") or "") or self.refusal(info)
         if reason:
             self.refuse(nid, reason)
             return
