@@ -69,6 +69,20 @@ def factorize(dw: np.ndarray, rank: int, scale: float) -> tuple[np.ndarray, np.n
 def export_adapter(run_dir: str | Path, out: str | Path, rank: int | None = None) -> dict:
     """Write the run's global model as a peft adapter folder at `rank` (default: the run's max-rank); return a report."""
     cfg, deltas, dense = load_run(run_dir)
+    return write_adapter(cfg, deltas, dense, out, rank)
+
+
+def write_adapter(cfg: RunConfig, deltas: dict[str, np.ndarray], dense: dict[str, np.ndarray], out: str | Path,
+                  rank: int | None = None) -> dict:
+    """Write ΔW per layer + dense parameters as a peft adapter folder at `rank`, atomically; return a report.
+
+    The folder is written beside `out` and renamed into place, so a reader (a user
+    loading the latest adapter of a running federation) never sees half of one.
+    """
+    import os
+    import shutil
+    import tempfile
+
     task = build_task(cfg.task_spec())
     if not task.uses_lora:
         raise ExportError(f"task {cfg.task} trains the whole model, not an adapter; its weights are in global.npz.")
@@ -93,13 +107,26 @@ def export_adapter(run_dir: str | Path, out: str | Path, rank: int | None = None
         raise ExportError(f"global.npz holds arrays this model lacks ({result.unexpected_keys[:3]}); was the run "
                           "made with another model?")
     out = Path(out)
-    model.save_pretrained(out)
-    if hasattr(task, "tokenizer"):
-        task.tokenizer.save_pretrained(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     report = {"rank": rank, "layers": len(deltas), "relative_error": math.sqrt(num / den) if den else 0.0,
               "max_layer_error": max(errors.values(), default=0.0), "model": cfg.task_spec().model, "task": cfg.task,
               "out": str(out)}
-    (out / "corolla_export.json").write_text(json.dumps({**report, "layer_errors": errors}, indent=2))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        if hasattr(task, "tokenizer"):
+            task.tokenizer.save_pretrained(tmp)
+        (tmp / "corolla_export.json").write_text(json.dumps({**report, "layer_errors": errors}, indent=2))
+        if out.exists():  # replace an older export of the same name (rename cannot replace a non-empty folder)
+            old = out.with_name(f".{out.name}-old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return report
 
 

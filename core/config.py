@@ -169,6 +169,9 @@ class RunConfig:
     eval_examples: int = field(default=0, metadata=_h("evaluate on the first N test examples (0: all)", low=0))
     eval_interval: float = field(default=0.0, metadata=_h("evaluate at most every N seconds (0: every eval-every)",
                                                           low=0.0, when="mode=async"))
+    checkpoint_every: int = field(default=0, metadata=_h(
+        "write the global adapter in peft's format to RUN/adapters/vN every N versions and to RUN/adapter at the end "
+        "(0: none; `corolla export` writes one from a finished run)", low=0))
     time_budget: float = field(default=0.0, metadata=_h("stop after this many seconds of training (0: no limit)",
                                                         low=0.0))
     round_timeout: float = field(default=600.0, metadata=_h("seconds to wait for a round's replies", low=1.0))
@@ -223,6 +226,9 @@ class RunConfig:
 
     def _check_model(self, info: TaskInfo) -> None:
         """A built-in name of the task, or a Hugging Face model folder of an architecture the task can train."""
+        if self.checkpoint_every and not info.uses_lora:
+            raise ConfigError(f"`checkpoint-every` writes peft adapters, but task {self.task} trains its whole model "
+                              "(no adapter); set checkpoint-every=0 (the final model is in global.npz).")
         if not is_model_path(self.model):
             if self.model != "auto" and self.model not in info.models:
                 raise ConfigError(f"`model` = {self.model!r} is not a model of task {self.task}; choose one of "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -116,6 +117,18 @@ class Federation:
                  "offsets": checkpoint.line_counts(self.recorder.dir, RECORDS),
                  "train_elapsed": self.clock.monotonic() - self.train_start, "clock": self.clock.monotonic(), **extra}
         checkpoint.save(self.recorder.dir, state)
+        version, every = self.aggregator.version, self.cfg.checkpoint_every
+        if every and version > 0 and version % every == 0:
+            self.write_adapter(self.recorder.dir / "adapters" / f"v{version}")
+
+    def write_adapter(self, out: Path) -> None:
+        """The global model as a peft adapter folder at max-rank (`checkpoint-every`), logged with its truncation error."""
+        from corolla.client.export import write_adapter
+
+        merged = self.aggregator.merged()
+        report = write_adapter(self.cfg, merged.deltas, merged.dense, out)
+        log.info("version %d: peft adapter at rank %d in %s (relative truncation error %.2e)", self.aggregator.version,
+                 report["rank"], out, report["relative_error"])
 
     def _resume(self, state: dict[str, Any]) -> list[int]:
         dropped = checkpoint.truncate_records(self.recorder.dir, state["offsets"])
@@ -271,6 +284,8 @@ class Federation:
         merged = self.aggregator.merged()
         np.savez(self.recorder.dir / "global.npz", **{f"delta/{k}": v for k, v in merged.deltas.items()},
                  **{f"dense/{k}": v for k, v in merged.dense.items()})
+        if self.cfg.checkpoint_every:
+            self.write_adapter(self.recorder.dir / "adapter")
         summary = self.recorder.finish(aggregation=self.aggregator.name, mode=self.cfg.mode)
         write_report(self.recorder.dir)
         log.info("run finished: final accuracy %s, peak %s, %.1fs; report in %s",

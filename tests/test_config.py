@@ -40,6 +40,10 @@ def test_from_mapping_coerces_strings():
         ({"task": "image-classification", "model": "minilm"},
          r"`model` = 'minilm' is not a model of task image-classification; choose one of \['cnn'\]"),
         ({"task": "image-classification", "model": "./my-model"}, "trains only its built-in model"),
+        ({"task": "image-classification", "model": "cnn", "dataset": "fashion-mnist", "checkpoint-every": 2},
+         r"`checkpoint-every` writes peft adapters, but task image-classification trains its whole model .* set "
+         r"checkpoint-every=0"),
+        ({"checkpoint-every": -1}, "`checkpoint-every` = -1 is too small; it must be >= 0"),
         ({"lora-dtype": "int8"}, r"`lora-dtype` = 'int8' is not valid; choose one of \['auto', 'float32', 'bfloat16'\]"),
         ({"rslora": "maybe"}, "`rslora` = 'maybe' is not a valid bool"),
         ({"lora-rank": 64}, "exceeds `max-rank`"),

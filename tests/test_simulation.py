@@ -14,7 +14,7 @@ from tests.conftest import COROLLA, run_sim
 def test_simulation_trains_and_writes_the_run_directory(tmp_path):
     out = tmp_path / "run"
     sets = {"model": "tiny-bert", "num-rounds": 2, "clients-per-round": 3, "local-steps": 3, "lr": 0.01,
-            "min-nodes": 4, "max-length": 32}
+            "min-nodes": 4, "max-length": 32, "checkpoint-every": 1}
     code, log = run_sim(tmp_path, out, 4, sets)
     assert code == 0, log[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -30,6 +30,7 @@ def test_simulation_trains_and_writes_the_run_directory(tmp_path):
     nodes = read_jsonl(out / "nodes.jsonl")
     assert len(nodes) == 4 and all(n["status"] == "ok" for n in nodes)
     check_export(out, tmp_path, metrics[-1])
+    check_periodic_adapters(out, tmp_path)
     # FedAvg starts from peft's B = 0, so ΔW = 0: a non-zero global ΔW proves the adapter was trained and aggregated
     g = np.load(out / "global.npz")
     deltas = [g[k] for k in g.files if k.startswith("delta/")]
@@ -37,6 +38,25 @@ def test_simulation_trains_and_writes_the_run_directory(tmp_path):
     assert (out / "report.md").read_text().startswith("# corolla run report")
     assert (out / "curves.png").stat().st_size > 10_000
     assert (out / "config.json").exists() and json.loads((out / "config.json").read_text())["model"] == "tiny-bert"
+
+
+def check_periodic_adapters(run, tmp_path):
+    """`checkpoint-every=1`: a peft folder per version and one at the end, equal to `corolla export` of the run."""
+    from safetensors.numpy import load_file
+
+    for d in (run / "adapters" / "v1", run / "adapters" / "v2", run / "adapter"):
+        assert (d / "adapter_config.json").is_file() and (d / "adapter_model.safetensors").is_file(), d
+    assert not [p for p in run.rglob(".adapter*")]  # written beside and renamed into place: no leftovers
+    rank = json.loads((run / "adapter" / "corolla_export.json").read_text())["rank"]
+    ref = tmp_path / "ref"
+    res = subprocess.run([*COROLLA, "export", str(run), "--out", str(ref), "--rank", str(rank)], capture_output=True)
+    assert res.returncode == 0, res.stderr.decode()[-2000:]
+    final, exported = (load_file(str(d / "adapter_model.safetensors")) for d in (run / "adapter", ref))
+    assert final.keys() == exported.keys() and len(final) > 0
+    for k in final:
+        np.testing.assert_allclose(final[k], exported[k], rtol=0, atol=1e-6, err_msg=k)
+    v1 = load_file(str(run / "adapters" / "v1" / "adapter_model.safetensors"))
+    assert any(not np.allclose(v1[k], final[k]) for k in final)  # version 1's adapter is not the final one
 
 
 def check_export(run, tmp_path, final):
