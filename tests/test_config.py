@@ -114,7 +114,7 @@ def test_resolve_aggregation():
         ({"mode": "async", "async-rule": "fedfix", "buffer-size": 3}, "`buffer-size` = 3 would be ignored"),
         # component keys of components not chosen
         ({"server-momentum": 0.5}, r"it configures server-optimizer=fedavgm, and this run chooses none of them"),
-        ({"aggregation": "fedavg", "fedhl-weighting": "relative"}, "configures aggregation=fedhl"),
+        ({"aggregation": "fedavg", "fedhl-weighting": "examples"}, "configures aggregation=fedhl"),
         ({"aggregation": "fedavg", "max-rank": 16}, "`max-rank` = 16 would be ignored"),
         ({"mode": "async", "async-rule": "fedasync", "interval": 5.0}, "configures async-rule=fedfix"),
     ],
