@@ -64,6 +64,8 @@ VARIANTS = {
 #: Δt = 4 s. η_g = 1: the η_g = N/C = 2 above made up for the paper's weights summing to about C/N per interval,
 #: which the normalised weights do not; on a step that is already a full weighted mean it would double it.
 METHODS["fedfix"] = {**_FEDFIX, "interval": 4.0}
+#: the library default Δt (20 s), about the median job of the text fleet (5/10/25/50 s), normalised weights, η_g = 1
+VARIANTS["fedfix-dt20"] = {**_FEDFIX, "interval": 20.0}
 
 
 def sim_command(run: Path, nodes: int, cfg: dict, clock: str) -> list[str]:
