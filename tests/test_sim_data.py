@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -140,7 +139,6 @@ def test_a_split_that_cannot_work_names_the_numbers_and_the_largest_count(tmp_pa
 def test_builtin_corpus_with_too_many_nodes_stops_before_anything_starts(tmp_path):
     """The issue's case: 1,000 nodes on BBC failed inside flwr-datasets and waited out round-timeout (600 s)."""
     out = tmp_path / "run"
-    started = time.monotonic()
     res = subprocess.run([*COROLLA, "sim", "--nodes", "1000", "--out", str(out)], capture_output=True, text=True,
                          env=launch.flower_env(tmp_path / "home"), timeout=120)
     assert res.returncode == 1, res.stderr[-2000:]
@@ -148,7 +146,9 @@ def test_builtin_corpus_with_too_many_nodes_stops_before_anything_starts(tmp_pat
     assert lines[-1].startswith("corolla: the built-in bbc corpus's training split: 1,780 rows cannot be split into "
                                 "1,000 Dirichlet(α=0.5) partitions of at least 2 row(s) each")
     assert "use --nodes" in lines[-1] and "IID split (up to 1,780 nodes)" in lines[-1]
-    assert time.monotonic() - started < 60 and not (out / ".flwr").exists()  # no SuperLink, no Ray
+    # no SuperLink, no Ray: the check ran before anything started (its cost is wall-clock, not asserted here: 5.8 s
+    # idle, 71 s once in CI under a benchmark's load)
+    assert not (out / ".flwr").exists() and not (out / "superlink.log").exists()
 
 
 def test_sim_data_keys_are_checked():
