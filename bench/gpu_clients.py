@@ -53,14 +53,14 @@ def matmul_tflops(torch) -> float:  # noqa: ANN001 - the torch module, imported 
     return 10 * 2 * 8192**3 / (time.perf_counter() - t) / 1e12
 
 
-def model_folder(name: str, work: Path, random: bool) -> Path:
-    """A Hugging Face folder for `name` (saved once under `work`)."""
+def model_folder(name: str, work: Path, random: bool, smollm2_dir: str | None = None) -> Path:
+    """A Hugging Face folder for `name` (saved once under `work`); `smollm2_dir`: SmolLM2's config + tokenizer."""
     import torch
     from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
     from corolla.client import models
 
-    src = Path(models.smollm2_path()) if not random else Path(ARGS.smollm2_dir)
+    src = Path(smollm2_dir or models.smollm2_path())
     tok = models.load_tokenizer(str(src))
     if name == "smollm2" and not random:
         return src
@@ -144,7 +144,6 @@ def report(name: str, batch: int, r: dict) -> None:
 
 
 def main() -> None:
-    global ARGS
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="smollm2,llama-1b")
     p.add_argument("--modes", default="bf16,bf16+ckpt,4bit+ckpt,fp32")
@@ -156,23 +155,23 @@ def main() -> None:
     p.add_argument("--random", action="store_true", help="SmolLM2's architecture with random weights")
     p.add_argument("--smollm2-dir", help="config + tokenizer of SmolLM2 (with --random, where the weights are absent)")
     p.add_argument("--out", default=str(RESULTS / "gpu_clients"))
-    ARGS = p.parse_args()
+    args = p.parse_args()
     import torch
 
     if not torch.cuda.is_available():
         raise SystemExit("bench/gpu_clients.py measures CUDA clients; this machine has no CUDA device.")
     ceiling = matmul_tflops(torch)
     print(f"{torch.cuda.get_device_name()}: bf16 matrix products at {ceiling:.0f} TFLOP/s", flush=True)
-    ds = silo(ARGS.silo, ARGS.rows)
+    ds = silo(args.silo, args.rows)
     rows = []
     with tempfile.TemporaryDirectory() as work:
-        for name in ARGS.models.split(","):
-            folder = model_folder(name, Path(work), ARGS.random)
-            for batch in (int(b) for b in ARGS.batches.split(",")):
+        for name in args.models.split(","):
+            folder = model_folder(name, Path(work), args.random, args.smollm2_dir)
+            for batch in (int(b) for b in args.batches.split(",")):
                 base = None
-                for mode in ARGS.modes.split(","):
+                for mode in args.modes.split(","):
                     try:
-                        r = measure(folder, mode, ds, ARGS.steps, batch, ARGS.max_length)
+                        r = measure(folder, mode, ds, args.steps, batch, args.max_length)
                     except (ValueError, RuntimeError) as e:
                         print(f"{name} {mode}: not measured: {e}", flush=True)
                         continue
@@ -181,15 +180,13 @@ def main() -> None:
                              vs_bf16=r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan"))
                     rows.append(r)
                     report(name, batch, r)
-    out = Path(ARGS.out)
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"device": torch.cuda.get_device_name(), "matmul_tflops": ceiling, "steps": ARGS.steps,
-            "batches": ARGS.batches, "max_length": ARGS.max_length, "random_weights": ARGS.random,
+    meta = {"device": torch.cuda.get_device_name(), "matmul_tflops": ceiling, "steps": args.steps,
+            "batches": args.batches, "max_length": args.max_length, "random_weights": args.random,
             "torch": torch.__version__}
     (out / "gpu_clients.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
-
-ARGS: argparse.Namespace
 
 if __name__ == "__main__":
     main()

@@ -302,14 +302,19 @@ def test_refused_node_is_recorded_with_its_reason_and_never_sent_work(tmp_path, 
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
-def test_min_nodes_never_reached_times_out_naming_min_nodes(tmp_path, mode):
-    nodes = [FakeNode(1), FakeNode(2), FakeNode(3, fingerprint="another-model")]
-    run = federation(tmp_path, nodes, SYNC if mode == "sync" else ASYNC, **{"min-nodes": 3})
+@pytest.mark.parametrize(("third", "why"), [
+    ({"fingerprint": "another-model"}, "1 refused (reasons in nodes.jsonl)"),
+    ({"query": "error"}, "1 unavailable (its trainer did not answer; reasons in nodes.jsonl)"),
+], ids=["refused", "trainer-down"])
+def test_min_nodes_never_reached_times_out_naming_min_nodes_and_why(tmp_path, mode, third, why):
+    """A node refused (another model) and a node whose trainer does not answer: each named in the timeout."""
+    run = federation(tmp_path, [FakeNode(1), FakeNode(2), FakeNode(3, **third)], SYNC if mode == "sync" else ASYNC,
+                     **{"min-nodes": 3})
 
     with pytest.raises(TimeoutError) as e:
         run.run()
-    assert str(e.value) == ("only 2 of the 3 nodes needed (min-nodes) joined within 30s; 1 refused (reasons in "
-                            "nodes.jsonl); start more SuperNodes or lower min-nodes.")
+    assert str(e.value) == (f"only 2 of the 3 nodes needed (min-nodes) joined within 30s; {why}; start more "
+                            "SuperNodes or lower min-nodes.")
     assert 30.0 < run.grid.elapsed() <= 31.0  # waited the round-timeout on the fake clock, one poll a second
     assert run.grid.train_jobs() == [] and run.metrics() == []
 
@@ -645,17 +650,6 @@ def test_min_nodes_reached_once_a_trainer_started_after_its_supernode_answers(tm
     assert queried_at(run, 3) == pytest.approx([0.0, NODE_REFRESH_S, 2 * NODE_REFRESH_S], abs=0.2 + 1e-9)
     assert [j.at - run.grid.t0 for j in run.grid.train_jobs()] == pytest.approx([queried_at(run, 3)[-1]] * 3)
     assert sorted(r["node"] for r in run.updates("accepted")) == [1, 2, 3]
-
-
-@pytest.mark.parametrize("mode", ["sync", "async"])
-def test_min_nodes_timeout_names_the_nodes_whose_trainers_do_not_answer(tmp_path, mode):
-    nodes = [FakeNode(1), FakeNode(2), FakeNode(3, query="error")]
-    run = federation(tmp_path, nodes, SYNC if mode == "sync" else ASYNC, **{"min-nodes": 3})
-
-    with pytest.raises(TimeoutError) as e:
-        run.run()
-    assert str(e.value) == ("only 2 of the 3 nodes needed (min-nodes) joined within 30s; 1 unavailable (its trainer did "
-                            "not answer; reasons in nodes.jsonl); start more SuperNodes or lower min-nodes.")
 
 
 def test_async_time_budget_ends_the_run(tmp_path):
