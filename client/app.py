@@ -9,10 +9,12 @@ cached by the (long-lived) actor, through the very same `Trainer` code.
 
 from __future__ import annotations
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from corolla.proto import trainer_pb2, wire
+from corolla import precision
+from corolla.proto import flower_arrays, trainer_pb2, wire
 from corolla.spec import LoraSpec
 
 app = ClientApp()
@@ -37,8 +39,8 @@ def _metadata_metrics(meta: trainer_pb2.UpdateMetadata) -> MetricRecord:
 
 def _train_request(msg: Message) -> trainer_pb2.TrainRequest:
     cfg = msg.content[wire.CONFIG]
-    arrays = {k: a.numpy() for k, a in msg.content[wire.ARRAYS].items()}
-    frozen = {k: a.numpy() for k, a in msg.content[wire.FROZEN].items()} if wire.FROZEN in msg.content else {}
+    arrays = flower_arrays.from_record(msg.content[wire.ARRAYS])
+    frozen = flower_arrays.from_record(msg.content[wire.FROZEN]) if wire.FROZEN in msg.content else {}
     return trainer_pb2.TrainRequest(
         base_version=int(cfg[wire.MODEL_VERSION]), rank=int(cfg[wire.LORA_RANK]),
         local_steps=int(cfg[wire.LOCAL_STEPS]), batch_size=int(cfg[wire.BATCH_SIZE]), lr=float(cfg[wire.LR]),
@@ -47,6 +49,16 @@ def _train_request(msg: Message) -> trainer_pb2.TrainRequest:
         frozen=wire.encode_tensors(frozen), lora=_lora(LoraSpec.from_record(cfg)),
         task_spec=wire.task_spec_proto(cfg),
     )
+
+
+def _reply_record(arrays: dict[str, np.ndarray], dtype: str) -> ArrayRecord:
+    """The trained adapter at the run's wire dtype; a value the dtype cannot hold fails the job, never turns into inf."""
+    for k, v in arrays.items():
+        peak = precision.out_of_range(v, dtype)
+        if peak is not None:
+            raise ClientJobError(f"the trained adapter's `{k}` reaches |x| = {peak:.4g}, beyond float16's range "
+                                 f"({precision.FLOAT16_MAX:g}); run with wire-dtype=bfloat16 or float32, or a lower lr")
+    return flower_arrays.to_record(arrays, dtype)
 
 
 def _lora(spec: LoraSpec) -> trainer_pb2.LoraSpec:
@@ -99,11 +111,12 @@ def train(msg: Message, context: Context) -> Message:
     try:
         reply: trainer_pb2.TrainReply = _dispatch(context, "Train", _train_request(msg))  # type: ignore[assignment]
         arrays = wire.decode_tensors(reply.arrays)
+        record = _reply_record(arrays, LoraSpec.from_record(msg.content[wire.CONFIG]).wire_dtype)
     except (ClientJobError, wire.WireError, KeyError, ValueError) as e:
         return _error(msg, e)
     metrics = _metadata_metrics(reply.metadata)
     content = RecordDict({
-        wire.ARRAYS: ArrayRecord(array_dict={k: Array.from_numpy_ndarray(v) for k, v in arrays.items()}),
+        wire.ARRAYS: record,
         wire.METRICS: metrics,
         wire.CONFIG: ConfigRecord({wire.FINGERPRINT: reply.metadata.model_fingerprint}),
     })

@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from corolla.modelinfo import ModelError, ModelSource, is_model_path, read_model_type
+from corolla.modelinfo import FAN_IN_FAN_OUT_TYPES, ModelError, ModelSource, is_model_path, read_model_type
 
 log = logging.getLogger(f"corolla.{__name__}")
 
@@ -136,6 +136,11 @@ def lora_targets(configured: tuple[str, ...], model_type: str) -> str | list[str
     """The `target_modules` for peft: the run's list (`all-linear` passed as peft's string shorthand), else the default."""
     targets = list(configured) or default_lora_targets(model_type)
     return targets[0] if targets == ["all-linear"] else targets
+
+
+def fan_in_fan_out(model_type: str) -> bool:
+    """True for Conv1D families (GPT-2): peft must know their weights are stored (in, out), transposed."""
+    return model_type in FAN_IN_FAN_OUT_TYPES
 
 
 def load_tokenizer(path: str):  # noqa: ANN201 - transformers' tokenizer type

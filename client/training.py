@@ -31,6 +31,22 @@ BASE_PREFIX = "base_model.model."
 MODEL_LOADS = 0
 
 
+def stored_transposed(model: nn.Module) -> frozenset[str]:
+    """Names of the weights stored (in, out), not torch's (out, in): transformers' Conv1D (GPT-2).
+
+    A LoRA layer's ΔW = s·B·A is (out, in) whatever the module (peft's factors have the
+    same shapes for both), so adding ΔW to such a weight takes its transpose.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    return frozenset(f"{name}.weight" for name, m in model.named_modules() if isinstance(m, Conv1D))
+
+
+def as_stored(name: str, delta: torch.Tensor, transposed: frozenset[str]) -> torch.Tensor:
+    """ΔW (out, in) in the layout the weight `name` is stored in (see `stored_transposed`)."""
+    return delta.T if name in transposed else delta
+
+
 def load_base(task: Task, **from_pretrained: Any) -> nn.Module:
     """Load the task's base model, counting the load (`from_pretrained`: extra loading options, e.g. 4-bit)."""
     global MODEL_LOADS
@@ -193,6 +209,7 @@ class AdapterModel:
             self.base.config.use_cache = False
         self.model: PeftModel | None = None
         self._base_params = dict(self.base.named_parameters())
+        self._transposed = stored_transposed(self.base)
         self._originals: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
@@ -213,7 +230,8 @@ class AdapterModel:
             p = self._base_params[name]
             orig = self._originals.setdefault(name, p.detach().clone())
             if name in wanted:
-                p.copy_(orig + torch.from_numpy(np.asarray(wanted[name], np.float32)).to(p.device))
+                dw = torch.from_numpy(np.asarray(wanted[name], np.float32)).to(p.device)
+                p.copy_(orig + as_stored(name, dw, self._transposed))
             else:
                 p.copy_(orig)
 

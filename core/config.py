@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from corolla.modelinfo import DECODER_TYPES, ModelError, is_model_path, read_model_type
+from corolla.precision import WIRE_DTYPES
 from corolla.spec import LORA_DTYPES, TASKS, LoraSpec, TaskInfo, TaskSpec, parse_labels, parse_modules
 from corolla.strategies.registry import ASYNC_RULES, REGISTRIES, component_options
 from corolla.strategies.robust import GuardConfig
@@ -114,6 +115,9 @@ class RunConfig:
     lora_dtype: str = field(default="auto", metadata=_h(
         "local training compute dtype: auto (bf16 autocast on CUDA, fp32 on CPU), float32, bfloat16 (CUDA)",
         LORA_DTYPES))
+    wire_dtype: str = field(default="float32", metadata=_h(
+        "dtype adapters travel in, both ways: float32 (exact), float16 or bfloat16 (half the bytes; the server rounds "
+        "what it sends first, so updates stay measured against exactly what each node received)", WIRE_DTYPES))
     max_rank: int = _component("max-rank")
     fedhl_weighting: str = _component("fedhl-weighting")
     svd: str = _component("svd")
@@ -349,7 +353,8 @@ class RunConfig:
     def lora_spec(self) -> LoraSpec:
         """The LoRA specification the server sends with every job."""
         return LoraSpec(alpha=self.lora_alpha, rslora=self.rslora,
-                        target_modules=parse_modules(self.lora_target_modules), dtype=self.lora_dtype)
+                        target_modules=parse_modules(self.lora_target_modules), dtype=self.lora_dtype,
+                        wire_dtype=self.wire_dtype)
 
 
 def to_key(name: str) -> str:

@@ -17,7 +17,9 @@ ENCODER_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "distilbert", "elec
                            "albert", "mpnet", "camembert", "modernbert"})
 #: causal decoders: classification (last-token head) and generation
 DECODER_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi", "phi3",
-                           "olmo", "olmo2", "granite", "stablelm", "gpt_neox", "smollm3"})
+                           "olmo", "olmo2", "granite", "stablelm", "gpt_neox", "smollm3", "gpt2"})
+#: architectures whose projections are transformers' Conv1D, weight stored (in, out): peft's `fan_in_fan_out`
+FAN_IN_FAN_OUT_TYPES = frozenset({"gpt2"})
 #: built-in models (a name that is not one of these and not a path is refused)
 BUILTIN_MODELS = ("minilm", "tiny-bert", "smollm2", "tiny-llama", "cnn")
 

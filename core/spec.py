@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from corolla.precision import WIRE_DTYPES
+
 #: adapter compute dtypes a job may ask for; `auto` = bf16 autocast on CUDA, float32 on CPU
 LORA_DTYPES = ("auto", "float32", "bfloat16")
 
@@ -45,6 +47,11 @@ class LoraSpec:
     dtype : str (default: "auto")
         Compute dtype of local training: `auto` (bf16 autocast on CUDA, float32 on
         CPU), `float32`, or `bfloat16` (CUDA only).
+    wire_dtype : str (default: "float32")
+        Dtype the adapter travels in between server and node, both ways: `float32`
+        (exact), `float16` or `bfloat16` (half the bytes). The server rounds what it
+        sends before it keeps it, so every update is still measured against exactly
+        what its client received.
 
     """
 
@@ -52,12 +59,15 @@ class LoraSpec:
     rslora: bool = False
     target_modules: tuple[str, ...] = field(default=())
     dtype: str = "auto"
+    wire_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
             raise ValueError(f"`lora-alpha` must be a finite number > 0, got {self.alpha!r}")
         if self.dtype not in LORA_DTYPES:
             raise ValueError(f"`lora-dtype` = {self.dtype!r} is not one of {list(LORA_DTYPES)}")
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"`wire-dtype` = {self.wire_dtype!r} is not one of {list(WIRE_DTYPES)}")
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
 
     def scale(self, rank: int) -> float:
@@ -69,7 +79,8 @@ class LoraSpec:
     def to_record(self) -> dict[str, Any]:
         """Flat kebab-case fields for a Flower ConfigRecord (the wire form)."""
         return {"lora-alpha": float(self.alpha), "lora-rslora": bool(self.rslora),
-                "lora-target-modules": ",".join(self.target_modules), "lora-dtype": self.dtype}
+                "lora-target-modules": ",".join(self.target_modules), "lora-dtype": self.dtype,
+                "wire-dtype": self.wire_dtype}
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> LoraSpec:
@@ -77,7 +88,7 @@ class LoraSpec:
         try:
             return cls(alpha=float(record["lora-alpha"]), rslora=bool(record["lora-rslora"]),
                        target_modules=parse_modules(str(record["lora-target-modules"])),
-                       dtype=str(record["lora-dtype"]))
+                       dtype=str(record["lora-dtype"]), wire_dtype=str(record.get("wire-dtype", "float32")))
         except KeyError as e:
             raise ValueError(f"the job carries no LoRA specification field {e}; the server and this client run "
                              "different corolla versions") from None

@@ -13,11 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 
-from corolla.proto import wire
+from corolla.proto import flower_arrays, wire
 from corolla.spec import LoraSpec
 from corolla.strategies import ClientUpdate, Dispatch
 
@@ -39,17 +38,9 @@ class JobConfig:
     task: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def nbytes(arrays: Mapping[str, Any]) -> int:
-    """Bytes of a set of arrays on the wire (float32), from their shapes.
-
-    Works on numpy arrays and Flower `Array`s alike, so a reply's size is counted
-    without decoding its tensors a second time.
-    """
-    return int(sum(math.prod(a.shape) * 4 for a in arrays.values()))
-
-
-def _record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord(array_dict={k: Array.from_numpy_ndarray(np.asarray(v, np.float32)) for k, v in arrays.items()})
+def nbytes(arrays: Mapping[str, Any], dtype: str = "float32") -> int:
+    """Payload bytes of a set of arrays: Flower `Array`s at their own dtype, numpy arrays at `dtype`."""
+    return flower_arrays.nbytes(arrays, dtype)
 
 
 def profile_message(node_id: int, ttl: float | None = None, task: Mapping[str, Any] | None = None) -> Message:
@@ -70,9 +61,10 @@ def train_message(node_id: int, dispatch: Dispatch, job: JobConfig, seed: int, p
         wire.LR: job.lr, wire.PROX_MU: job.prox_mu, wire.SEED: seed, wire.PUSHED_AT: pushed_at,
         wire.SOFTWARE: wire.SOFTWARE_VERSION, **job.lora.to_record(), **job.task,
     })
-    content = RecordDict({wire.ARRAYS: _record(dispatch.arrays), wire.CONFIG: config})
+    dtype = job.lora.wire_dtype
+    content = RecordDict({wire.ARRAYS: flower_arrays.to_record(dispatch.arrays, dtype), wire.CONFIG: config})
     if dispatch.frozen:
-        content[wire.FROZEN] = _record(dispatch.frozen)
+        content[wire.FROZEN] = flower_arrays.to_record(dispatch.frozen, dtype)
     return Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN, ttl=ttl)
 
 
@@ -104,7 +96,10 @@ def decode_update(reply: Message, sent: Dispatch, current_version: int, fingerpr
         if key not in content:
             raise RejectedReply(f"node {nid}: reply has no `{key}` record")
     m = content[wire.METRICS]
-    arrays = {k: a.numpy() for k, a in content[wire.ARRAYS].items()}
+    try:
+        arrays = flower_arrays.from_record(content[wire.ARRAYS])
+    except flower_arrays.ArrayFormatError as e:
+        raise RejectedReply(f"node {nid}: {e}; the reply is rejected") from None
     n = _integer(m, wire.NUM_EXAMPLES, nid, default=0)
     if n <= 0:
         raise RejectedReply(f"node {nid}: reply reports {n} training examples; at least 1 is required")

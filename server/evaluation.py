@@ -57,7 +57,7 @@ class TaskEvaluator:
 
     def __init__(self, cfg: RunConfig, device: str = "auto") -> None:
         from corolla.client.tasks import build_task
-        from corolla.client.training import load_base, select_device
+        from corolla.client.training import load_base, select_device, stored_transposed
 
         self.task = build_task(cfg.task_spec())
         self.device = select_device(device)
@@ -65,6 +65,7 @@ class TaskEvaluator:
         self.fingerprint = self.task.fingerprint(self.model)
         self.params: dict[str, Any] = dict(self.model.state_dict(keep_vars=True))  # buffers too (full-model tasks)
         self.original = {k: p.detach().clone() for k, p in self.params.items()}
+        self.transposed = stored_transposed(self.model)
         test = (self.task.load_silo(cfg.test_data, cfg.text_column, cfg.label_column) if cfg.test_data
                 else self.task.builtin_test())
         if cfg.eval_examples:
@@ -88,12 +89,13 @@ class TaskEvaluator:
         """Load W0 + ΔW and the dense parameters, then evaluate."""
         import torch
 
-        from corolla.client.training import evaluate_model
+        from corolla.client.training import as_stored, evaluate_model
 
         with torch.no_grad():
             for layer, dw in merged.deltas.items():
                 name = layer.removeprefix(BASE_PREFIX) + ".weight"
-                self.params[name].copy_(self.original[name] + torch.from_numpy(np.asarray(dw)).to(self.device))
+                delta = as_stored(name, torch.from_numpy(np.asarray(dw)).to(self.device), self.transposed)
+                self.params[name].copy_(self.original[name] + delta)
             for key, value in merged.dense.items():
                 self._param(key).copy_(torch.from_numpy(np.asarray(value)).to(self.device))
         s = evaluate_model(self.model, self.test_data, self.device, self.task)

@@ -198,7 +198,8 @@ class Federation:
         """Build one node's train message and count its bytes."""
         msg = codec.train_message(node_id, dispatch, self.job_config(dispatch.version), self.job_seed(dispatch.version),
                                   pushed_at=self.clock.time(), ttl=ttl)
-        self.recorder.bytes_down += codec.nbytes(dispatch.arrays) + codec.nbytes(dispatch.frozen)
+        dtype = self.cfg.wire_dtype
+        self.recorder.bytes_down += codec.nbytes(dispatch.arrays, dtype) + codec.nbytes(dispatch.frozen, dtype)
         return msg
 
     # ---- replies ----------------------------------------------------------------------

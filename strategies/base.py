@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from numpy.typing import NDArray
 
+from corolla import precision
 from corolla.spec import LoraSpec
 from corolla.strategies import lora_ops
 from corolla.strategies.exceptions import AggregationError
@@ -153,12 +154,29 @@ class Aggregator(ABC):
         key = (self.version, rank)
         d = self._dispatches.get(key)
         if d is None:
-            d = self._make_dispatch(rank)
+            d = self._on_wire(self._make_dispatch(rank))
             for a in (*d.arrays.values(), *d.frozen.values()):
                 a.flags.writeable = False
             self._dispatches = {k: v for k, v in self._dispatches.items() if k[0] == self.version}
             self._dispatches[key] = d  # older versions live on only in the jobs that still hold them
         return d
+
+    def _on_wire(self, d: Dispatch) -> Dispatch:
+        """`d` with every array rounded to the run's wire dtype: what the client will actually receive.
+
+        The server keeps the rounded values, so an update is measured against exactly the
+        start its client trained from, and a client that returns what it got changes nothing.
+        """
+        dtype = self.lora.wire_dtype
+        if dtype == "float32":
+            return d
+        return replace(d, arrays={k: precision.round_to(v, dtype) for k, v in d.arrays.items()},
+                       frozen={k: precision.round_to(v, dtype) for k, v in d.frozen.items()})
+
+    @property
+    def exact_wire(self) -> bool:
+        """True when dispatches travel unrounded (`wire-dtype` float32)."""
+        return self.lora.wire_dtype == "float32"
 
     @abstractmethod
     def _make_dispatch(self, rank: int) -> Dispatch:

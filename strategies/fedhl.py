@@ -194,20 +194,27 @@ class FedHL(Aggregator):
         memory). The starting points are not rebuilt client by client: every client
         of version v started from a slice of v's top-r_max SVD, so
         Σ_i p_i W^(r_i) = U diag(σ_j Σ_{i: r_i > j} p_i) Vᵀ — one rank-r_max product per
-        layer. Updates of a version whose SVD is no longer kept fall back to their
-        stored starting factors.
+        layer. Updates of a version whose SVD is no longer kept, and every update when
+        the starts went out rounded (`wire-dtype` float16/bfloat16: the SVD is not what
+        the client got), are applied against their stored starting factors instead —
+        one product per distinct start (version, rank), however many clients share it.
         """
         import torch
 
         coef = [float(p) * server_lr for p in weights.lora]
-        compact = [i for i, u in enumerate(updates) if u.sent.version in self._svds_by_version]
-        stored = [i for i, u in enumerate(updates) if u.sent.version not in self._svds_by_version]
+        # the SVD rebuilds a start only when the start went out unrounded (`wire-dtype` float32)
+        compact = [i for i, u in enumerate(updates) if self.exact_wire and u.sent.version in self._svds_by_version]
+        stored: dict[int, tuple[Dispatch, float]] = {}  # one product per distinct start, not per client
+        for i, u in enumerate(updates):
+            if i not in compact:
+                start, c = stored.get(id(u.sent), (u.sent, 0.0))
+                stored[id(u.sent)] = (start, c + coef[i])
         for layer, w in self.w.items():
             ka, kb = lora_ops.a_key(layer), lora_ops.b_key(layer)
             self._add_products(w, [(coef[i] * self.lora.scale(u.rank), u.arrays[kb], u.arrays[ka])
                                    for i, u in enumerate(updates)])
-            self._add_products(w, [(-coef[i] * self.lora.scale(updates[i].rank), updates[i].sent.arrays[kb],
-                                    updates[i].sent.arrays[ka]) for i in stored])
+            self._add_products(w, [(-c * self.lora.scale(start.rank), start.arrays[kb], start.arrays[ka])
+                                   for start, c in stored.values()])
             for version in sorted({updates[i].sent.version for i in compact}):
                 svd = self._svds_by_version[version][layer]
                 mass = torch.zeros(svd.s.shape[0], dtype=torch.float32)

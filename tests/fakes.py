@@ -19,7 +19,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 
-from corolla.proto import wire
+from corolla.proto import flower_arrays, wire
 from corolla.server.clock import FakeClock
 from corolla.server.evaluation import EvalResult
 from corolla.server.local_grid import LocalGrid
@@ -311,7 +311,7 @@ def _train_reply(node: FakeNode, msg: Message, behaviour: str, step: float) -> M
     cfg = msg.content[wire.CONFIG]
     version, rank = int(cfg[wire.MODEL_VERSION]), int(cfg[wire.LORA_RANK])
     steps, batch = int(cfg[wire.LOCAL_STEPS]), int(cfg[wire.BATCH_SIZE])
-    arrays = {k: a.numpy() + np.float32(step) for k, a in msg.content[wire.ARRAYS].items()}
+    arrays = {k: a + np.float32(step) for k, a in flower_arrays.from_record(msg.content[wire.ARRAYS]).items()}
     metrics: dict[str, int | float] = {
         wire.NUM_EXAMPLES: node.num_examples, wire.MODEL_VERSION: version, wire.LORA_RANK: rank,
         wire.LOSS_MEAN: 1.0 / (1 + version), wire.LOSS_SQ_MEAN: 1.0 / (1 + version) ** 2,
@@ -380,7 +380,7 @@ class LyingNode(FakeNode):
 
 def tell_lie(reply: Message, request: Message, lie: str) -> Message:
     """A copy of an honest train reply to `request` with `lie` told (see `LIES`)."""
-    arrays = {k: a.numpy().copy() for k, a in reply.content[wire.ARRAYS].items()}
+    arrays = {k: a.copy() for k, a in flower_arrays.from_record(reply.content[wire.ARRAYS]).items()}
     metrics = dict(reply.content[wire.METRICS])
     if lie == "scale":
         arrays = {k: v * np.float32(LIE_FACTOR) if k.endswith((".lora_A.weight", ".lora_B.weight")) else v

@@ -21,7 +21,7 @@ from flwr.app import MessageType
 from flwr.supercore.task_identity import TaskIdentity
 
 from corolla.config import RunConfig
-from corolla.proto import wire
+from corolla.proto import flower_arrays, wire
 from corolla.server import report
 from corolla.server.async_driver import NODE_REFRESH_S, POLL_S, TTL_GRACE_S, run_async
 from corolla.server.clock import FakeClock
@@ -167,7 +167,7 @@ def test_sync_happy_path_versions_weights_and_model(tmp_path):
         v = j.config[wire.MODEL_VERSION]
         assert j.config[wire.SERVER_ROUND] == v + 1 and j.config[wire.LORA_RANK] == 2
         assert j.config[wire.LR] == pytest.approx(0.003 * 0.9**v)
-        np.testing.assert_allclose(j.message.content[wire.ARRAYS][HEAD].numpy(), v * shift / 3, rtol=1e-5)
+        np.testing.assert_allclose(flower_arrays.from_record(j.message.content[wire.ARRAYS])[HEAD], v * shift / 3, rtol=1e-5)
     assert len(read_jsonl(run.dir / "selection.jsonl")) == 3
     assert run.evaluator.initial_ranks == [2]
     assert (run.dir / "report.md").exists() and (run.dir / "summary.json").exists()
@@ -402,7 +402,7 @@ def test_sync_aggregation_error_rejects_the_round_and_leaves_the_model_unchanged
     # round 1 produced no version: round 2 started from the untouched version 0 and made version 1
     assert summary["versions"] == 1 and [m["version"] for m in run.metrics()] == [0, 1]
     round2 = run.grid.train_jobs()[2:]
-    assert all(j.config[wire.MODEL_VERSION] == 0 and not j.message.content[wire.ARRAYS][HEAD].numpy().any()
+    assert all(j.config[wire.MODEL_VERSION] == 0 and not flower_arrays.from_record(j.message.content[wire.ARRAYS])[HEAD].any()
                for j in round2)
     np.testing.assert_allclose(run.global_model()[f"dense/{HEAD}"], 0.2, rtol=1e-5)
 
@@ -422,7 +422,8 @@ def test_async_aggregation_error_leaves_the_model_unchanged(tmp_path, monkeypatc
     assert calls[0] == 2 and len(calls) == 4  # one failed step, then the three versions of the run
     assert [m["version"] for m in run.metrics()] == [0, 1, 2, 3]
     after = [j for j in run.grid.train_jobs() if j.at - run.grid.t0 >= 2.0]
-    assert after[0].config[wire.MODEL_VERSION] == 0 and not after[0].message.content[wire.ARRAYS][HEAD].numpy().any()
+    head = flower_arrays.from_record(after[0].message.content[wire.ARRAYS])[HEAD]
+    assert after[0].config[wire.MODEL_VERSION] == 0 and not head.any()
     # the model holds exactly the accepted updates: nothing of the failed step
     np.testing.assert_allclose(run.global_model()[f"dense/{HEAD}"], expected_head(run, {1: 0.1, 2: 0.3}), rtol=1e-5)
 

@@ -12,7 +12,7 @@ from corolla.server.records import read_jsonl
 def test_image_task_with_selectors_records_scores(tmp_path, selector):
     cfg = {"task": "image-classification", "model": "cnn", "dataset": "fashion-mnist", "selector": selector,
            "num-rounds": 3, "clients-per-round": 3, "local-steps": 5, "batch-size": 32, "lr": 3e-3, "prox-mu": 0.1,
-           "dirichlet-alpha": 0.1}
+           "dirichlet-alpha": 0.5}  # at 0.1, Oort's duration-driven picks under CI load once ended 3 rounds on one class
     run_inprocess(cfg, nodes=8, out_dir=tmp_path)
     summary, metrics = read_run(tmp_path)
     assert summary["versions"] == 3 and summary["rejected_updates"] == 0

@@ -57,7 +57,6 @@ class CausalLM(Task):
 
     def __init__(self, spec: TaskSpec) -> None:
         super().__init__(spec)
-        self.model_type = "llama"
         self.truncated = 0
 
     @property
@@ -76,6 +75,11 @@ class CausalLM(Task):
                                     "task=causal-lm needs a decoder.")
         return src
 
+    @property
+    def model_type(self) -> str:
+        """The architecture (config.json's `model_type`; "llama" for the built-in tiny model): picks LoRA's defaults."""
+        return self.source.model_type if self.source else "llama"
+
     @functools.cached_property
     def tokenizer(self):  # noqa: ANN201 - transformers' tokenizer type
         """The decoder's tokenizer (a pad token added when it has none)."""
@@ -93,7 +97,6 @@ class CausalLM(Task):
                 torch.manual_seed(1234)
                 model = LlamaForCausalLM(cfg)
         else:
-            self.model_type = self.source.model_type
             model = AutoModelForCausalLM.from_pretrained(self.source.path, dtype=torch.float32, **from_pretrained)
         model.requires_grad_(False)
         return model.eval()
@@ -101,7 +104,8 @@ class CausalLM(Task):
     def lora_config(self, rank: int, lora: LoraSpec) -> LoraConfig:
         """LoRA on the spec's targets, default peft's for the architecture (q_proj/v_proj for Llama)."""
         return LoraConfig(r=rank, lora_alpha=lora.alpha, use_rslora=lora.rslora, lora_dropout=0.0,
-                          target_modules=models.lora_targets(lora.target_modules, self.model_type), task_type="CAUSAL_LM")
+                          target_modules=models.lora_targets(lora.target_modules, self.model_type), task_type="CAUSAL_LM",
+                          fan_in_fan_out=models.fan_in_fan_out(self.model_type))
 
     # ---- encoding ---------------------------------------------------------------------------
     def _render(self, prompt: str | list[dict], response: str) -> tuple[list[int], list[int]]:

@@ -44,7 +44,6 @@ class TextClassification(Task):
     def __init__(self, spec: TaskSpec) -> None:
         super().__init__(spec)
         self.trained_modules: tuple[str, ...] = ("classifier",)
-        self.model_type = "bert"
 
     @property
     def label_names(self) -> tuple[str, ...]:
@@ -60,6 +59,11 @@ class TextClassification(Task):
     def source(self) -> models.ModelSource | None:
         """Where the base model lives (None for `tiny-bert`, built from a config)."""
         return None if self.spec.model == "tiny-bert" else models.resolve(self.spec.model)
+
+    @property
+    def model_type(self) -> str:
+        """The architecture (config.json's `model_type`; "bert" for the built-in tiny model): picks LoRA's defaults."""
+        return self.source.model_type if self.source else "bert"
 
     @functools.cached_property
     def tokenizer(self):  # noqa: ANN201 - transformers' tokenizer type
@@ -79,7 +83,6 @@ class TextClassification(Task):
                 torch.manual_seed(1234)
                 model = BertForSequenceClassification(cfg)
         else:
-            self.model_type = self.source.model_type
             # a fresh head, drawn from the caller's RNG: the server's seeded initial adapter holds its start (a folder
             # fine-tuned for another label set keeps its body; its head of the wrong size is replaced)
             model = AutoModelForSequenceClassification.from_pretrained(
@@ -99,7 +102,7 @@ class TextClassification(Task):
         return LoraConfig(
             r=rank, lora_alpha=lora.alpha, use_rslora=lora.rslora, lora_dropout=0.0,
             target_modules=models.lora_targets(lora.target_modules, self.model_type),
-            modules_to_save=list(self.trained_modules),
+            modules_to_save=list(self.trained_modules), fan_in_fan_out=models.fan_in_fan_out(self.model_type),
         )
 
     def _tokenize(self, rows: dict[str, list]) -> dict[str, torch.Tensor]:
