@@ -59,15 +59,21 @@ def layer_names(n: int) -> list[str]:
 class LazyFactors(Mapping):
     """A client's returned adapter, generated on access (seeded), so 100 updates never sit in RAM at once."""
 
-    def __init__(self, client: int, rank: int, names: list[str], d: int) -> None:
-        self.client, self.rank, self.d = client, rank, d
+    def __init__(self, client: int, rank: int, names: list[str], d: int, keep: bool = False) -> None:
+        self.client, self.rank, self.d, self.keep = client, rank, d, keep
         self.keys_ = [k for n in names for k in (lora_ops.a_key(n), lora_ops.b_key(n))]
         self.index = {k: i for i, k in enumerate(self.keys_)}
+        self.kept: dict[str, np.ndarray] = {}
 
     def __getitem__(self, key: str) -> np.ndarray:
+        if key in self.kept:
+            return self.kept[key]
         g = torch.Generator().manual_seed(self.client * 100_003 + self.index[key])
         shape = (self.rank, self.d) if key.endswith(lora_ops.A_SUFFIX) else (self.d, self.rank)
-        return (torch.randn(shape, generator=g) * (self.d**-0.5)).numpy()
+        x = (torch.randn(shape, generator=g) * (self.d**-0.5)).numpy()
+        if self.keep:  # a decoded reply: in the server's memory until aggregated (and, deferred, until folded)
+            self.kept[key] = x
+        return x
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys_)
@@ -110,45 +116,73 @@ def current_rss_gb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 1024**3
 
 
-def route_fedhl(layers: int, d: int, clients: int) -> dict:
+def route_fedhl(layers: int, d: int, clients: int, fold: str = "inline") -> dict:
+    """One FedHL round: aggregate 100 replies, then redistribute the new version (every client's factors).
+
+    The replies' factors are generated before the clock starts and kept, as decoded replies
+    sit in a server's memory; their bytes are reported (`updates_gb`) and left out of the
+    memory ratio. `inline` is the route before #14 (fold, then the dense randomized SVD);
+    `background` takes the SVD matrix-free and folds in a thread: `latency_s` is the time
+    from the last reply to the new version's last dispatch, `fold_s` the background fold
+    after it (while clients would train).
+    """
     import_rss = current_rss_gb()  # interpreter + torch, before any state
     names = layer_names(layers)
     init = {}
     for n in names:
         init[lora_ops.a_key(n)] = np.zeros((MAX_RANK, d), np.float32)
         init[lora_ops.b_key(n)] = np.zeros((d, MAX_RANK), np.float32)
-    agg = FedHL(init, LoraSpec(alpha=16), max_rank=MAX_RANK, svd="randomized")
+    agg = FedHL(init, LoraSpec(alpha=16), max_rank=MAX_RANK, svd="randomized", fold=fold)
     del init
-    agg.w = global_state(names, d)
-    reset_peak()
-    base_rss = current_rss_gb()
+    agg._w = global_state(names, d)
     rs = ranks(clients)
     t0 = time.perf_counter()
     sent = []
     for r in rs:
         disp = agg.dispatch(r)
         # the wire carries disp.arrays; the server keeps only (rank, version, error): the start is rebuilt from the SVD
-        sent.append(Dispatch(rank=r, version=disp.version, arrays={}, truncation_error=disp.truncation_error))
+        sent.append(Dispatch(rank=r, version=disp.version, arrays={}, truncation_error=disp.truncation_error,
+                             relative_error=disp.relative_error))
         del disp
     t_dispatch = time.perf_counter() - t0
-    updates = [ClientUpdate(node_id=i, arrays=LazyFactors(i, r, names, d), sent=s, num_examples=100)
+    updates = [ClientUpdate(node_id=i, arrays=LazyFactors(i, r, names, d, keep=True), sent=s, num_examples=100)
                for i, (r, s) in enumerate(zip(rs, sent))]
     t0 = time.perf_counter()
-    agg.apply(updates, agg.weights(updates))
-    t_aggregate = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for r in rs:  # redistribution of the new version: one SVD, then every client's factors at its rank
-        agg.dispatch(r)
-    t_redistribute = time.perf_counter() - t0
-    # the cost of generating the synthetic factors is inside t_aggregate: measure it alone and subtract
-    t0 = time.perf_counter()
-    for u in updates:
+    for u in updates:  # the replies arrive (decoded): generated once, kept
         for k in u.arrays:
             u.arrays[k]
     t_generate = time.perf_counter() - t0
-    return {"dispatch_s": t_dispatch, "aggregate_s": max(t_aggregate - t_generate, 0.0), "redistribute_s": t_redistribute,
-            "generate_s": t_generate, "peak_rss_gb": peak_rss_gb(), "state_rss_gb": base_rss, "import_rss_gb": import_rss,
-            "dense_state_gb": layers * d * d * 4 / 1024**3}
+    updates_gb = sum(a.nbytes for u in updates for a in u.arrays.kept.values()) / 1024**3
+    reset_peak()
+    base_rss = current_rss_gb()
+    t0 = time.perf_counter()
+    agg.apply(updates, agg.weights(updates))
+    t_aggregate = time.perf_counter() - t0
+    for r in rs:  # redistribution of the new version: one SVD, then every client's factors at its rank
+        agg.dispatch(r)
+    t_latency = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    agg.settle()  # deferred: the fold, done while clients train
+    t_fold = time.perf_counter() - t1
+    return {"fold": fold, "dispatch_s": t_dispatch, "aggregate_s": t_aggregate, "latency_s": t_latency,
+            "redistribute_s": t_latency - t_aggregate, "fold_s": t_fold, "generate_s": t_generate,
+            "peak_rss_gb": peak_rss_gb(), "state_rss_gb": base_rss, "import_rss_gb": import_rss,
+            "updates_gb": updates_gb, "dense_state_gb": layers * d * d * 4 / 1024**3,
+            "rank_sum": sum(rs)}
+
+
+def gemm_rate() -> float:
+    """This machine's float32 GEMM rate (GFLOP/s), 4096² × 4096², best of 3."""
+    a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(3))
+    return 2 * 4096**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def route_dense(layers: int, d: int, clients: int) -> dict:
@@ -193,14 +227,20 @@ def route_floor(layers: int, d: int, clients: int) -> dict:
 
 def run_child(route: str, layers: int, d: int, clients: int) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", route, str(layers), str(d), str(clients)],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{route} child failed: {out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def bench_layout(name: str, layers: int, d: int, clients: int, dense_layers: int) -> dict:
     print(f"[{name}] {layers} layers × {d}², {clients} clients, ranks 4–64", flush=True)
     fedhl_full = run_child("fedhl", layers, d, clients)
-    print(f"[{name}] fedhl full layout: {fedhl_full}", flush=True)
+    print(f"[{name}] fedhl full layout (inline fold): {fedhl_full}", flush=True)
+    deferred = run_child("fedhl-background", layers, d, clients)
+    print(f"[{name}] fedhl full layout (background fold): {deferred}", flush=True)
+    rate = gemm_rate()
+    fold_floor = 2 * d * d * (deferred["rank_sum"] + MAX_RANK) * layers / (rate * 1e9)
     fedhl_sub = run_child("fedhl", dense_layers, d, clients)
     dense_sub = run_child("dense", dense_layers, d, clients)
     floor = run_child("floor", layers, d, clients)
@@ -215,8 +255,14 @@ def bench_layout(name: str, layers: int, d: int, clients: int, dense_layers: int
             "dense_full_s_extrapolated": d_sub * layers / dense_layers, "speedup": d_sub / f_sub,
             "fedhl_peak_rss_gb": fedhl_full["peak_rss_gb"], "dense_state_gb": fedhl_full["dense_state_gb"],
             # the target compares FedHL's own memory with the dense state: the interpreter and torch are not counted
-            "rss_ratio": (fedhl_full["peak_rss_gb"] - fedhl_full["import_rss_gb"]) / fedhl_full["dense_state_gb"],
-            "floor": floor}
+            "rss_ratio": _ratio(fedhl_full), "floor": floor,
+            "background": deferred, "background_rss_ratio": _ratio(deferred), "gemm_gflops": rate,
+            "fold_floor_s": fold_floor}
+
+
+def _ratio(run: dict) -> float:
+    """(peak RSS − interpreter and torch − the replies' own bytes) / dense state: the aggregator's memory."""
+    return (run["peak_rss_gb"] - run["import_rss_gb"] - run["updates_gb"]) / run["dense_state_gb"]
 
 
 def main() -> None:
@@ -229,7 +275,8 @@ def main() -> None:
     args = p.parse_args()
     if args.child:
         route, layers, d, clients = args.child[0], *map(int, args.child[1:])
-        fn = {"fedhl": route_fedhl, "dense": route_dense, "floor": route_floor}[route]
+        fn = {"fedhl": route_fedhl, "fedhl-background": lambda *a: route_fedhl(*a, fold="background"),
+              "dense": route_dense, "floor": route_floor}[route]
         print(json.dumps(fn(layers, d, clients)))
         return
     names = ["quick"] if args.quick else ["1b", "7b"]
@@ -238,12 +285,24 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "aggregation_speed.json").write_text(json.dumps(rows, indent=2))
     lines = ["| layout | FedHL aggregate + redistribute s | dense route s (extrap.) | speedup (same layers) | "
-             "FedHL peak RSS GB | dense state GB | (RSS − runtime) / state | read floor s |",
+             "FedHL peak RSS GB | dense state GB | (RSS − runtime − replies) / state | read floor s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['layout']} ({r['layers']}×{r['d']}²) | {r['fedhl_full_s']:.1f} | "
                      f"{r['dense_full_s_extrapolated']:.1f} | {r['speedup']:.1f}× | {r['fedhl_peak_rss_gb']:.2f} | "
                      f"{r['dense_state_gb']:.2f} | {r['rss_ratio']:.2f} | {r['floor']['read_s']:.2f} |")
+    lines += ["", "Last reply → the new version's last dispatch (#14), same run: `inline` folds every reply into the "
+              "dense W first (the route before #14); `background` takes the next SVD matrix-free from W_t and the "
+              "returned factors and folds in a thread afterwards, while clients train.", "",
+              "| layout | Σ ranks | GEMM GFLOP/s | fold floor s | inline: latency s | background: latency s | "
+              "background: fold after s | speed-up | inline mem ratio | background mem ratio | replies GB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        b, i = r["background"], r["fedhl_full"]
+        lines.append(f"| {r['layout']} | {b['rank_sum']} | {r['gemm_gflops']:.0f} | {r['fold_floor_s']:.1f} | "
+                     f"{i['latency_s']:.1f} | {b['latency_s']:.1f} | {b['fold_s']:.1f} | "
+                     f"{i['latency_s'] / b['latency_s']:.1f}× | {r['rss_ratio']:.2f} | {r['background_rss_ratio']:.2f} | "
+                     f"{b['updates_gb']:.2f} |")
     (out / "aggregation_speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

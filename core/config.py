@@ -121,6 +121,7 @@ class RunConfig:
     max_rank: int = _component("max-rank")
     fedhl_weighting: str = _component("fedhl-weighting")
     svd: str = _component("svd")
+    fedhl_fold: str = _component("fedhl-fold")
     server_lr: float = _component("server-lr")
     server_momentum: float = _component("server-momentum")
     server_beta1: float = _component("server-beta1")

@@ -198,6 +198,10 @@ class Aggregator(ABC):
         """The arrays `apply` changes in place (numpy or torch); server momentum acts on them."""
         return dict(self.dense)
 
+    def settle(self) -> None:
+        """Finish any work `apply` left running (FedHL's background fold); a no-op for most aggregators."""
+        return
+
     def step(self, updates: Sequence[ClientUpdate], weights: Weights) -> Weights:
         """`apply` the weighted change, then let the server optimizer turn it into a step; return the weights applied.
 
@@ -218,6 +222,7 @@ class Aggregator(ABC):
         state = self.state()
         before = {k: v.copy() if isinstance(v, np.ndarray) else v.clone() for k, v in state.items()}
         self.apply(updates, weights, 1.0)
+        self.settle()  # the optimizer reads what apply did: it must be in the state, not pending
         for k, v in state.items():
             live = v if isinstance(v, np.ndarray) else v.numpy()  # torch CPU tensors: a shared view
             old = before[k] if isinstance(before[k], np.ndarray) else before[k].numpy()

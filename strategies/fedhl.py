@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import warnings
+import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -20,6 +21,9 @@ if TYPE_CHECKING:
 FedHLWeighting = Literal["truncation", "uniform", "examples", "relative", "relative-examples"]
 FEDHL_WEIGHTINGS = ("truncation", "uniform", "examples", "relative", "relative-examples")
 SVD_METHODS = ("auto", "exact", "randomized")
+#: when FedHL folds an aggregated change into its dense W: `background` (after the next version's SVD, in a
+#: thread, while clients train) or `inline` (before apply returns)
+FOLDS = ("background", "inline")
 EPSILON = 1e-6
 #: ε of the scale-free rule, on relative errors ê = e/‖W‖² ∈ [0, 1]: ê below √ε = 0.1 counts as exact
 EPSILON_RELATIVE = 1e-2
@@ -46,6 +50,10 @@ class FedHLConfig:
                                  "(1/(ê²+ε), ê = e/‖W‖²: scale-free), relative-examples (n_i/(ê²+ε))")
     svd: str = _svd()
     max_rank: int = _max_rank()
+    fold: str = option("background", key="fedhl-fold", choices=FOLDS,
+                       help="FedHL: fold each change into the dense W in the background while clients train, taking "
+                            "the next version's SVD matrix-free from W_t and the returned factors (background), or "
+                            "before the next dispatch (inline); the two give the same model to float rounding")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,11 +111,15 @@ class FedHL(Aggregator):
         weighting: FedHLWeighting = "relative",
         svd: str = "auto",
         max_rank: int | None = None,
+        fold: str = "background",
     ) -> None:
         super().__init__(initial, lora)
         if weighting not in FEDHL_WEIGHTINGS:
             raise ValueError(f"`fedhl-weighting` must be one of {list(FEDHL_WEIGHTINGS)}; got {weighting!r}")
+        if fold not in FOLDS:
+            raise ValueError(f"`fedhl-fold` must be one of {list(FOLDS)}; got {fold!r}")
         self.weighting = weighting
+        self.fold = fold
         self.svd_method = svd
         init_rank = lora_ops.rank_of(initial)
         self.max_rank = max_rank or init_rank
@@ -121,7 +133,7 @@ class FedHL(Aggregator):
         import torch
 
         scale0 = lora.scale(init_rank)
-        self.w = {
+        self._w = {
             layer: torch.from_numpy(
                 lora_ops.delta(initial[lora_ops.a_key(layer)], initial[lora_ops.b_key(layer)], scale0)
             )
@@ -131,13 +143,123 @@ class FedHL(Aggregator):
         # server can rebuild any client's starting point W^(r) from it instead of storing it.
         self._svds_by_version: dict[int, dict[str, lora_ops.TopSVD]] = {}
         self.keep_versions = 1
+        self._init_fold_state()
+
+    @property
+    def w(self) -> dict[str, torch.Tensor]:
+        """The dense global W per layer, with every applied change folded in (waits for a running fold)."""
+        self.settle()
+        return self._w
+
+    # ---- the deferred fold (`fold="background"`) ---------------------------------------------------
+    # apply() keeps the change as low-rank terms (`_pending`: references to the returned factors, no
+    # copies). The next version's first dispatch takes each layer's top-r_max SVD matrix-free from
+    # W_t and those terms (lora_ops.top_svd_of_sum), then a thread folds the terms into W (the
+    # O(d²·Σr_i) part) while clients train. ‖W‖² (and with it every truncation error of that
+    # version) is known only once the fold is done: dispatches carry NaN errors until the thread
+    # fills them in, under `_lock`. Everything that reads W or the errors first waits (`settle`).
+    def _init_fold_state(self) -> None:
+        self._pending: dict[str, list[lora_ops.LowRankTerm]] = {}
+        self._fold_thread: threading.Thread | None = None
+        self._fold_error: BaseException | None = None
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        """Pickle (checkpoints) W and the change not yet folded into it (its terms), never a half-folded W.
+
+        A checkpoint is written right after aggregation, when the change is still pending:
+        pickling the terms instead of folding first keeps the fold off that path too.
+        """
+        self._join_fold()
+        state = dict(self.__dict__)
+        for key in ("_fold_thread", "_fold_error", "_lock"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if "w" in state:  # a checkpoint from before the deferred fold
+            state["_w"] = state.pop("w")
+        pending = state.pop("_pending", {})
+        self.__dict__.update(state)
+        self._init_fold_state()
+        self._pending = pending
+
+    def _join_fold(self) -> None:
+        thread = self._fold_thread
+        if thread is not None:
+            thread.join()
+            self._fold_thread = None
+
+    def settle(self) -> None:
+        """Wait until W holds every applied change and every dispatch its truncation error."""
+        self._join_fold()
+        if self._pending:  # applied, but no dispatch has been made since: fold now
+            pending, self._pending = self._pending, {}
+            for layer, terms in pending.items():
+                self._add_products(self._w[layer], terms)
+        if self._fold_error is not None:
+            error, self._fold_error = self._fold_error, None
+            raise AggregationError(f"fedhl: folding the last change into W failed: {error}") from error
+
+    def dispatch(self, rank: int) -> Dispatch:
+        """As Aggregator.dispatch, under the fold's lock (a dispatch made during the fold gets its errors after it)."""
+        with self._lock:
+            return super().dispatch(rank)
+
+    def _fold_in_background(self, terms: dict[str, list[lora_ops.LowRankTerm]],
+                            svds: dict[str, lora_ops.TopSVD]) -> None:
+        try:
+            for layer, layer_terms in terms.items():
+                w = self._w[layer]
+                self._add_products(w, layer_terms)
+                object.__setattr__(svds[layer], "frob2", float((w.double() ** 2).sum()))
+            with self._lock:  # the version's dispatches made so far get their truncation errors
+                for d in self._dispatches.values():
+                    if math.isnan(d.truncation_error):
+                        error, relative = self._errors(svds, d.rank)
+                        object.__setattr__(d, "truncation_error", error)
+                        object.__setattr__(d, "relative_error", relative)
+        except BaseException as e:  # noqa: BLE001 - re-raised by settle() in the caller's thread
+            self._fold_error = e
+
+    def _svds_matrix_free(self) -> dict[str, lora_ops.TopSVD]:
+        """The current version's SVDs from W_t and the pending terms; the fold of the randomized layers goes to a thread."""
+        svds: dict[str, lora_ops.TopSVD] = {}
+        deferred: dict[str, list[lora_ops.LowRankTerm]] = {}
+        pending, self._pending = self._pending, {}
+        for i, (layer, w) in enumerate(self._w.items()):
+            if (lora_ops.svd_route(w, self.max_rank, self.svd_method) == "randomized"
+                    and lora_ops.matrix_free_pays(tuple(w.shape), self.max_rank)):
+                u, s, vh = lora_ops.top_svd_of_sum(w, pending[layer], min(self.max_rank, *w.shape), seed=i)
+                svds[layer] = lora_ops.TopSVD(u, s, vh, math.nan)  # ‖W‖² once folded
+                deferred[layer] = pending[layer]
+            else:  # a small layer: its exact SVD needs the dense sum anyway, or folding first is cheaper
+                self._add_products(w, pending[layer])
+                svds[layer] = lora_ops.top_svd(w, self.max_rank, self.svd_method, seed=i)
+        if deferred:
+            self._fold_thread = threading.Thread(target=self._fold_in_background, args=(deferred, svds),
+                                                 name="fedhl-fold", daemon=True)
+            self._fold_thread.start()
+        return svds
+
+    @staticmethod
+    def _errors(svds: dict[str, lora_ops.TopSVD], rank: int) -> tuple[float, float]:
+        """(e, ê) of a rank-`rank` dispatch: Σ tail energies, and over ‖W‖² (NaN while a fold is running)."""
+        error = sum(svd.tail_energy(rank) for svd in svds.values())
+        energy = sum(svd.frob2 for svd in svds.values())
+        if math.isnan(energy):
+            return math.nan, math.nan
+        return error, (min(error / energy, 1.0) if energy > 0 else 0.0)
 
     def _svds(self, rank: int) -> dict[str, lora_ops.TopSVD]:
         """Top-r_max SVD of every layer at the current version (computed once per version)."""
         svds = self._svds_by_version.get(self.version)
         if svds is None:
-            svds = {layer: lora_ops.top_svd(w, self.max_rank, self.svd_method, seed=i)
-                    for i, (layer, w) in enumerate(self.w.items())}
+            if self._pending:
+                svds = self._svds_matrix_free()
+            else:
+                svds = {layer: lora_ops.top_svd(w, self.max_rank, self.svd_method, seed=i)
+                        for i, (layer, w) in enumerate(self._w.items())}
             self._svds_by_version[self.version] = svds
             for v in sorted(self._svds_by_version)[: -self.keep_versions]:
                 del self._svds_by_version[v]  # bounded memory: only versions clients may still reply to
@@ -153,14 +275,13 @@ class FedHL(Aggregator):
             )
         s = self.lora.scale(rank)
         arrays: dict[str, np.ndarray] = {k: v.copy() for k, v in self.dense.items()}
-        error, energy = 0.0, 0.0
-        for layer, svd in self._svds(rank).items():
+        svds = self._svds(rank)
+        for layer, svd in svds.items():
             a, b = lora_ops.split_factors(svd, rank, s, self.init_a[layer])
             arrays[lora_ops.a_key(layer)], arrays[lora_ops.b_key(layer)] = a, b
-            error += svd.tail_energy(rank)
-            energy += svd.frob2
+        error, relative = self._errors(svds, rank)
         return Dispatch(rank=rank, version=self.version, arrays=arrays, truncation_error=error,
-                        relative_error=min(error / energy, 1.0) if energy > 0 else 0.0)
+                        relative_error=relative)
 
     def weights(self, updates: Sequence[ClientUpdate]) -> Weights:
         """Return the configured LoRA weights (see `fedhl-weighting`); example weights for dense parameters.
@@ -169,6 +290,7 @@ class FedHL(Aggregator):
         winner-take-all once it grows. `relative` and `relative-examples` use ê = e/‖W‖_F²,
         which does not change when W is scaled, with ε on that scale.
         """
+        self.settle()  # the updates' truncation errors are known once their version's fold is done
         dense = example_weights(updates)
         if self.weighting == "truncation":
             lora = truncation_weights([u.sent.truncation_error for u in updates])
@@ -185,7 +307,8 @@ class FedHL(Aggregator):
 
     def state(self) -> dict[str, np.ndarray | torch.Tensor]:
         """The dense global W of every layer plus the dense parameters."""
-        return {**self.dense, **self.w}
+        self.settle()
+        return {**self.dense, **self._w}
 
     def apply(self, updates: Sequence[ClientUpdate], weights: Weights, server_lr: float = 1.0) -> None:
         """W += lr Σ p_i (s_i B_i A_i − W^(r_i)) per layer.
@@ -201,6 +324,7 @@ class FedHL(Aggregator):
         """
         import torch
 
+        self.settle()
         coef = [float(p) * server_lr for p in weights.lora]
         # the SVD rebuilds a start only when the start went out unrounded (`wire-dtype` float32)
         compact = [i for i, u in enumerate(updates) if self.exact_wire and u.sent.version in self._svds_by_version]
@@ -209,12 +333,13 @@ class FedHL(Aggregator):
             if i not in compact:
                 start, c = stored.get(id(u.sent), (u.sent, 0.0))
                 stored[id(u.sent)] = (start, c + coef[i])
-        for layer, w in self.w.items():
+        terms: dict[str, list[lora_ops.LowRankTerm]] = {}
+        for layer in self._w:
             ka, kb = lora_ops.a_key(layer), lora_ops.b_key(layer)
-            self._add_products(w, [(coef[i] * self.lora.scale(u.rank), u.arrays[kb], u.arrays[ka])
-                                   for i, u in enumerate(updates)])
-            self._add_products(w, [(-c * self.lora.scale(start.rank), start.arrays[kb], start.arrays[ka])
-                                   for start, c in stored.values()])
+            layer_terms: list[lora_ops.LowRankTerm] = [
+                (coef[i] * self.lora.scale(u.rank), u.arrays[kb], u.arrays[ka]) for i, u in enumerate(updates)]
+            layer_terms += [(-c * self.lora.scale(start.rank), start.arrays[kb], start.arrays[ka])
+                            for start, c in stored.values()]
             for version in sorted({updates[i].sent.version for i in compact}):
                 svd = self._svds_by_version[version][layer]
                 mass = torch.zeros(svd.s.shape[0], dtype=torch.float32)
@@ -223,37 +348,30 @@ class FedHL(Aggregator):
                         mass[: updates[i].rank] += coef[i]
                 live = lora_ops.live_count(svd, svd.s.shape[0])
                 mass[live:] = 0.0  # directions sent as zero columns of B contributed nothing
-                w.addmm_(svd.u * (svd.s * mass), svd.vh, alpha=-1.0)
+                layer_terms.append((-1.0, svd.u * (svd.s * mass), svd.vh))
+            terms[layer] = layer_terms
+        if self.fold == "inline":
+            for layer, layer_terms in terms.items():
+                self._add_products(self._w[layer], layer_terms)
+        else:
+            self._pending = terms  # folded after the next version's SVD (see `_svds_matrix_free`)
         self._apply_dense(updates, weights.dense, server_lr)
         self.version += 1
 
     @staticmethod
-    def _add_products(w: torch.Tensor, terms: list[tuple[float, np.ndarray, np.ndarray]],
-                      max_cols: int = 4096) -> None:
-        """W += Σ c_i B_i A_i as few GEMMs as possible (stacked factors, at most `max_cols` wide)."""
-        import torch
-
-        start = 0
-        while start < len(terms):
-            stop, cols = start, 0
-            while stop < len(terms) and (stop == start or cols + terms[stop][1].shape[1] <= max_cols):
-                cols += terms[stop][1].shape[1]
-                stop += 1
-            chunk = terms[start:stop]
-            with warnings.catch_warnings():  # shared dispatches are read-only; these views are only read (cat copies)
-                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-                left = torch.cat([c * torch.from_numpy(np.asarray(b, np.float32)) for c, b, _ in chunk], dim=1)
-                right = torch.cat([torch.from_numpy(np.asarray(a, np.float32)) for _, _, a in chunk], dim=0)
-            w.addmm_(left, right)
-            start = stop
+    def _add_products(w: torch.Tensor, terms: list[lora_ops.LowRankTerm]) -> None:
+        """W += Σ c_i B_i A_i (lora_ops.add_products: stacked GEMMs)."""
+        lora_ops.add_products(w, terms)
 
     def merged(self) -> MergedModel:
         """Return the full-rank W per layer."""
+        self.settle()
         return MergedModel(
-            deltas={layer: w.numpy().copy() for layer, w in self.w.items()},
+            deltas={layer: w.numpy().copy() for layer, w in self._w.items()},
             dense={k: v.copy() for k, v in self.dense.items()},
         )
 
     def summary(self) -> dict:
         """Return hyper-parameters including the weighting rule and SVD method."""
-        return {**super().summary(), "weighting": self.weighting, "svd": self.svd_method, "max_rank": self.max_rank}
+        return {**super().summary(), "weighting": self.weighting, "svd": self.svd_method, "max_rank": self.max_rank,
+                "fold": self.fold}

@@ -121,13 +121,11 @@ def test_rounded_dispatches_are_what_is_kept_so_identity_replies_change_nothing(
 
 
 def test_fedhl_rounded_starts_cost_one_product_per_distinct_start_not_per_client():
-    agg = FedHL(adapter(4, 0), LoraSpec(alpha=8, wire_dtype="bfloat16"), max_rank=4)
-    calls = []
-    real = agg._add_products
-    agg._add_products = lambda w, terms, **kw: (calls.append(len(terms)), real(w, terms, **kw))[1]
-    _identity(agg, (2, 2, 2, 4, 4))
-    layers = len(agg.w)
-    assert calls == [5, 2] * layers  # 5 returned products, 2 starts (rank 2 and rank 4) per layer
+    agg = FedHL(adapter(4, 0), LoraSpec(alpha=8, wire_dtype="bfloat16"), max_rank=4)  # fold="background": kept pending
+    sent = [agg.dispatch(r) for r in (2, 2, 2, 4, 4)]
+    agg.aggregate([ClientUpdate(node_id=i, arrays=dict(d.arrays), sent=d, num_examples=5) for i, d in enumerate(sent)])
+    for terms in agg._pending.values():  # 5 returned products, then 2 starts (rank 2 and rank 4), not 5
+        assert [c > 0 for c, _, _ in terms] == [True] * 5 + [False] * 2
 
 
 @pytest.mark.parametrize("dtype", precision.WIRE_DTYPES)
