@@ -70,17 +70,55 @@ def start(cmd: Sequence[str], env: Mapping[str, str], log_path: Path | None = No
                             stderr=subprocess.STDOUT if out else kw.pop("stderr", None), start_new_session=True, **kw)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every living descendant of `pid` (children, grandchildren, ...), read from /proc; [] where there is none."""
+    children: dict[int, list[int]] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:  # exited while we looked
+                continue
+            ppid = int(stat[stat.rindex(")") + 2:].split()[1])  # fields after "(comm)": state, ppid, ...
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    """Stop a process and its whole group: SIGTERM, wait, SIGKILL."""
+    """Stop a process, its whole group and every descendant: SIGTERM, wait, SIGKILL.
+
+    The group is not enough: Flower's SuperExec starts each `flwr-serverapp` in a new
+    session, outside the SuperLink's group, and one such process outlived a failed test.
+    The descendants are listed before the first signal (once their parent is gone they are
+    re-parented and no longer found) and those still alive at the end are killed.
+    """
+    family = descendants(proc.pid)
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            if os.getpgid(proc.pid) != proc.pid:  # not a group leader: the group signal missed it
+                proc.terminate()
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             pass
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)  # children left in the group (flwr-clientapp, raylet, ...)
+    for pid in family:  # those in other groups or sessions (flwr-serverapp under SuperExec)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    if proc.poll() is None:  # not a group leader (started without a session of its own): kill it by pid
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout)
 
