@@ -9,6 +9,7 @@ a fake clock and a fake evaluator run every driver path in milliseconds.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,18 @@ class Job:
     node_id: int
     dispatch: Dispatch
     pushed_at: float
+
+
+def config_changes(saved: Mapping[str, Any], now: Mapping[str, Any], allowed: Sequence[str] = ()) -> str:
+    """'key: old → new' for every key that differs, "" when none; a key the saved run predates counts at its default.
+
+    A run checkpointed by an earlier corolla lacks the keys added since (`wire-dtype`, say); it
+    ran with their defaults, so it resumes as long as the new run keeps those defaults too.
+    """
+    defaults = RunConfig().to_mapping()
+    old = {k: saved.get(k, defaults.get(k)) for k in set(saved) | set(now)}
+    return ", ".join(f"{k}: {old[k]!r} → {now.get(k)!r}" for k in sorted(old)
+                     if k not in allowed and old[k] != now.get(k))
 
 
 class Federation:
@@ -101,12 +114,9 @@ class Federation:
     RESUMABLE_CHANGES = ("num-rounds", "time-budget", "round-timeout", "existing-run", "out-dir", "eval-interval")
 
     def _check_resumable(self, saved: dict[str, Any]) -> None:
-        now = self.cfg.to_mapping()
-        differ = sorted(k for k in set(saved) | set(now)
-                        if k not in self.RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+        differ = config_changes(saved, self.cfg.to_mapping(), self.RESUMABLE_CHANGES)
         if differ:
-            pairs = ", ".join(f"{k}: {saved.get(k)!r} → {now.get(k)!r}" for k in differ)
-            raise ConfigError(f"cannot resume {self.recorder.dir}: its run was configured differently ({pairs}); "
+            raise ConfigError(f"cannot resume {self.recorder.dir}: its run was configured differently ({differ}); "
                               f"resume with the same configuration (only {list(self.RESUMABLE_CHANGES)} may change) "
                               "or start a new run with --overwrite")
 

@@ -221,3 +221,17 @@ def test_sigkilled_simulation_resumes_to_the_same_model(tmp_path):
     acc = [(u["node"], u["applied_version"]) for u in read_jsonl(broken / "updates.jsonl") if u["status"] == "accepted"]
     assert Counter(v for _, v in acc) == {1: 3, 2: 3, 3: 3, 4: 3} and len(set(acc)) == len(acc)
     assert [m["version"] for m in read_jsonl(broken / "metrics.jsonl")] == [0, 1, 2, 3, 4]
+
+
+def test_a_run_saved_before_a_key_existed_resumes_at_that_keys_default():
+    """A checkpoint from an earlier corolla lacks the keys added since; it ran with their defaults."""
+    from corolla.config import RunConfig
+    from corolla.server.federation import config_changes
+
+    now = RunConfig(num_rounds=5).to_mapping()
+    saved = {k: v for k, v in now.items() if k not in ("wire-dtype", "fedhl-fold")}
+    assert config_changes(saved, now) == ""
+    changed = RunConfig(num_rounds=5, wire_dtype="bfloat16").to_mapping()
+    assert config_changes(saved, changed) == "wire-dtype: 'float32' → 'bfloat16'"
+    assert config_changes({**saved, "num-rounds": 3}, now, allowed=("num-rounds",)) == ""
+    assert config_changes({**saved, "lr": 0.1}, now) == f"lr: 0.1 → {now['lr']!r}"
