@@ -116,7 +116,7 @@ def current_rss_gb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 1024**3
 
 
-def route_fedhl(layers: int, d: int, clients: int, fold: str = "inline") -> dict:
+def route_fedhl(layers: int, d: int, clients: int, fold: str = "inline", svd_start: str = "random") -> dict:
     """One FedHL round: aggregate 100 replies, then redistribute the new version (every client's factors).
 
     The replies' factors are generated before the clock starts and kept, as decoded replies
@@ -124,7 +124,10 @@ def route_fedhl(layers: int, d: int, clients: int, fold: str = "inline") -> dict
     memory ratio. `inline` is the route before #14 (fold, then the dense randomized SVD);
     `background` takes the SVD matrix-free and folds in a thread: `latency_s` is the time
     from the last reply to the new version's last dispatch, `fold_s` the background fold
-    after it (while clients would train).
+    after it (while clients would train). `svd_start` warm starts the new version's SVD from
+    the previous version's subspace (2 products with W instead of 6); `top_energy` is the
+    energy the new version's rank-64 SVD captures, Σ σ_j² over every layer, to compare the
+    starts' subspaces on the same W_{t+1} (higher is closer to the exact top-64).
     """
     import_rss = current_rss_gb()  # interpreter + torch, before any state
     names = layer_names(layers)
@@ -132,7 +135,7 @@ def route_fedhl(layers: int, d: int, clients: int, fold: str = "inline") -> dict
     for n in names:
         init[lora_ops.a_key(n)] = np.zeros((MAX_RANK, d), np.float32)
         init[lora_ops.b_key(n)] = np.zeros((d, MAX_RANK), np.float32)
-    agg = FedHL(init, LoraSpec(alpha=16), max_rank=MAX_RANK, svd="randomized", fold=fold)
+    agg = FedHL(init, LoraSpec(alpha=16), max_rank=MAX_RANK, svd="randomized", fold=fold, svd_start=svd_start)
     del init
     agg._w = global_state(names, d)
     rs = ranks(clients)
@@ -164,7 +167,11 @@ def route_fedhl(layers: int, d: int, clients: int, fold: str = "inline") -> dict
     t1 = time.perf_counter()
     agg.settle()  # deferred: the fold, done while clients train
     t_fold = time.perf_counter() - t1
-    return {"fold": fold, "dispatch_s": t_dispatch, "aggregate_s": t_aggregate, "latency_s": t_latency,
+    svds = agg._svds_by_version[agg.version]
+    top_energy = sum(float((svd.s.double() ** 2).sum()) for svd in svds.values())
+    total_energy = sum(svd.frob2 for svd in svds.values())
+    return {"fold": fold, "svd_start": svd_start, "top_energy": top_energy, "total_energy": total_energy,
+            "dispatch_s": t_dispatch, "aggregate_s": t_aggregate, "latency_s": t_latency,
             "redistribute_s": t_latency - t_aggregate, "fold_s": t_fold, "generate_s": t_generate,
             "peak_rss_gb": peak_rss_gb(), "state_rss_gb": base_rss, "import_rss_gb": import_rss,
             "updates_gb": updates_gb, "dense_state_gb": layers * d * d * 4 / 1024**3,
@@ -239,6 +246,8 @@ def bench_layout(name: str, layers: int, d: int, clients: int, dense_layers: int
     print(f"[{name}] fedhl full layout (inline fold): {fedhl_full}", flush=True)
     deferred = run_child("fedhl-background", layers, d, clients)
     print(f"[{name}] fedhl full layout (background fold): {deferred}", flush=True)
+    warm = run_child("fedhl-warm", layers, d, clients)
+    print(f"[{name}] fedhl full layout (background fold, warm-started SVD): {warm}", flush=True)
     rate = gemm_rate()
     fold_floor = 2 * d * d * (deferred["rank_sum"] + MAX_RANK) * layers / (rate * 1e9)
     fedhl_sub = run_child("fedhl", dense_layers, d, clients)
@@ -257,6 +266,7 @@ def bench_layout(name: str, layers: int, d: int, clients: int, dense_layers: int
             # the target compares FedHL's own memory with the dense state: the interpreter and torch are not counted
             "rss_ratio": _ratio(fedhl_full), "floor": floor,
             "background": deferred, "background_rss_ratio": _ratio(deferred), "gemm_gflops": rate,
+            "warm": warm, "warm_rss_ratio": _ratio(warm),
             "fold_floor_s": fold_floor}
 
 
@@ -276,6 +286,7 @@ def main() -> None:
     if args.child:
         route, layers, d, clients = args.child[0], *map(int, args.child[1:])
         fn = {"fedhl": route_fedhl, "fedhl-background": lambda *a: route_fedhl(*a, fold="background"),
+              "fedhl-warm": lambda *a: route_fedhl(*a, fold="background", svd_start="warm"),
               "dense": route_dense, "floor": route_floor}[route]
         print(json.dumps(fn(layers, d, clients)))
         return
@@ -303,6 +314,18 @@ def main() -> None:
                      f"{i['latency_s']:.1f} | {b['latency_s']:.1f} | {b['fold_s']:.1f} | "
                      f"{i['latency_s'] / b['latency_s']:.1f}× | {r['rss_ratio']:.2f} | {r['background_rss_ratio']:.2f} | "
                      f"{b['updates_gb']:.2f} |")
+    lines += ["", "The same, with the new version's SVD warm-started from the previous version's subspace "
+              "(`fedhl-svd-start=warm`: 2 products with W_{t+1} instead of 6). Captured energy: Σσ² of the rank-64 "
+              "SVD over every layer, as a fraction of the random start's on the same W_{t+1} (1.0: as good).", "",
+              "| layout | background, random start: latency s | warm start: latency s | target ≤ 10 s | "
+              "warm: fold after s | warm / random captured energy | top-64 energy / ‖W‖² (random, warm) | "
+              "warm mem ratio |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        b, w = r["background"], r["warm"]
+        lines.append(f"| {r['layout']} | {b['latency_s']:.1f} | {w['latency_s']:.1f} | "
+                     f"{'met' if w['latency_s'] <= 10 else 'MISSED'} | {w['fold_s']:.1f} | "
+                     f"{w['top_energy'] / b['top_energy']:.5f} | {b['top_energy'] / b['total_energy']:.4f}, "
+                     f"{w['top_energy'] / w['total_energy']:.4f} | {r['warm_rss_ratio']:.2f} |")
     (out / "aggregation_speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

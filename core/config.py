@@ -122,6 +122,7 @@ class RunConfig:
     fedhl_weighting: str = _component("fedhl-weighting")
     svd: str = _component("svd")
     fedhl_fold: str = _component("fedhl-fold")
+    fedhl_svd_start: str = _component("fedhl-svd-start")
     server_lr: float = _component("server-lr")
     server_momentum: float = _component("server-momentum")
     server_beta1: float = _component("server-beta1")

@@ -5,6 +5,7 @@
 - updates.jsonl one object per client reply: node, rank, accepted or the rejection reason, weights, telemetry
 - nodes.jsonl   one object per node profile seen
 - selection.jsonl one object per selection: every candidate's score terms, the picks, telemetry problems
+- rounds.jsonl  one object per synchronous round: host seconds per phase (select, dispatch, exchange, validate, ...)
 - global.npz    the final global model: `delta/<layer>` ΔW per LoRA layer, `dense/<key>` trained parameters
 - summary.json  final_accuracy, peak_accuracy, stability_drop, wall_s (+ counts)
 - report.md, curves.png  written by server/report.py
@@ -30,7 +31,7 @@ def _clean(v: Any) -> Any:
 
 
 #: the append-only record files (a checkpoint remembers how many lines each had)
-RECORDS = ("metrics.jsonl", "updates.jsonl", "nodes.jsonl", "selection.jsonl")
+RECORDS = ("metrics.jsonl", "updates.jsonl", "nodes.jsonl", "selection.jsonl", "rounds.jsonl")
 
 
 class RunDirError(RuntimeError):
@@ -88,6 +89,10 @@ class RunRecorder:
     def selection(self, row: dict[str, Any]) -> None:
         """Record one selection: candidates' scores (every term) and the picks."""
         self._append("selection.jsonl", {"wall_s": round(self.wall_s(), 3), **row})
+
+    def round_timing(self, row: dict[str, Any]) -> None:
+        """Record where one round's host time went (`sync_driver.RoundTimer`)."""
+        self._append("rounds.jsonl", {"wall_s": round(self.wall_s(), 3), **row})
 
     def node(self, row: dict[str, Any]) -> None:
         """Record a node profile."""

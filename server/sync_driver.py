@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from corolla.server import codec
 from corolla.server.federation import Federation, RejectedReply
@@ -22,16 +23,23 @@ def run_sync(fed: Federation) -> dict:
         if fed.out_of_time():
             log.info("time budget of %.0fs spent after %d rounds", cfg.time_budget, rnd - 1)
             break
-        play_round(fed, rnd)
+        timing = play_round(fed, rnd)
+        t = time.perf_counter()
         fed.checkpoint(round=rnd)
+        timing["checkpoint_s"] = time.perf_counter() - t
+        fed.recorder.round_timing({"round": rnd, "version": fed.aggregator.version, **timing})
     if fed.recorder.evals[-1]["version"] != fed.aggregator.version:
         fed.evaluate(clients=0)  # the final version is always evaluated
     return fed.finish()
 
 
-def play_round(fed: Federation, rnd: int) -> None:
-    """One round: select, send, wait, validate, aggregate, evaluate (a failed round leaves the model unchanged)."""
+def play_round(fed: Federation, rnd: int) -> dict[str, float | int]:
+    """One round: select, send, wait, validate, aggregate, evaluate (a failed round leaves the model unchanged).
+
+    Returns where the server's time went (host seconds, `RoundTimer`), for rounds.jsonl.
+    """
     cfg = fed.cfg
+    timer = RoundTimer(registered=len(fed.nodes.nodes))
     usable = fed.refresh_nodes()
     if not usable:  # every node gone or unavailable: wait for one (at most round-timeout), never spin through rounds
         try:
@@ -39,11 +47,15 @@ def play_round(fed: Federation, rnd: int) -> None:
         except TimeoutError:
             log.warning("round %d: no usable node within %.0fs (reasons in nodes.jsonl); the global model is unchanged",
                         rnd, cfg.round_timeout)
-            return
+            return timer.done()
+    timer.row["usable"] = len(usable)
     picked = fed.select(usable, cfg.clients_per_round, rnd)
+    timer.lap("select_s")
     sent = {n: fed.aggregator.dispatch(fed.nodes[n].rank) for n in picked}
     msgs = [fed.train_message(n, d) for n, d in sent.items()]
+    timer.lap("dispatch_s")
     replies = fed.grid.send_and_receive(msgs, timeout=cfg.round_timeout)
+    timer.lap("exchange_s")
     sent_to = {str(m.metadata.message_id): n for m, n in zip(msgs, sent)}  # ids given when pushed
     updates: list[ClientUpdate] = []
     answered: set[int] = set()
@@ -66,20 +78,50 @@ def play_round(fed: Federation, rnd: int) -> None:
                 fed.record_update(None, nid, "rejected", str(e))
     for nid in sorted(set(picked) - answered):
         fed.record_update(None, nid, "failed", f"node {nid} did not reply within {cfg.round_timeout:.0f}s")
+    timer.lap("validate_s")
     if not updates:
         log.warning("round %d: no usable updates; the global model is unchanged", rnd)
-        return
+        return timer.done()
     try:
         weights = fed.aggregator.aggregate(updates)
     except StrategyError as e:
         log.warning("round %d: %s", rnd, e.reason)
         for u in updates:
             fed.record_update(u, u.node_id, "rejected", e.reason)
-        return
+        return timer.done()
+    timer.lap("aggregate_s")
     for u, w, note in zip(updates, weights.lora, guard_notes(fed.aggregator, len(updates))):
         fed.record_update(u, u.node_id, "accepted", weight=float(w), applied_version=fed.aggregator.version,
                           guard=note)
     fed.selector.observe(updates, rnd)
+    timer.lap("record_s")
     log.info("round %d: aggregated %d of %d updates", rnd, len(updates), len(picked))
     if fed.aggregator.version % cfg.eval_every == 0 or rnd == cfg.num_rounds:
         fed.evaluate(clients=len(updates))
+        timer.lap("evaluate_s")
+    return timer.done(updates=len(updates))
+
+
+class RoundTimer:
+    """Host seconds per phase of one round, so the server's own cost can be told from training's.
+
+    select_s (node refresh + selection + its record), dispatch_s (starts + messages),
+    exchange_s (push, the clients' training, pull), validate_s (every reply checked and
+    recorded), aggregate_s, record_s (accepted updates recorded, the selector told),
+    evaluate_s, and checkpoint_s (added by the caller). The server's overhead is the sum
+    without exchange_s and evaluate_s; `bench/fleet_scale.py` reports it against fleet size.
+    """
+
+    def __init__(self, registered: int) -> None:
+        self.row: dict[str, float | int] = {"registered": registered}
+        self._t = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        """Charge the time since the last lap to `phase`."""
+        now = time.perf_counter()
+        self.row[phase] = round(self.row.get(phase, 0.0) + now - self._t, 6)
+        self._t = now
+
+    def done(self, **extra: int) -> dict[str, float | int]:
+        """The row so far (a round that ended early has fewer phases)."""
+        return {**self.row, **extra}

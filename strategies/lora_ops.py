@@ -9,7 +9,7 @@ dense trained parameter (e.g. the classification head).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -158,13 +158,16 @@ def svd_route(w: torch.Tensor, k: int, method: str = "auto") -> str:
     return method
 
 
-def top_svd(w: torch.Tensor, k: int, method: str = "auto", seed: int = 0) -> TopSVD:
+def top_svd(w: torch.Tensor, k: int, method: str = "auto", seed: int = 0, start: torch.Tensor | None = None,
+            niter: int = 2) -> TopSVD:
     """Return the top-k SVD of `w`.
 
     `exact` runs a full LAPACK SVD (O(d³)); `randomized` runs torch.svd_lowrank with
-    oversampling and two power iterations (O(d² k)); `auto` picks randomized when
-    k is small against the matrix. The tail energy is always exact because it is
-    taken from the Frobenius norm, not from the truncated spectrum.
+    oversampling and `niter` power iterations (O(d² k)); `auto` picks randomized when
+    k is small against the matrix. With `start` (a warm start, `warm_start`), the
+    randomized route's test matrix is those columns plus random ones (`range_svd`). The
+    tail energy is always exact because it is taken from the Frobenius norm, not from the
+    truncated spectrum.
     """
     import torch
 
@@ -175,14 +178,70 @@ def top_svd(w: torch.Tensor, k: int, method: str = "auto", seed: int = 0) -> Top
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         return TopSVD(u[:, :k], s[:k], vh[:k], frob2)
     if method == "randomized":
+        if start is not None:
+            u, s, vh = range_svd(lambda x: w @ x, lambda x: w.T @ x, tuple(w.shape), k, seed, niter, start)
+            return TopSVD(u, s, vh, frob2)
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         try:
-            u, s, v = torch.svd_lowrank(w, q=min(k + 8, *w.shape), niter=2)
+            u, s, v = torch.svd_lowrank(w, q=min(k + 8, *w.shape), niter=niter)
         finally:
             torch.random.set_rng_state(gen_state)
         return TopSVD(u[:, :k], s[:k], v[:, :k].T, frob2)
     raise ValueError(f"`svd` must be one of auto, exact, randomized; got {method!r}")
+
+
+def warm_start(svd: TopSVD, shape: tuple[int, int]) -> torch.Tensor | None:
+    """The previous version's top singular subspace as a test matrix for this version's SVD, or None.
+
+    Tall layers (m ≥ n) are sketched from the right (the start is V, n × k), wide ones from
+    the left (U, m × k), as `range_svd` does. None when the previous SVD had a dead direction
+    (σ = 0, e.g. the all-zero W of version 0): its vectors carry nothing to start from.
+    """
+    if svd.s.numel() == 0 or live_count(svd, svd.s.shape[0]) < svd.s.shape[0]:
+        return None
+    m, n = shape
+    return svd.vh.T if m >= n else svd.u
+
+
+def range_svd(fwd_w: Callable[[torch.Tensor], torch.Tensor], back_w: Callable[[torch.Tensor], torch.Tensor],
+              shape: tuple[int, int], k: int, seed: int, niter: int, start: torch.Tensor | None = None,
+              dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k (U, S, Vᴴ) of a matrix known only by its products X ↦ WX (`fwd_w`) and X ↦ WᵀX (`back_w`).
+
+    Halko et al. 2009, Alg. 5.1 with `niter` power iterations on the tall orientation (as
+    torch.svd_lowrank). The test matrix has q = k + 8 columns: Gaussian (torch's draw after
+    manual_seed(seed), the same as svd_lowrank's), or `start`'s columns followed by Gaussian
+    ones. From a warm start (the previous version's subspace, which W_{t+1} = W_t + ΔW
+    mostly keeps) no power iteration is needed: 2 products instead of 2(niter+1).
+    """
+    import torch
+
+    m, n = shape
+    q = min(k + 8, m, n)
+    tall = m >= n
+    fwd, back = (fwd_w, back_w) if tall else (back_w, fwd_w)
+    rows = n if tall else m
+    if start is not None:
+        dtype = start.dtype
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        omega = torch.randn(rows, q, dtype=dtype or torch.float32)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    if start is not None:
+        cols = min(start.shape[1], q)
+        omega[:, :cols] = start[:, :cols]
+    basis = torch.linalg.qr(fwd(omega)).Q
+    for _ in range(niter):
+        basis = torch.linalg.qr(back(basis)).Q
+        basis = torch.linalg.qr(fwd(basis)).Q
+    u, s, vh = torch.linalg.svd(back(basis).T, full_matrices=False)
+    u = basis @ u
+    if not tall:
+        u, vh = vh.T, u.T
+    return u[:, :k], s[:k], vh[:k]
 
 
 #: one low-rank term of a pending change: coef · left @ right, left d_out × k and right k × d_in (numpy or torch)
@@ -229,16 +288,15 @@ def matrix_free_pays(shape: tuple[int, int], k: int, niter: int = 2) -> bool:
 
 
 def top_svd_of_sum(w: torch.Tensor, terms: Sequence[LowRankTerm], k: int, seed: int = 0, niter: int = 2,
-                   max_cols: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   max_cols: int = 4096, start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k (U, S, Vᴴ) of W + Σ c_i B_i A_i without forming the sum: `top_svd`'s randomized route, matrix-free.
 
     The same algorithm and random draw as torch.svd_lowrank(W', q=k+8, niter) (Halko et al.
     2009, Alg. 5.1, which `top_svd` runs on a dense W'), with every product W'X and W'ᵀX
     taken as W X + Σ B_i (A_i X): O(d²q + d·Σr_i·q) per product instead of the O(d²·Σr_i)
-    fold. Equal to `top_svd(W + Σ ..., k, "randomized", seed)` up to float rounding (tested).
+    fold. Equal to `top_svd(W + Σ ..., k, "randomized", seed, start, niter)` up to float
+    rounding (tested); `start` as in `range_svd`.
     """
-    import torch
-
     stacked = list(_stacked(terms, max_cols))
 
     def mv(x: torch.Tensor) -> torch.Tensor:
@@ -253,25 +311,7 @@ def top_svd_of_sum(w: torch.Tensor, terms: Sequence[LowRankTerm], k: int, seed: 
             y.addmm_(right.T, left.T @ x)
         return y
 
-    m, n = w.shape
-    q = min(k + 8, m, n)
-    tall = m >= n
-    fwd, back = (mv, rmv) if tall else (rmv, mv)  # torch.svd_lowrank works on the tall orientation
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        r = torch.randn(n if tall else m, q, dtype=w.dtype)
-    finally:
-        torch.random.set_rng_state(gen_state)
-    basis = torch.linalg.qr(fwd(r)).Q
-    for _ in range(niter):
-        basis = torch.linalg.qr(back(basis)).Q
-        basis = torch.linalg.qr(fwd(basis)).Q
-    u, s, vh = torch.linalg.svd(back(basis).T, full_matrices=False)
-    u = basis @ u
-    if not tall:
-        u, vh = vh.T, u.T
-    return u[:, :k], s[:k], vh[:k]
+    return range_svd(mv, rmv, tuple(w.shape), k, seed, niter, start, dtype=w.dtype)
 
 
 def live_count(svd: TopSVD, rank: int, tol: float = 1e-7) -> int:

@@ -891,3 +891,46 @@ def test_fedmedian_through_the_driver_ignores_a_scaling_liar_even_without_clippi
     for layer, (a, b) in agg.factors.items():  # every factor coordinate moved by 0.1–0.2 per round, never 10⁴×
         moved = np.concatenate([(a - init[f"{layer}.lora_A.weight"][:2]).ravel(), b.ravel()])
         assert agg.rank == 2 and np.all(moved > 3 * 0.1 - 1e-5) and np.all(moved < 3 * 0.2 + 1e-5)
+
+
+def test_sync_rounds_record_host_seconds_per_phase_charged_to_the_phase_that_spent_them(tmp_path, monkeypatch):
+    import time
+
+    nodes = [FakeNode(i, num_examples=10, step=0.1) for i in (1, 2, 3)]
+    run = federation(tmp_path, nodes, SYNC, **{"min-nodes": 3, "clients-per-round": 2})
+    from corolla.strategies.base import Aggregator
+
+    selector = type(run.fed.selector)  # patched on the classes: the checkpoint pickles both objects
+    select, aggregate = selector.select, Aggregator.aggregate
+
+    def slow_select(self, *args, **kwargs):
+        time.sleep(0.05)
+        return select(self, *args, **kwargs)
+
+    def slow_aggregate(self, *args, **kwargs):
+        time.sleep(0.03)
+        return aggregate(self, *args, **kwargs)
+
+    monkeypatch.setattr(selector, "select", slow_select)
+    monkeypatch.setattr(Aggregator, "aggregate", slow_aggregate)
+    run.run()
+
+    rows = read_jsonl(run.dir / "rounds.jsonl")
+    assert [r["round"] for r in rows] == [1, 2, 3] and [r["version"] for r in rows] == [1, 2, 3]
+    phases = ("select_s", "dispatch_s", "exchange_s", "validate_s", "aggregate_s", "record_s", "evaluate_s",
+              "checkpoint_s")
+    for r in rows:
+        assert r["registered"] == 3 and r["usable"] == 3 and r["updates"] == 2
+        assert all(r[k] >= 0 for k in phases)
+        assert 0.05 <= r["select_s"] < 0.5 and 0.03 <= r["aggregate_s"] < 0.5  # the sleeps land where they were spent
+        assert r["exchange_s"] < 0.03 and r["dispatch_s"] < 0.03  # the fake grid answers at once
+
+
+def test_sync_round_without_updates_still_records_its_timing(tmp_path):
+    nodes = [FakeNode(1, jobs=["nan"]), FakeNode(2, jobs=["nan"])]
+    run = federation(tmp_path, nodes, SYNC, **{"num-rounds": 1})
+    run.run()
+    (row,) = read_jsonl(run.dir / "rounds.jsonl")
+    assert len(run.updates("rejected")) == 2
+    assert row["round"] == 1 and row["version"] == 0
+    assert "exchange_s" in row and "validate_s" in row and "aggregate_s" not in row

@@ -88,9 +88,10 @@ def test_matrix_free_svd_is_the_dense_randomized_svd_of_the_sum():
         torch.testing.assert_close(w, w.clone())  # W itself untouched
 
 
-def test_background_fold_equals_inline_fold_dispatch_by_dispatch():
-    inline, trail_inline = run("inline")
-    background, trail_bg = run("background")
+@pytest.mark.parametrize("svd_start", ["random", "warm"])
+def test_background_fold_equals_inline_fold_dispatch_by_dispatch(svd_start):
+    inline, trail_inline = run("inline", svd_start=svd_start)
+    background, trail_bg = run("background", svd_start=svd_start)
     for sent_i, sent_b in zip(trail_inline, trail_bg):
         for d_i, d_b in zip(sent_i, sent_b):
             for k in d_i.arrays:
@@ -134,3 +135,70 @@ def test_a_failed_fold_is_an_error_not_a_silently_stale_model(monkeypatch):
     agg.dispatch(2)
     with pytest.raises(Exception, match="folding the last change into W failed: out of memory"):
         agg.settle()
+
+
+def test_warm_started_matrix_free_svd_is_the_dense_warm_started_svd_of_the_sum():
+    rng = np.random.default_rng(5)
+    for d_out, d_in in SHAPES.values():
+        w = torch.from_numpy(rng.normal(size=(d_out, d_in)).astype(np.float32))
+        terms = [(0.7, rng.normal(size=(d_out, 4)).astype(np.float32), rng.normal(size=(4, d_in)).astype(np.float32))]
+        start = lora_ops.warm_start(lora_ops.top_svd(w, MAX_RANK, "randomized", seed=1), (d_out, d_in))
+        assert start.shape == ((d_in if d_out >= d_in else d_out), MAX_RANK)  # V for tall layers, U for wide ones
+        dense = w.clone()
+        lora_ops.add_products(dense, terms)
+        want = lora_ops.top_svd(dense, MAX_RANK, "randomized", seed=3, start=start, niter=0)
+        u, s, vh = lora_ops.top_svd_of_sum(w, terms, MAX_RANK, seed=3, start=start, niter=0)
+        torch.testing.assert_close(s, want.s, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(u * s, want.u * want.s, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(vh, want.vh, rtol=1e-3, atol=1e-3)
+
+
+def drifting(k: int = 8, d: tuple[int, int] = (300, 200), versions: int = 6, seed: int = 0) -> list[torch.Tensor]:
+    """W_t of a run: a slowly decaying rank-k signal over a full-rank tail, each version adding a smaller change.
+
+    The tail is heavy enough that a random start without power iterations misses ~30 % of the top-k energy.
+    """
+    rng = np.random.default_rng(seed)
+    spectrum = 10.0 * 0.9 ** np.arange(k)
+    w = rng.normal(size=(d[0], k)) * spectrum @ rng.normal(size=(k, d[1])) / np.sqrt(d[0] * d[1]) * 30
+    w += 2.0 * rng.normal(size=d)
+    out = [w]
+    for t in range(1, versions):
+        change = (rng.normal(size=(d[0], 16)) @ rng.normal(size=(16, d[1])) + rng.normal(size=d)) * 0.1 / t
+        w = w + change
+        out.append(w)
+    return [torch.from_numpy(x.astype(np.float32)) for x in out]
+
+
+def captured(svd: lora_ops.TopSVD, w: torch.Tensor, k: int) -> float:
+    """Energy of W on the found rank-k subspace over the exact top-k energy (1: the best rank-k approximation)."""
+    best = float((torch.linalg.svdvals(w.double())[:k] ** 2).sum())
+    return float(torch.linalg.norm(svd.u[:, :k].T.double() @ w.double()) ** 2) / best
+
+
+def test_a_warm_start_finds_the_top_subspace_with_2_products_as_well_as_a_random_start_does_with_6():
+    ws, k = drifting(), MAX_RANK
+    prev = lora_ops.top_svd(ws[0], k, "exact")
+    for t, w in enumerate(ws[1:], start=1):
+        warm = lora_ops.top_svd(w, k, "randomized", seed=t, start=lora_ops.warm_start(prev, tuple(w.shape)), niter=0)
+        cold = lora_ops.top_svd(w, k, "randomized", seed=t, niter=2)
+        cold0 = lora_ops.top_svd(w, k, "randomized", seed=t, niter=0)
+        assert captured(warm, w, k) > 0.9999 and captured(warm, w, k) >= captured(cold, w, k) - 1e-4
+        assert captured(cold0, w, k) < captured(warm, w, k) - 0.2  # the start is what does it, not luck
+        assert warm.tail_energy(k) == pytest.approx(float((w.double() ** 2).sum()) - float((warm.s.double() ** 2).sum()))
+        prev = warm
+
+
+def test_fedhl_warm_start_is_used_from_the_second_version_and_never_from_a_dead_subspace():
+    agg = FedHL(start(), LORA, max_rank=MAX_RANK, svd_start="warm")
+    assert agg._start("m.l0.q") == (None, 2)  # version 0: nothing before it
+    d = agg.dispatch(8)  # W = 0: every direction dead
+    agg.aggregate([ClientUpdate(node_id=1, arrays=trained(d, 1), sent=d, num_examples=10)])
+    assert agg._start("m.l0.q") == (None, 2)  # version 0's SVD of W = 0 is no start
+    d = agg.dispatch(8)
+    agg.aggregate([ClientUpdate(node_id=1, arrays=trained(d, 2), sent=d, num_examples=10)])
+    warm, niter = agg._start("m.l0.q")
+    assert niter == 0 and warm.shape == (80, MAX_RANK)  # tall 96 × 80: V
+    assert agg.summary()["svd_start"] == "warm"
+    with pytest.raises(ValueError, match="fedhl-svd-start"):
+        FedHL(start(), LORA, svd_start="hot")
