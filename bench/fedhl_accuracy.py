@@ -29,6 +29,8 @@ METHODS = {
     "fedhl-examples": {"aggregation": "fedhl", "fedhl-weighting": "examples"},
     "fedhl-relative": {"aggregation": "fedhl", "fedhl-weighting": "relative"},
     "fedhl-relative-examples": {"aggregation": "fedhl", "fedhl-weighting": "relative-examples"},
+    # the default weighting with each version's SVD warm-started from the previous one (2 products, not 6)
+    "fedhl-relative-warm": {"aggregation": "fedhl", "fedhl-weighting": "relative", "fedhl-svd-start": "warm"},
     "hetlora": {"aggregation": "hetlora"},
     "flexlora": {"aggregation": "flexlora"},
     "flora": {"aggregation": "flora"},

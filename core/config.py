@@ -123,6 +123,7 @@ class RunConfig:
     svd: str = _component("svd")
     fedhl_fold: str = _component("fedhl-fold")
     fedhl_svd_start: str = _component("fedhl-svd-start")
+    aggregation_device: str = _component("aggregation-device")
     server_lr: float = _component("server-lr")
     server_momentum: float = _component("server-momentum")
     server_beta1: float = _component("server-beta1")

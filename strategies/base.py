@@ -224,9 +224,15 @@ class Aggregator(ABC):
         self.apply(updates, weights, 1.0)
         self.settle()  # the optimizer reads what apply did: it must be in the state, not pending
         for k, v in state.items():
-            live = v if isinstance(v, np.ndarray) else v.numpy()  # torch CPU tensors: a shared view
-            old = before[k] if isinstance(before[k], np.ndarray) else before[k].numpy()
-            live[...] = old + opt.update(k, live - old)
+            if isinstance(v, np.ndarray) or v.device.type == "cpu":
+                live = v if isinstance(v, np.ndarray) else v.numpy()  # torch CPU tensors: a shared view
+                old = before[k] if isinstance(before[k], np.ndarray) else before[k].numpy()
+                live[...] = old + opt.update(k, live - old)
+            else:  # FedHL's W on a GPU (`aggregation-device`): the optimizer's numpy state stays on the host
+                import torch
+
+                live, old = v.cpu().numpy(), before[k].cpu().numpy()
+                v.copy_(torch.from_numpy(old + opt.update(k, live - old)))
         return weights
 
     def aggregate(self, updates: Sequence[ClientUpdate]) -> Weights:

@@ -59,10 +59,17 @@ class FedHLConfig:
                        help="FedHL: fold each change into the dense W in the background while clients train, taking "
                             "the next version's SVD matrix-free from W_t and the returned factors (background), or "
                             "before the next dispatch (inline); the two give the same model to float rounding")
+    device: str = option("cpu", key="aggregation-device",
+                         help="where FedHL keeps its dense W and runs its SVDs and folds: cpu, auto (the server's GPU "
+                              "when it has one), cuda or cuda:N")
     svd_start: str = option("random", key="fedhl-svd-start", choices=SVD_STARTS,
                             help="FedHL's randomized SVD of each version: random (Gaussian start, 2 power iterations, "
                                  "6 products with W) or warm (from the previous version's subspace, 2 products: "
                                  "a third of the time before the next dispatch)")
+
+
+    def __post_init__(self) -> None:
+        lora_ops.check_device_name(self.device)  # its availability is checked where W is built: on the server
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,6 +85,15 @@ class MaxRankConfig:
     """Options of the methods whose only knob is the largest client rank (HetLoRA, FLoRA)."""
 
     max_rank: int = _max_rank()
+
+
+def _to(x: np.ndarray | torch.Tensor, device: torch.device | str) -> np.ndarray | torch.Tensor:
+    """A pending term's factor on `device` (numpy factors, the replies' own arrays, stay as they are)."""
+    return x.to(device) if not isinstance(x, np.ndarray) else x
+
+
+def _svd_to(svd: lora_ops.TopSVD, device: torch.device | str) -> lora_ops.TopSVD:
+    return lora_ops.TopSVD(svd.u.to(device), svd.s.to(device), svd.vh.to(device), svd.frob2)
 
 
 def truncation_weights(errors: Sequence[float], eps: float = EPSILON) -> np.ndarray:
@@ -122,6 +138,7 @@ class FedHL(Aggregator):
         max_rank: int | None = None,
         fold: str = "background",
         svd_start: str = "random",
+        device: str = "cpu",
     ) -> None:
         super().__init__(initial, lora)
         if weighting not in FEDHL_WEIGHTINGS:
@@ -145,11 +162,13 @@ class FedHL(Aggregator):
                 )
         import torch
 
+        self.device_name = device
+        self.device = lora_ops.resolve_device(device)
         scale0 = lora.scale(init_rank)
         self._w = {
             layer: torch.from_numpy(
                 lora_ops.delta(initial[lora_ops.a_key(layer)], initial[lora_ops.b_key(layer)], scale0)
-            )
+            ).to(self.device)
             for layer in self.layers
         }
         # version -> top-r_max SVD per layer. Every dispatch of a version is a slice of it, so the
@@ -185,17 +204,31 @@ class FedHL(Aggregator):
         """
         self._join_fold()
         state = dict(self.__dict__)
-        for key in ("_fold_thread", "_fold_error", "_lock"):
+        for key in ("_fold_thread", "_fold_error", "_lock", "device"):
             state.pop(key, None)
+        if self.device.type != "cpu":  # a checkpoint holds CPU tensors: it resumes on a machine without that GPU
+            state["_w"] = {k: w.cpu() for k, w in self._w.items()}
+            state["_svds_by_version"] = {v: {k: _svd_to(svd, "cpu") for k, svd in svds.items()}
+                                         for v, svds in self._svds_by_version.items()}
+            state["_pending"] = {k: [(c, _to(b, "cpu"), _to(a, "cpu")) for c, b, a in terms]
+                                 for k, terms in self._pending.items()}
         return state
 
     def __setstate__(self, state: dict) -> None:
         if "w" in state:  # a checkpoint from before the deferred fold
             state["_w"] = state.pop("w")
         state.setdefault("svd_start", "random")  # a checkpoint from before warm starts
+        state.setdefault("device_name", "cpu")  # ... and before aggregation-device
         pending = state.pop("_pending", {})
         self.__dict__.update(state)
         self._init_fold_state()
+        self.device = lora_ops.resolve_device(self.device_name)
+        if self.device.type != "cpu":
+            self._w = {k: w.to(self.device) for k, w in self._w.items()}
+            self._svds_by_version = {v: {k: _svd_to(svd, self.device) for k, svd in svds.items()}
+                                     for v, svds in self._svds_by_version.items()}
+            pending = {k: [(c, _to(b, self.device), _to(a, self.device)) for c, b, a in terms]
+                       for k, terms in pending.items()}
         self._pending = pending
 
     def _join_fold(self) -> None:
@@ -371,7 +404,7 @@ class FedHL(Aggregator):
                             for start, c in stored.values()]
             for version in sorted({updates[i].sent.version for i in compact}):
                 svd = self._svds_by_version[version][layer]
-                mass = torch.zeros(svd.s.shape[0], dtype=torch.float32)
+                mass = torch.zeros(svd.s.shape[0], dtype=torch.float32, device=svd.s.device)
                 for i in compact:
                     if updates[i].sent.version == version:
                         mass[: updates[i].rank] += coef[i]
@@ -396,11 +429,11 @@ class FedHL(Aggregator):
         """Return the full-rank W per layer."""
         self.settle()
         return MergedModel(
-            deltas={layer: w.numpy().copy() for layer, w in self._w.items()},
+            deltas={layer: w.cpu().numpy().copy() for layer, w in self._w.items()},
             dense={k: v.copy() for k, v in self.dense.items()},
         )
 
     def summary(self) -> dict:
         """Return hyper-parameters including the weighting rule and SVD method."""
         return {**super().summary(), "weighting": self.weighting, "svd": self.svd_method, "max_rank": self.max_rank,
-                "fold": self.fold, "svd_start": self.svd_start}
+                "fold": self.fold, "svd_start": self.svd_start, "device": str(self.device)}

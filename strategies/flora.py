@@ -42,7 +42,7 @@ class FLoRA(FedHL):
         for layer, w in self.w.items():
             arrays[lora_ops.a_key(layer)] = self.init_a[layer][:rank].copy()
             arrays[lora_ops.b_key(layer)] = np.zeros((w.shape[0], rank), np.float32)
-            frozen[layer + FROZEN_SUFFIX] = w.numpy().copy()
+            frozen[layer + FROZEN_SUFFIX] = w.cpu().numpy().copy()
         return Dispatch(rank=rank, version=self.version, arrays=arrays, frozen=frozen)
 
     def weights(self, updates: Sequence[ClientUpdate]) -> Weights:

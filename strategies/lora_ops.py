@@ -178,8 +178,9 @@ def top_svd(w: torch.Tensor, k: int, method: str = "auto", seed: int = 0, start:
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         return TopSVD(u[:, :k], s[:k], vh[:k], frob2)
     if method == "randomized":
-        if start is not None:
-            u, s, vh = range_svd(lambda x: w @ x, lambda x: w.T @ x, tuple(w.shape), k, seed, niter, start)
+        if start is not None or w.device.type != "cpu":  # a GPU draws its own randn: keep the CPU's test matrix
+            u, s, vh = range_svd(lambda x: w @ x, lambda x: w.T @ x, tuple(w.shape), k, seed, niter, start,
+                                 dtype=w.dtype, device=w.device)
             return TopSVD(u, s, vh, frob2)
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
@@ -189,6 +190,38 @@ def top_svd(w: torch.Tensor, k: int, method: str = "auto", seed: int = 0, start:
             torch.random.set_rng_state(gen_state)
         return TopSVD(u[:, :k], s[:k], v[:, :k].T, frob2)
     raise ValueError(f"`svd` must be one of auto, exact, randomized; got {method!r}")
+
+
+#: values of `aggregation-device` besides cuda:N
+DEVICES = ("cpu", "auto", "cuda")
+
+
+def check_device_name(name: str) -> None:
+    """Refuse an `aggregation-device` that is not cpu, auto, cuda or cuda:N (no torch needed: config time)."""
+    head, _, index = name.partition(":")
+    if name in DEVICES or (head == "cuda" and index.isdigit()):
+        return
+    raise ValueError(f"`aggregation-device` = {name!r} is not a device; use cpu, auto (the GPU when the server has "
+                     "one), cuda or cuda:N.")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device of `aggregation-device` on this machine; a GPU it does not have is an error naming the fix."""
+    import torch
+
+    check_device_name(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"`aggregation-device` = {name!r}, but this server has no CUDA GPU (torch.cuda.is_available() "
+                         "is False); use aggregation-device=cpu, or auto to take the GPU only when there is one.")
+    device = torch.device(name)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"`aggregation-device` = {name!r}, but this server has {torch.cuda.device_count()} CUDA "
+                         f"GPU(s) (cuda:0..cuda:{torch.cuda.device_count() - 1}); pick one of those.")
+    return device
 
 
 def warm_start(svd: TopSVD, shape: tuple[int, int]) -> torch.Tensor | None:
@@ -206,14 +239,16 @@ def warm_start(svd: TopSVD, shape: tuple[int, int]) -> torch.Tensor | None:
 
 def range_svd(fwd_w: Callable[[torch.Tensor], torch.Tensor], back_w: Callable[[torch.Tensor], torch.Tensor],
               shape: tuple[int, int], k: int, seed: int, niter: int, start: torch.Tensor | None = None,
-              dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              dtype: torch.dtype | None = None,
+              device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k (U, S, Vᴴ) of a matrix known only by its products X ↦ WX (`fwd_w`) and X ↦ WᵀX (`back_w`).
 
     Halko et al. 2009, Alg. 5.1 with `niter` power iterations on the tall orientation (as
     torch.svd_lowrank). The test matrix has q = k + 8 columns: Gaussian (torch's draw after
     manual_seed(seed), the same as svd_lowrank's), or `start`'s columns followed by Gaussian
     ones. From a warm start (the previous version's subspace, which W_{t+1} = W_t + ΔW
-    mostly keeps) no power iteration is needed: 2 products instead of 2(niter+1).
+    mostly keeps) no power iteration is needed: 2 products instead of 2(niter+1). The
+    Gaussian draw is always made on the CPU, so a GPU run starts from the same test matrix.
     """
     import torch
 
@@ -230,6 +265,7 @@ def range_svd(fwd_w: Callable[[torch.Tensor], torch.Tensor], back_w: Callable[[t
         omega = torch.randn(rows, q, dtype=dtype or torch.float32)
     finally:
         torch.random.set_rng_state(gen_state)
+    omega = omega.to(device if device is not None else (start.device if start is not None else "cpu"))
     if start is not None:
         cols = min(start.shape[1], q)
         omega[:, :cols] = start[:, :cols]
@@ -248,9 +284,14 @@ def range_svd(fwd_w: Callable[[torch.Tensor], torch.Tensor], back_w: Callable[[t
 LowRankTerm = tuple[float, "np.ndarray | torch.Tensor", "np.ndarray | torch.Tensor"]
 
 
-def _stacked(terms: Sequence[LowRankTerm], max_cols: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The terms as (Σ-ready) stacked factor pairs (coef folded into left), at most `max_cols` columns each."""
+def _stacked(terms: Sequence[LowRankTerm], max_cols: int,
+             device: torch.device | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The terms as (Σ-ready) stacked factor pairs (coef folded into left), at most `max_cols` columns each, on `device`."""
     import torch
+
+    def on(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(np.asarray(x, np.float32) if isinstance(x, np.ndarray) else x)
+        return t.to(device, non_blocking=True) if device is not None else t
 
     start = 0
     while start < len(terms):
@@ -261,17 +302,15 @@ def _stacked(terms: Sequence[LowRankTerm], max_cols: int) -> Iterator[tuple[torc
         chunk = terms[start:stop]
         with warnings.catch_warnings():  # shared dispatches are read-only; these views are only read (cat copies)
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            left = torch.cat([c * torch.as_tensor(np.asarray(b, np.float32) if isinstance(b, np.ndarray) else b)
-                              for c, b, _ in chunk], dim=1)
-            right = torch.cat([torch.as_tensor(np.asarray(a, np.float32) if isinstance(a, np.ndarray) else a)
-                               for _, _, a in chunk], dim=0)
+            left = torch.cat([c * on(b) for c, b, _ in chunk], dim=1)
+            right = torch.cat([on(a) for _, _, a in chunk], dim=0)
         yield left, right
         start = stop
 
 
 def add_products(w: torch.Tensor, terms: Sequence[LowRankTerm], max_cols: int = 4096) -> None:
     """W += Σ c_i B_i A_i as few GEMMs as possible (stacked factors, at most `max_cols` wide)."""
-    for left, right in _stacked(terms, max_cols):
+    for left, right in _stacked(terms, max_cols, w.device):
         w.addmm_(left, right)
 
 
@@ -297,7 +336,7 @@ def top_svd_of_sum(w: torch.Tensor, terms: Sequence[LowRankTerm], k: int, seed: 
     fold. Equal to `top_svd(W + Σ ..., k, "randomized", seed, start, niter)` up to float
     rounding (tested); `start` as in `range_svd`.
     """
-    stacked = list(_stacked(terms, max_cols))
+    stacked = list(_stacked(terms, max_cols, w.device))
 
     def mv(x: torch.Tensor) -> torch.Tensor:
         y = w @ x
@@ -311,7 +350,7 @@ def top_svd_of_sum(w: torch.Tensor, terms: Sequence[LowRankTerm], k: int, seed: 
             y.addmm_(right.T, left.T @ x)
         return y
 
-    return range_svd(mv, rmv, tuple(w.shape), k, seed, niter, start, dtype=w.dtype)
+    return range_svd(mv, rmv, tuple(w.shape), k, seed, niter, start, dtype=w.dtype, device=w.device)
 
 
 def live_count(svd: TopSVD, rank: int, tol: float = 1e-7) -> int:
@@ -335,8 +374,8 @@ def split_factors(
     b = np.zeros((svd.u.shape[0], rank), np.float32)
     live = live_count(svd, rank, tol)
     if live:
-        a[:live] = svd.vh[:live].numpy()
-        b[:, :live] = (svd.u[:, :live] * svd.s[:live]).numpy() / np.float32(scale)
+        a[:live] = svd.vh[:live].cpu().numpy()
+        b[:, :live] = (svd.u[:, :live] * svd.s[:live]).cpu().numpy() / np.float32(scale)
     return a, b
 
 
