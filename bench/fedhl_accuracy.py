@@ -29,8 +29,10 @@ METHODS = {
     "fedhl-examples": {"aggregation": "fedhl", "fedhl-weighting": "examples"},
     "fedhl-relative": {"aggregation": "fedhl", "fedhl-weighting": "relative"},
     "fedhl-relative-examples": {"aggregation": "fedhl", "fedhl-weighting": "relative-examples"},
-    # the default weighting with each version's SVD warm-started from the previous one (2 products, not 6)
+    # the default weighting with each version's SVD warm-started from the previous one (2 products, the default
+    # since stop 18) or from a Gaussian draw with 2 power iterations (6 products): bench/results/fedhl_svd_start.md
     "fedhl-relative-warm": {"aggregation": "fedhl", "fedhl-weighting": "relative", "fedhl-svd-start": "warm"},
+    "fedhl-relative-random": {"aggregation": "fedhl", "fedhl-weighting": "relative", "fedhl-svd-start": "random"},
     "hetlora": {"aggregation": "hetlora"},
     "flexlora": {"aggregation": "flexlora"},
     "flora": {"aggregation": "flora"},
@@ -98,7 +100,8 @@ def weight_table(results: dict) -> list[str]:
              "|---|---|" + "---|" * 5]
     for dataset, res in results.items():
         for m, label in (("fedhl", "truncation-aware"), ("fedhl-examples", "examples"), ("fedhl-relative", "relative"),
-                         ("fedhl-relative-examples", "relative-examples")):
+                         ("fedhl-relative-examples", "relative-examples"), ("fedhl-relative-warm", "relative, warm SVD"),
+                         ("fedhl-relative-random", "relative, random SVD")):
             if m not in res:
                 continue
             per_rank: dict[int, list[float]] = defaultdict(list)

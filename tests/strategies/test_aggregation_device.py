@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from corolla.config import ConfigError, RunConfig
-from corolla.strategies import ClientUpdate, FedHL, LoraSpec, lora_ops
+from corolla.strategies import ClientUpdate, FedHL, lora_ops
 from tests.strategies.test_fedhl_fold import LORA, MAX_RANK, start, trained
 
 
