@@ -208,7 +208,7 @@ class FedHL(Aggregator):
         """
         self._join_fold()
         state = dict(self.__dict__)
-        for key in ("_fold_thread", "_fold_error", "_lock", "device"):
+        for key in ("_fold_thread", "_fold_error", "_lock", "device", "_host"):  # _host: derived from the SVDs
             state.pop(key, None)
         if self.device.type != "cpu":  # a checkpoint holds CPU tensors: it resumes on a machine without that GPU
             state["_w"] = {k: w.cpu() for k, w in self._w.items()}
@@ -342,12 +342,20 @@ class FedHL(Aggregator):
         s = self.lora.scale(rank)
         arrays: dict[str, np.ndarray] = {k: v.copy() for k, v in self.dense.items()}
         svds = self._svds(rank)
-        for layer, svd in svds.items():
-            a, b = lora_ops.split_factors(svd, rank, s, self.init_a[layer])
+        for layer, host in self._host_factors(svds).items():
+            a, b = lora_ops.split_factors(host, rank, s, self.init_a[layer])
             arrays[lora_ops.a_key(layer)], arrays[lora_ops.b_key(layer)] = a, b
         error, relative = self._errors(svds, rank)
         return Dispatch(rank=rank, version=self.version, arrays=arrays, truncation_error=error,
                         relative_error=relative)
+
+    def _host_factors(self, svds: dict[str, lora_ops.TopSVD]) -> dict[str, lora_ops.HostFactors]:
+        """The current version's SVDs on the host, built at its first dispatch and sliced by every other one."""
+        cached = self.__dict__.get("_host")
+        if cached is None or cached[0] != self.version:
+            cached = (self.version, {layer: lora_ops.HostFactors.of(svd) for layer, svd in svds.items()})
+            self._host = cached
+        return cached[1]
 
     def weights(self, updates: Sequence[ClientUpdate]) -> Weights:
         """Return the configured LoRA weights (see `fedhl-weighting`); example weights for dense parameters.
