@@ -64,7 +64,7 @@ class FedHLConfig:
                               "when it has one), cuda or cuda:N")
     # default `warm` (stop 18, bench/results/fedhl_svd_start.md): on real federations (MiniLM, WordNet and BBC, 3 seeds)
     # the same accuracy and truncation errors within 1 % of `random`'s, at a third of the SVD's products (7B layout:
-    # 23.6 → 13.0 s before the next dispatch); it tracks W's subspace (one subspace-iteration step per version) and
+    # 19.3 → 7.3 s before the next dispatch); it tracks W's subspace (one subspace-iteration step per version) and
     # loses only where W's spectrum is flat (a synthetic case: aggregation_speed.md)
     svd_start: str = option("warm", key="fedhl-svd-start", choices=SVD_STARTS,
                             help="FedHL's randomized SVD of each version: warm (from the previous version's subspace, "
