@@ -62,6 +62,13 @@ class Federation:
 
     def __init__(self, cfg: RunConfig, grid: Grid, evaluator: Evaluator, *, clock: Clock | None = None,
                  recorder: RunRecorder | None = None) -> None:
+        if cfg.aggregation_device != "cpu":  # a GPU this server lacks: say so now, not after every node has joined
+            from corolla.strategies import lora_ops
+
+            try:
+                lora_ops.resolve_device(cfg.aggregation_device)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         self.cfg = cfg
         self.grid = grid
         self.clock = clock or SystemClock()

@@ -934,3 +934,17 @@ def test_sync_round_without_updates_still_records_its_timing(tmp_path):
     assert len(run.updates("rejected")) == 2
     assert row["round"] == 1 and row["version"] == 0
     assert "exchange_s" in row and "validate_s" in row and "aggregate_s" not in row
+
+
+def test_an_aggregation_gpu_the_server_lacks_stops_before_any_node_is_asked(tmp_path, monkeypatch):
+    import torch
+
+    from corolla.config import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    grid = FakeGrid([FakeNode(1), FakeNode(2)], FakeClock())
+    cfg = RunConfig.from_mapping({"out-dir": str(tmp_path / "run"), **SYNC, "aggregation": "fedhl",
+                                  "aggregation-device": "cuda"})
+    with pytest.raises(ConfigError, match=r"`aggregation-device` = 'cuda', but this server has no CUDA GPU"):
+        Federation(cfg, grid, FakeEvaluator(), clock=FakeClock())
+    assert grid.queried() == [] and not (tmp_path / "run" / "config.json").exists()
