@@ -21,6 +21,7 @@ from corolla.server import codec
 from corolla.server.factory import build_rule
 from corolla.server.federation import Federation, Job, RejectedReply
 from corolla.server.nodes import NODE_REFRESH_S
+from corolla.server.records import RoundTimer
 from corolla.strategies import AsyncRule, FedHL
 from corolla.strategies.exceptions import StrategyError
 from corolla.strategies.robust import guard_notes
@@ -58,6 +59,8 @@ def run_async(fed: Federation) -> dict:
     answered: set[str] = set()
     last_refresh = clock.monotonic()
     last_eval = -float("inf")
+    # host seconds per phase since the last version, one rounds.jsonl row per version (`wait_s`: polling, asleep)
+    timer = RoundTimer(registered=len(fed.nodes.nodes))
     while fed.aggregator.version < cfg.num_rounds and not fed.out_of_time():
         now = clock.monotonic()
         if now - last_refresh > NODE_REFRESH_S:
@@ -69,10 +72,13 @@ def run_async(fed: Federation) -> dict:
         free = cfg.concurrency - len(in_flight)
         if free > 0 and idle:
             picked = fed.select(idle, free, fed.aggregator.version)
+            timer.lap("select_s")
             jobs = [(n, fed.aggregator.dispatch(fed.nodes[n].rank)) for n in picked]
             msgs = [fed.train_message(n, d, ttl=cfg.round_timeout) for n, d in jobs]
             for mid, (n, d) in zip(fed.grid.push_messages(msgs), jobs):
                 in_flight[mid] = Job(n, d, now)
+            timer.lap("dispatch_s")
+        timer.lap("select_s")  # the node refresh and the idle scan
         for reply in fed.grid.pull_messages(list(in_flight)):
             mid = str(reply.metadata.reply_to_message_id)
             job = in_flight.pop(mid, None)
@@ -101,6 +107,7 @@ def run_async(fed: Federation) -> dict:
                 del in_flight[mid]
                 fed.record_update(None, job.node_id, "failed",
                                   f"node {job.node_id} did not reply within {cfg.round_timeout:.0f}s")
+        timer.lap("validate_s")
         while fed.aggregator.version < cfg.num_rounds:  # a full buffer may hold several versions' worth
             for u, why in rule.expire():
                 fed.record_update(u, u.node_id, "rejected", why)
@@ -114,9 +121,11 @@ def run_async(fed: Federation) -> dict:
                 break
             if step is None:
                 break
+            timer.lap("aggregate_s")
             for u, w, note in zip(step.updates, step.lora_weights, guard_notes(fed.aggregator, len(step.updates))):
                 fed.record_update(u, u.node_id, "accepted", weight=w, applied_version=step.version, guard=note)
             fed.selector.observe(step.updates, step.version)
+            timer.lap("record_s")
             log.info("async: version %d from %d updates (staleness %s)", step.version, len(step.updates),
                      step.staleness)
             due = step.version % cfg.eval_every == 0 and clock.monotonic() - last_eval >= cfg.eval_interval
@@ -124,12 +133,19 @@ def run_async(fed: Federation) -> dict:
                 last_eval = clock.monotonic()
                 fed.evaluate(clients=len(step.updates), in_flight=len(in_flight),
                              mean_staleness=sum(step.staleness) / len(step.staleness))
+                timer.lap("evaluate_s")
             fed.checkpoint(rule=rule, in_flight=[{"node": j.node_id, "version": j.dispatch.version}
                                                  for j in in_flight.values()])
+            timer.lap("checkpoint_s")
+            fed.recorder.round_timing({"version": step.version, **timer.done(updates=len(step.updates),
+                                                                            in_flight=len(in_flight))})
+            timer = RoundTimer(registered=len(fed.nodes.nodes))
         deadline = rule.next_deadline()
         if deadline is not None:  # e.g. FedFix's next boundary: a virtual clock must stop there, not jump past it
             clock.wake_at(deadline)
+        timer.lap("validate_s")  # a failed step's records, the rule's expiries
         clock.sleep(POLL_S)
+        timer.lap("wait_s")
     if fed.recorder.evals[-1]["version"] != fed.aggregator.version:
         fed.evaluate(clients=0, in_flight=len(in_flight))  # the final version is always evaluated
     return fed.finish()

@@ -5,7 +5,7 @@
 - updates.jsonl one object per client reply: node, rank, accepted or the rejection reason, weights, telemetry
 - nodes.jsonl   one object per node profile seen
 - selection.jsonl one object per selection: every candidate's score terms, the picks, telemetry problems
-- rounds.jsonl  one object per synchronous round: host seconds per phase (select, dispatch, exchange, validate, ...)
+- rounds.jsonl  one object per round (sync) or version (async): host seconds per phase (select, dispatch, ...)
 - global.npz    the final global model: `delta/<layer>` ΔW per LoRA layer, `dense/<key>` trained parameters
 - summary.json  final_accuracy, peak_accuracy, stability_drop, wall_s (+ counts)
 - report.md, curves.png  written by server/report.py
@@ -91,7 +91,7 @@ class RunRecorder:
         self._append("selection.jsonl", {"wall_s": round(self.wall_s(), 3), **row})
 
     def round_timing(self, row: dict[str, Any]) -> None:
-        """Record where one round's host time went (`sync_driver.RoundTimer`)."""
+        """Record where one round's (or async version's) host time went (`RoundTimer`)."""
         self._append("rounds.jsonl", {"wall_s": round(self.wall_s(), 3), **row})
 
     def node(self, row: dict[str, Any]) -> None:
@@ -138,3 +138,29 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     if not p.exists():
         return []
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+class RoundTimer:
+    """Host seconds per phase of one round (sync) or version (async), so the server's own cost can be told from training's.
+
+    select_s (node refresh + selection + its record), dispatch_s (starts + messages),
+    exchange_s (sync: push, the clients' training, pull), validate_s (every reply checked and
+    recorded), aggregate_s, record_s (accepted updates recorded, the selector told),
+    evaluate_s, checkpoint_s, and wait_s (async: polling, asleep while clients train). The
+    server's overhead is the sum without exchange_s, wait_s and evaluate_s;
+    `bench/fleet_scale.py` reports it against fleet size.
+    """
+
+    def __init__(self, registered: int) -> None:
+        self.row: dict[str, float | int] = {"registered": registered}
+        self._t = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        """Charge the time since the last lap to `phase`."""
+        now = time.perf_counter()
+        self.row[phase] = round(self.row.get(phase, 0.0) + now - self._t, 6)
+        self._t = now
+
+    def done(self, **extra: int) -> dict[str, float | int]:
+        """The row so far (a round that ended early has fewer phases)."""
+        return {**self.row, **extra}

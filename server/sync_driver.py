@@ -7,6 +7,7 @@ import time
 
 from corolla.server import codec
 from corolla.server.federation import Federation, RejectedReply
+from corolla.server.records import RoundTimer
 from corolla.strategies import ClientUpdate
 from corolla.strategies.exceptions import StrategyError
 from corolla.strategies.robust import guard_notes
@@ -101,27 +102,3 @@ def play_round(fed: Federation, rnd: int) -> dict[str, float | int]:
         timer.lap("evaluate_s")
     return timer.done(updates=len(updates))
 
-
-class RoundTimer:
-    """Host seconds per phase of one round, so the server's own cost can be told from training's.
-
-    select_s (node refresh + selection + its record), dispatch_s (starts + messages),
-    exchange_s (push, the clients' training, pull), validate_s (every reply checked and
-    recorded), aggregate_s, record_s (accepted updates recorded, the selector told),
-    evaluate_s, and checkpoint_s (added by the caller). The server's overhead is the sum
-    without exchange_s and evaluate_s; `bench/fleet_scale.py` reports it against fleet size.
-    """
-
-    def __init__(self, registered: int) -> None:
-        self.row: dict[str, float | int] = {"registered": registered}
-        self._t = time.perf_counter()
-
-    def lap(self, phase: str) -> None:
-        """Charge the time since the last lap to `phase`."""
-        now = time.perf_counter()
-        self.row[phase] = round(self.row.get(phase, 0.0) + now - self._t, 6)
-        self._t = now
-
-    def done(self, **extra: int) -> dict[str, float | int]:
-        """The row so far (a round that ended early has fewer phases)."""
-        return {**self.row, **extra}

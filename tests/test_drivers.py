@@ -948,3 +948,28 @@ def test_an_aggregation_gpu_the_server_lacks_stops_before_any_node_is_asked(tmp_
     with pytest.raises(ConfigError, match=r"`aggregation-device` = 'cuda', but this server has no CUDA GPU"):
         Federation(cfg, grid, FakeEvaluator(), clock=FakeClock())
     assert grid.queried() == [] and not (tmp_path / "run" / "config.json").exists()
+
+
+def test_async_versions_record_host_seconds_per_phase_one_row_per_version(tmp_path, monkeypatch):
+    import time
+
+    from corolla.strategies.base import Aggregator
+
+    nodes = [FakeNode(i, num_examples=10, step=0.1, delay=1.0 + i) for i in (1, 2, 3)]
+    run = federation(tmp_path, nodes, ASYNC, **{"min-nodes": 3})
+    step = Aggregator.step
+
+    def slow_step(self, *args, **kwargs):
+        time.sleep(0.03)
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Aggregator, "step", slow_step)
+    run.run()
+
+    rows = read_jsonl(run.dir / "rounds.jsonl")
+    assert [r["version"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert r["registered"] == 3 and r["updates"] >= 1 and 0 <= r["in_flight"] <= 2
+        assert 0.03 <= r["aggregate_s"] < 0.5  # the sleep lands where it was spent
+        assert all(r.get(k, 0.0) < 0.03 for k in ("select_s", "dispatch_s", "validate_s", "record_s", "wait_s"))
+        assert r["checkpoint_s"] >= 0
