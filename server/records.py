@@ -146,7 +146,7 @@ class RoundTimer:
     select_s (node refresh + selection + its record), dispatch_s (starts + messages),
     exchange_s (sync: push, the clients' training, pull), validate_s (every reply checked and
     recorded), aggregate_s, record_s (accepted updates recorded, the selector told),
-    evaluate_s, checkpoint_s, and wait_s (async: polling, asleep while clients train). The
+    evaluate_s, checkpoint_s, and wait_s (async: polling while clients train; sync: waiting for a node). The
     server's overhead is the sum without exchange_s, wait_s and evaluate_s;
     `bench/fleet_scale.py` reports it against fleet size.
     """

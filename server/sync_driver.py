@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 
 from corolla.server import codec
 from corolla.server.federation import Federation, RejectedReply
@@ -24,20 +23,19 @@ def run_sync(fed: Federation) -> dict:
         if fed.out_of_time():
             log.info("time budget of %.0fs spent after %d rounds", cfg.time_budget, rnd - 1)
             break
-        timing = play_round(fed, rnd)
-        t = time.perf_counter()
+        timer = play_round(fed, rnd)
         fed.checkpoint(round=rnd)
-        timing["checkpoint_s"] = time.perf_counter() - t
-        fed.recorder.round_timing({"round": rnd, "version": fed.aggregator.version, **timing})
+        timer.lap("checkpoint_s")
+        fed.recorder.round_timing({"round": rnd, "version": fed.aggregator.version, **timer.done()})
     if fed.recorder.evals[-1]["version"] != fed.aggregator.version:
         fed.evaluate(clients=0)  # the final version is always evaluated
     return fed.finish()
 
 
-def play_round(fed: Federation, rnd: int) -> dict[str, float | int]:
+def play_round(fed: Federation, rnd: int) -> RoundTimer:
     """One round: select, send, wait, validate, aggregate, evaluate (a failed round leaves the model unchanged).
 
-    Returns where the server's time went (host seconds, `RoundTimer`), for rounds.jsonl.
+    Returns where the server's time went (host seconds per phase), for rounds.jsonl.
     """
     cfg = fed.cfg
     timer = RoundTimer(registered=len(fed.nodes.nodes))
@@ -48,7 +46,8 @@ def play_round(fed: Federation, rnd: int) -> dict[str, float | int]:
         except TimeoutError:
             log.warning("round %d: no usable node within %.0fs (reasons in nodes.jsonl); the global model is unchanged",
                         rnd, cfg.round_timeout)
-            return timer.done()
+            timer.lap("wait_s")  # waiting for a node, not the server's work
+            return timer
     timer.row["usable"] = len(usable)
     picked = fed.select(usable, cfg.clients_per_round, rnd)
     timer.lap("select_s")
@@ -82,14 +81,15 @@ def play_round(fed: Federation, rnd: int) -> dict[str, float | int]:
     timer.lap("validate_s")
     if not updates:
         log.warning("round %d: no usable updates; the global model is unchanged", rnd)
-        return timer.done()
+        return timer
     try:
         weights = fed.aggregator.aggregate(updates)
     except StrategyError as e:
         log.warning("round %d: %s", rnd, e.reason)
         for u in updates:
             fed.record_update(u, u.node_id, "rejected", e.reason)
-        return timer.done()
+        timer.lap("aggregate_s")  # the failed step and its rejections
+        return timer
     timer.lap("aggregate_s")
     for u, w, note in zip(updates, weights.lora, guard_notes(fed.aggregator, len(updates))):
         fed.record_update(u, u.node_id, "accepted", weight=float(w), applied_version=fed.aggregator.version,
@@ -100,5 +100,6 @@ def play_round(fed: Federation, rnd: int) -> dict[str, float | int]:
     if fed.aggregator.version % cfg.eval_every == 0 or rnd == cfg.num_rounds:
         fed.evaluate(clients=len(updates))
         timer.lap("evaluate_s")
-    return timer.done(updates=len(updates))
+    timer.row["updates"] = len(updates)
+    return timer
 

@@ -224,15 +224,13 @@ class Aggregator(ABC):
         self.apply(updates, weights, 1.0)
         self.settle()  # the optimizer reads what apply did: it must be in the state, not pending
         for k, v in state.items():
-            if isinstance(v, np.ndarray) or v.device.type == "cpu":
-                live = v if isinstance(v, np.ndarray) else v.numpy()  # torch CPU tensors: a shared view
-                old = before[k] if isinstance(before[k], np.ndarray) else before[k].numpy()
-                live[...] = old + opt.update(k, live - old)
-            else:  # FedHL's W on a GPU (`aggregation-device`): the optimizer's numpy state stays on the host
+            live = v if isinstance(v, np.ndarray) else v.cpu().numpy()  # torch CPU tensors: a shared view
+            old = before[k] if isinstance(before[k], np.ndarray) else before[k].cpu().numpy()
+            live[...] = old + opt.update(k, live - old)
+            if not isinstance(v, np.ndarray) and v.device.type != "cpu":  # FedHL's W on a GPU: `live` was a host copy
                 import torch
 
-                live, old = v.cpu().numpy(), before[k].cpu().numpy()
-                v.copy_(torch.from_numpy(old + opt.update(k, live - old)))
+                v.copy_(torch.from_numpy(live))
         return weights
 
     def aggregate(self, updates: Sequence[ClientUpdate]) -> Weights:

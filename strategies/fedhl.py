@@ -91,13 +91,19 @@ class MaxRankConfig:
     max_rank: int = _max_rank()
 
 
-def _to(x: np.ndarray | torch.Tensor, device: torch.device | str) -> np.ndarray | torch.Tensor:
-    """A pending term's factor on `device` (numpy factors, the replies' own arrays, stay as they are)."""
-    return x.to(device) if not isinstance(x, np.ndarray) else x
+def _tensors_to(state: dict, device: torch.device | str) -> None:
+    """Move FedHL's tensors in `state` (W, the kept SVDs, the pending terms' torch factors) to `device`, in place.
 
+    Numpy factors of pending terms (the replies' own arrays) stay as they are.
+    """
+    def to(x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        return x if isinstance(x, np.ndarray) else x.to(device)
 
-def _svd_to(svd: lora_ops.TopSVD, device: torch.device | str) -> lora_ops.TopSVD:
-    return lora_ops.TopSVD(svd.u.to(device), svd.s.to(device), svd.vh.to(device), svd.frob2)
+    state["_w"] = {k: w.to(device) for k, w in state["_w"].items()}
+    state["_svds_by_version"] = {
+        v: {k: lora_ops.TopSVD(to(svd.u), to(svd.s), to(svd.vh), svd.frob2) for k, svd in svds.items()}
+        for v, svds in state["_svds_by_version"].items()}
+    state["_pending"] = {k: [(c, to(b), to(a)) for c, b, a in terms] for k, terms in state["_pending"].items()}
 
 
 def truncation_weights(errors: Sequence[float], eps: float = EPSILON) -> np.ndarray:
@@ -198,6 +204,8 @@ class FedHL(Aggregator):
         self._pending: dict[str, list[lora_ops.LowRankTerm]] = {}
         self._fold_thread: threading.Thread | None = None
         self._fold_error: BaseException | None = None
+        # (version, layer → HostFactors): the current version's SVDs as numpy, derived, so never pickled
+        self._host: tuple[int, dict[str, lora_ops.HostFactors]] | None = None
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict:
@@ -211,11 +219,7 @@ class FedHL(Aggregator):
         for key in ("_fold_thread", "_fold_error", "_lock", "device", "_host"):  # _host: derived from the SVDs
             state.pop(key, None)
         if self.device.type != "cpu":  # a checkpoint holds CPU tensors: it resumes on a machine without that GPU
-            state["_w"] = {k: w.cpu() for k, w in self._w.items()}
-            state["_svds_by_version"] = {v: {k: _svd_to(svd, "cpu") for k, svd in svds.items()}
-                                         for v, svds in self._svds_by_version.items()}
-            state["_pending"] = {k: [(c, _to(b, "cpu"), _to(a, "cpu")) for c, b, a in terms]
-                                 for k, terms in self._pending.items()}
+            _tensors_to(state, "cpu")
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -223,16 +227,14 @@ class FedHL(Aggregator):
             state["_w"] = state.pop("w")
         state.setdefault("svd_start", "random")  # a checkpoint from before warm starts
         state.setdefault("device_name", "cpu")  # ... and before aggregation-device
-        pending = state.pop("_pending", {})
+        state.setdefault("_pending", {})
+        device = lora_ops.resolve_device(state["device_name"])
+        if device.type != "cpu":
+            _tensors_to(state, device)
+        pending = state.pop("_pending")
         self.__dict__.update(state)
         self._init_fold_state()
-        self.device = lora_ops.resolve_device(self.device_name)
-        if self.device.type != "cpu":
-            self._w = {k: w.to(self.device) for k, w in self._w.items()}
-            self._svds_by_version = {v: {k: _svd_to(svd, self.device) for k, svd in svds.items()}
-                                     for v, svds in self._svds_by_version.items()}
-            pending = {k: [(c, _to(b, self.device), _to(a, self.device)) for c, b, a in terms]
-                       for k, terms in pending.items()}
+        self.device = device
         self._pending = pending
 
     def _join_fold(self) -> None:
@@ -288,7 +290,7 @@ class FedHL(Aggregator):
                 deferred[layer] = pending[layer]
             else:  # a small layer: its exact SVD needs the dense sum anyway, or folding first is cheaper
                 self._add_products(w, pending[layer])
-                svds[layer] = lora_ops.top_svd(w, self.max_rank, self.svd_method, seed=i, start=start, niter=niter)
+                svds[layer] = self._dense_svd(i, layer)
         if deferred:
             self._fold_thread = threading.Thread(target=self._fold_in_background, args=(deferred, svds),
                                                  name="fedhl-fold", daemon=True)
@@ -308,6 +310,11 @@ class FedHL(Aggregator):
                 return start, NITER["warm"]
         return None, NITER["random"]
 
+    def _dense_svd(self, i: int, layer: str) -> lora_ops.TopSVD:
+        """The `i`-th layer's top-r_max SVD from its dense W (every change folded in), from `_start`'s start."""
+        start, niter = self._start(layer)
+        return lora_ops.top_svd(self._w[layer], self.max_rank, self.svd_method, seed=i, start=start, niter=niter)
+
     @staticmethod
     def _errors(svds: dict[str, lora_ops.TopSVD], rank: int) -> tuple[float, float]:
         """(e, ê) of a rank-`rank` dispatch: Σ tail energies, and over ‖W‖² (NaN while a fold is running)."""
@@ -324,8 +331,7 @@ class FedHL(Aggregator):
             if self._pending:
                 svds = self._svds_matrix_free()
             else:
-                svds = {layer: lora_ops.top_svd(w, self.max_rank, self.svd_method, seed=i, start=start, niter=niter)
-                        for i, (layer, w) in enumerate(self._w.items()) for start, niter in [self._start(layer)]}
+                svds = {layer: self._dense_svd(i, layer) for i, layer in enumerate(self._w)}
             self._svds_by_version[self.version] = svds
             for v in sorted(self._svds_by_version)[: -self.keep_versions]:
                 del self._svds_by_version[v]  # bounded memory: only versions clients may still reply to
@@ -351,7 +357,7 @@ class FedHL(Aggregator):
 
     def _host_factors(self, svds: dict[str, lora_ops.TopSVD]) -> dict[str, lora_ops.HostFactors]:
         """The current version's SVDs on the host, built at its first dispatch and sliced by every other one."""
-        cached = self.__dict__.get("_host")
+        cached = self._host
         if cached is None or cached[0] != self.version:
             cached = (self.version, {layer: lora_ops.HostFactors.of(svd) for layer, svd in svds.items()})
             self._host = cached
