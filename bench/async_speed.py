@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.harness import RESULTS, mean_spread, plot_groups, read_run  # noqa: E402
-from corolla import launch  # noqa: E402
+from corolla.launch import processes as launch  # noqa: E402
 
 TASKS = {
     "image": {"task": "image-classification", "model": "cnn", "dataset": "fashion-mnist", "local-steps": 40,

@@ -128,7 +128,7 @@ def skew3_files(out: Path, seed: int) -> tuple[list[Path], Path]:
     import numpy as np
     import pandas as pd
 
-    from corolla.client.data import builtin_split
+    from corolla.data.silo import builtin_split
 
     train, test = builtin_split("bbc")
     names = train.features["label"].names

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.harness import RESULTS  # noqa: E402
-from corolla import launch  # noqa: E402
+from corolla.launch import processes as launch  # noqa: E402
 from corolla.server.records import read_jsonl  # noqa: E402
 
 GB = 1e9

@@ -58,7 +58,7 @@ def model_folder(name: str, work: Path, random: bool, smollm2_dir: str | None = 
     import torch
     from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
-    from corolla.client import models
+    from corolla.learning import models
 
     src = Path(smollm2_dir or models.smollm2_path())
     tok = models.load_tokenizer(str(src))
@@ -91,8 +91,8 @@ def silo(path: str | None, rows: int):  # noqa: ANN201 - a datasets.Dataset
 
     if path:
         return datasets.load_dataset("json", data_files=path, split="train").select(range(rows))
-    from corolla.client.data import read_wordnet_definitions
-    from corolla.client.tasks.causal_lm import instruction
+    from corolla.data.silo import read_wordnet_definitions
+    from corolla.learning.tasks.causal_lm import instruction
 
     defs = read_wordnet_definitions()[:rows]
     return datasets.Dataset.from_dict({"prompt": [instruction(w) for w, _, _ in defs], "response": [d for _, d, _ in defs]})
@@ -102,8 +102,8 @@ def measure(folder: Path, mode: str, ds, steps: int, batch: int, max_length: int
     """Train `steps` timed steps (after 3 warm-up steps) in `mode`; tokens/s and peak memory."""
     import torch
 
-    from corolla.client.tasks import build_task
-    from corolla.client.training import AdapterModel, ComputeOptions, initial_adapter
+    from corolla.learning.tasks import build_task
+    from corolla.learning.train_loop import AdapterModel, ComputeOptions, initial_adapter
     from corolla.spec import LoraSpec, TaskSpec
 
     dtype, ckpt, quant = MODES[mode]

@@ -16,7 +16,7 @@ from typing import Any
 from flwr.app import Message
 
 from corolla.client.app import app as client_app
-from corolla.server.local_grid import LocalGrid, set_task_identity, simulated_contexts
+from corolla.launch.local_grid import LocalGrid, set_task_identity, simulated_contexts
 
 
 class InProcessGrid(LocalGrid):

@@ -51,8 +51,8 @@ def tokens_per_second(steps: int = 8) -> dict:
     import torch
 
     from corolla.client.local import _adapter_model
-    from corolla.client.training import initial_adapter
     from corolla.config import RunConfig
+    from corolla.learning.train_loop import initial_adapter
     from corolla.spec import LoraSpec
 
     cfg = RunConfig.from_mapping({**BASE, "seed": 0})
@@ -74,9 +74,9 @@ def local_runs(seed: int, rounds: int) -> list[dict]:
     import numpy as np
 
     from corolla.client.local import _adapter_model
-    from corolla.client.training import initial_adapter
     from corolla.config import RunConfig
-    from corolla.fleet import simulated_rank
+    from corolla.config.fleet import simulated_rank
+    from corolla.learning.train_loop import initial_adapter
     from corolla.server.evaluation import TaskEvaluator
     from corolla.strategies import MergedModel
     from corolla.strategies.lora_ops import delta, split_keys

@@ -23,8 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from corolla import launch  # noqa: E402
-from corolla.client.data import write_silos  # noqa: E402
+from corolla.data.silo import write_silos  # noqa: E402
+from corolla.launch import processes as launch  # noqa: E402
 from corolla.server.records import read_jsonl  # noqa: E402
 
 COROLLA = [sys.executable, "-m", "corolla.cli"]

@@ -1,7 +1,7 @@
 """Peak memory of a trainer on a large silo file, against the file's size.
 
 Writes a CSV silo of BBC-like text (the built-in articles repeated, valid labels),
-starts `python -m corolla.client.serve --data big.csv --model tiny-bert` in a
+starts `python -m corolla.client.trainer_process --data big.csv --model tiny-bert` in a
 subprocess, sends it one Train call, and samples the subprocess's memory from
 /proc/<pid>/status the whole time:
 
@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from corolla import launch  # noqa: E402
+from corolla.launch import processes as launch  # noqa: E402
 
 MIB = 2**20
 
@@ -40,7 +40,7 @@ def write_big_csv(path: Path, size_mb: float, seed: int = 0) -> int:
     """
     import pandas as pd
 
-    from corolla.client.data import BBC_LABELS, builtin_split
+    from corolla.data.silo import BBC_LABELS, builtin_split
 
     train, _ = builtin_split(seed=seed)
     n = min(2000, len(train))
@@ -102,13 +102,13 @@ def measure_trainer(silo: Path, cache_dir: Path, *, model: str = "tiny-bert", ma
     """Start a trainer on `silo`, run one Train call, return its peak memory and timings."""
     import grpc
 
-    from corolla.client.service import lora_to_proto
-    from corolla.client.tasks import TaskSpec, build_task
-    from corolla.client.training import initial_adapter
+    from corolla.client.trainer_service import lora_to_proto
+    from corolla.learning.tasks import TaskSpec, build_task
+    from corolla.learning.train_loop import initial_adapter
     from corolla.proto import trainer_pb2, trainer_pb2_grpc, wire
     from corolla.spec import LoraSpec
 
-    cmd = [sys.executable, "-m", "corolla.client.serve", "--data", str(silo), "--model", model, "--max-length",
+    cmd = [sys.executable, "-m", "corolla.client.trainer_process", "--data", str(silo), "--model", model, "--max-length",
            str(max_length), "--rank", "4", "--device", "cpu", "--threads", "1", "--port", "0",
            "--cache-dir", str(cache_dir)]
     env = launch.flower_env(cache_dir / "flwr")

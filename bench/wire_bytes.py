@@ -52,8 +52,8 @@ def measure(model: str, ranks: list[int]) -> list[dict]:
     from flwr.supercore.task_identity import TaskIdentity
 
     from corolla.client import app as shim
-    from corolla.client.tasks import build_task
-    from corolla.client.training import initial_adapter
+    from corolla.learning.tasks import build_task
+    from corolla.learning.train_loop import initial_adapter
     from corolla.proto import flower_arrays, wire
     from corolla.server import codec
     from corolla.spec import LoraSpec, TaskSpec

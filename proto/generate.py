@@ -1,7 +1,9 @@
-"""Regenerate proto/*_pb2*.py(i) from proto/*.proto: `python -m corolla.proto.generate`.
+"""Regenerate src/corolla/proto/*_pb2*.py(i) from proto/*.proto: `python proto/generate.py`.
 
-The generated files are committed; tests/test_proto.py regenerates into a temp
-folder and fails when the committed code is stale. protoc names imports after the
+proto/ holds the contract (the .proto sources, what another language's trainer
+implements); the package holds the generated Python. The generated files are
+committed; tests/test_proto.py regenerates into a temp folder and fails when the
+committed code is stale. protoc names imports after the
 .proto's path below `-I`, so the sources are compiled from a mirrored
 `corolla/proto/` tree: the generated code then imports `corolla.proto.trainer_pb2`,
 never a top-level `proto` (the import name of Google's proto-plus).
@@ -16,11 +18,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+#: where the generated modules live: the package's `corolla.proto`
+OUT = ROOT / "src" / "corolla" / "proto"
 PROTOS = sorted(HERE.glob("*.proto"))
 PACKAGE = Path("corolla") / "proto"
 
 
-def generate(out_dir: Path = HERE) -> list[Path]:
+def generate(out_dir: Path = OUT) -> list[Path]:
     """Compile every .proto in this folder into `out_dir`; return the generated paths."""
     from grpc_tools import protoc  # dev dependency, only needed to regenerate
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from corolla import launch
+from corolla.launch import processes as launch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -52,7 +52,7 @@ def read_line(proc: subprocess.Popen, prefix: str, timeout: float) -> str:
 @pytest.fixture
 def tiny_silos(tmp_path: Path) -> list[Path]:
     """Three BBC silo files of different label mixes."""
-    from corolla.client.data import write_silos
+    from corolla.data.silo import write_silos
 
     return write_silos(tmp_path / "silos", 3, alpha=0.5, seed=0, fmt="csv")
 

@@ -19,10 +19,10 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 
+from corolla.launch.local_grid import LocalGrid
 from corolla.proto import flower_arrays, wire
 from corolla.server.clock import FakeClock
 from corolla.server.evaluation import EvalResult
-from corolla.server.local_grid import LocalGrid
 from corolla.spec import LoraSpec
 from corolla.strategies import MergedModel
 

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from corolla import launch
+from corolla.launch import processes as launch
 from tests.conftest import COROLLA, read_line
 
 #: a run as small as a real federation gets: tiny BERT, one round, one local step
@@ -95,7 +95,7 @@ def start_supernode(procs: list, home: Path, fleet: str, trainer: str, *extra: s
     """
     home.mkdir(parents=True, exist_ok=True)
     node_config = {"trainer-address": trainer, "partition-id": 0, "num-partitions": 1}
-    cmd = [*prefix, sys.executable, "-m", "corolla.client.supernode", "--superlink", fleet, "--grpc-rere", "--insecure",
+    cmd = [*prefix, sys.executable, "-m", "corolla.launch.supernode", "--superlink", fleet, "--grpc-rere", "--insecure",
            "--node-config", launch.run_config_arg(node_config), "--host", "127.0.0.1", "--port",
            str(launch.free_port()), *extra]
     node = launch.start(cmd, launch.flower_env(home), log_path=home / "supernode.log")

@@ -15,8 +15,8 @@ import grpc
 import numpy as np
 
 from corolla.client.args import add_trainer_args
-from corolla.client.serve import build_trainer, serve_until_signalled
-from corolla.client.service import TrainerServicer, serve
+from corolla.client.trainer_process import build_trainer, serve_until_signalled
+from corolla.client.trainer_service import TrainerServicer, serve
 from corolla.proto import trainer_pb2, wire
 
 #: one lie per train job, in this order: what each does to an honestly trained reply

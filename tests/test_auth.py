@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from corolla import launch, security
-from corolla.client.node import check_transport
-from corolla.server import superlink
+from corolla import security
+from corolla.launch import processes as launch
+from corolla.launch import superlink
+from corolla.launch.node import check_transport
 from corolla.server.records import read_jsonl
 from tests.conftest import COROLLA, processes, read_line
 from tests.linkhelpers import TINY, corolla, joined_node, nodes_json, sets, start_client, start_superlink, text, wait_exit

@@ -13,8 +13,8 @@ import json
 import math
 import subprocess
 
-from corolla import launch
-from corolla.client.tasks.causal_lm import CausalLM
+from corolla.launch import processes as launch
+from corolla.learning.tasks.causal_lm import CausalLM
 from corolla.server.records import read_jsonl
 from corolla.spec import TaskSpec
 from tests.conftest import COROLLA, processes, run_sim

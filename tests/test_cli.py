@@ -2,15 +2,17 @@
 
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
-from corolla import launch
+from corolla.launch import processes as launch
 
 
 def corolla(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "corolla.cli", *args], capture_output=True, text=True, timeout=120,
-                          env=launch.flower_env(launch.PROJECT_DIR / ".flwr-test"))
+                          env=launch.flower_env(Path(tempfile.gettempdir()) / "corolla-flwr-test"))
 
 
 @pytest.mark.parametrize(

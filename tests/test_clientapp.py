@@ -7,8 +7,8 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from corolla import launch
 from corolla.client import app as shim
+from corolla.launch import processes as launch
 from corolla.proto import wire
 from corolla.spec import LoraSpec
 
@@ -51,17 +51,19 @@ def test_missing_config_key_gives_an_error_reply():
 def test_shim_imports_no_torch():
     import subprocess
     import sys
+    import tempfile
+    from pathlib import Path
 
-    code = "import sys, client.app; print('torch' in sys.modules)"
+    code = "import sys, corolla.client.app; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env=launch.flower_env(launch.PROJECT_DIR / ".flwr-test"))
+                         env=launch.flower_env(Path(tempfile.gettempdir()) / "corolla-flwr-test"))
     assert out.stdout.strip() == "False", out.stderr
 
 
 def test_supernode_idle_sleep_is_shortened_and_other_sleeps_kept():
     import time
 
-    from corolla.client.supernode import _patched_time
+    from corolla.launch.supernode import _patched_time
 
     shim = _patched_time(0.05)
     t0 = time.monotonic()

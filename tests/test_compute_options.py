@@ -12,9 +12,9 @@ import pytest
 import torch
 from transformers import BitsAndBytesConfig
 
-from corolla.client.tasks import build_task
-from corolla.client.tasks.causal_lm import instruction
-from corolla.client.training import AdapterModel, ComputeOptions, initial_adapter
+from corolla.learning.tasks import build_task
+from corolla.learning.tasks.causal_lm import instruction
+from corolla.learning.train_loop import AdapterModel, ComputeOptions, initial_adapter
 from corolla.spec import LoraSpec, TaskSpec
 
 LORA = LoraSpec()
@@ -81,7 +81,7 @@ def test_trainer_flags_reach_the_model(tmp_path, monkeypatch):
     import argparse
 
     from corolla.client.args import add_trainer_args
-    from corolla.client.serve import build_trainer
+    from corolla.client.trainer_process import build_trainer
 
     p = argparse.ArgumentParser()
     add_trainer_args(p)
@@ -97,7 +97,7 @@ def test_trainer_flags_reach_the_model(tmp_path, monkeypatch):
 
 
 def test_trailing_padding_is_trimmed_per_batch():
-    from corolla.client.tasks.base import trim_padding
+    from corolla.learning.tasks.base import trim_padding
 
     ids = torch.tensor([[5, 6, 0, 0, 0], [7, 0, 0, 0, 0]])
     mask = (ids != 0).long()

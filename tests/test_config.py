@@ -9,9 +9,26 @@ from corolla.config import ConfigError, RunConfig, parse_overrides
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_pyproject_table_matches_runconfig_defaults():
-    table = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    assert table == RunConfig().to_mapping()
+def test_app_bundle_declares_every_key_once_and_carries_nothing_else(tmp_path):
+    """The app `flwr run` submits is generated from RunConfig: Flower accepts it, and its bundle is one file."""
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.common.config import validate_config
+
+    from corolla.launch.app_bundle import write_app
+
+    (tmp_path / "app").mkdir()
+    app = write_app(tmp_path / "app")
+    conf = tomllib.loads((app / "pyproject.toml").read_text())
+    assert validate_config(conf)[0], validate_config(conf)
+    assert conf["tool"]["flwr"]["app"]["config"] == RunConfig().to_mapping()
+    assert "flwr" not in tomllib.loads((ROOT / "pyproject.toml").read_text()).get("tool", {})  # declared once
+    with zipfile.ZipFile(__import__("io").BytesIO(build_fab_from_disk(app))) as fab:
+        assert sorted(n for n in fab.namelist() if not n.startswith(".info/")) == ["pyproject.toml"]
+    (app / "silo.jsonl").write_text("{}")
+    with pytest.raises(FileExistsError, match="holds silo.jsonl: the app folder must hold only pyproject.toml"):
+        write_app(app)
 
 
 def test_from_mapping_coerces_strings():
@@ -75,7 +92,7 @@ def test_parse_overrides():
 
 def test_rank_mix_assignment():
     from corolla.client.trainer import auto_rank
-    from corolla.fleet import simulated_rank
+    from corolla.config.fleet import simulated_rank
 
     cfg = RunConfig.from_mapping({"ranks": "2,4,8", "max-rank": 8})
     assert [simulated_rank(cfg, p) for p in range(6)] == [2, 4, 8, 2, 4, 8]

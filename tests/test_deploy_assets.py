@@ -187,7 +187,7 @@ def test_dockerfile_structure(kind: str) -> None:
 
 
 def test_dockerfiles_copy_every_package_folder_and_nothing_the_dockerignore_hides() -> None:
-    package_dirs = set(_pyproject()["tool"]["setuptools"]["package-dir"].values())
+    package_dirs = set(_pyproject()["tool"]["setuptools"]["packages"]["find"]["where"])
     for path in DOCKERFILES.values():
         sources = set()
         for arg in _instr(path, "COPY"):

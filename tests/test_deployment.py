@@ -13,8 +13,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from corolla import launch
-from corolla.client.data import BBC_LABELS
+from corolla.data.silo import BBC_LABELS
+from corolla.launch import processes as launch
 from corolla.server.records import read_jsonl
 from tests.conftest import COROLLA, processes, read_line
 
@@ -99,8 +99,8 @@ def test_async_federation_survives_a_killed_supernode(tmp_path, tiny_silos):
 def test_tls_federation(tmp_path, tiny_silos):
     """SuperLink with a certificate from deploy/certs.sh; SuperNodes verify it; one round on the silos' own classes."""
     certs = tmp_path / "certs"
-    subprocess.run(["bash", str(launch.PROJECT_DIR / "deploy" / "certs.sh"), str(certs), "127.0.0.1"], check=True,
-                   capture_output=True, timeout=120)
+    certs_sh = Path(__file__).resolve().parent.parent / "deploy" / "certs.sh"
+    subprocess.run(["bash", str(certs_sh), str(certs), "127.0.0.1"], check=True, capture_output=True, timeout=120)
     out = tmp_path / "run"
     fleet = f"127.0.0.1:{launch.free_port()}"
     # the silos carry the institution's own class names, and the server evaluates on its own test file

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from corolla import launch
+from corolla.launch import processes as launch
 from corolla.server.records import read_jsonl
 from tests.conftest import processes
 from tests.linkhelpers import TINY, start_client, start_server, start_supernode, start_trainer, text

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from bench.harness import read_run, run_inprocess
-from corolla.client import models
-from corolla.client.tasks import build_task
-from corolla.client.training import AdapterModel, evaluate_model, initial_adapter
 from corolla.config import RunConfig
+from corolla.learning import models
+from corolla.learning.tasks import build_task
+from corolla.learning.train_loop import AdapterModel, evaluate_model, initial_adapter
 from corolla.server.evaluation import TaskEvaluator
 from corolla.server.records import read_jsonl
 from corolla.spec import LoraSpec, TaskSpec
@@ -87,7 +87,7 @@ def test_a_dense_delta_on_conv1d_weights_equals_the_adapter(gpt2_dir):
 @pytest.mark.parametrize("aggregation", ["fedhl", "flora"])
 def test_gpt2_causal_lm_federation_with_mixed_ranks_and_export(gpt2_dir, tmp_path, aggregation):
     """In-process federation of real trainers on the GPT-2 folder; the exported adapter reloads in plain peft."""
-    from corolla.client.export import export_adapter, load_exported
+    from corolla.learning.export import export_adapter, load_exported
 
     cfg = {"task": "causal-lm", "model": str(gpt2_dir), "max-length": 96, "num-rounds": 2, "clients-per-round": 3,
            "local-steps": 5, "batch-size": 4, "lr": 0.05, "ranks": "2,4,8", "eval-examples": 8,

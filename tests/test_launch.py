@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from corolla import launch
+from corolla.launch import processes as launch
 
 #: a parent that starts a child in a new session (as Flower's SuperExec starts flwr-serverapp), prints its pid, waits
 PARENT = """

@@ -10,12 +10,12 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-from corolla.client import models
-from corolla.client.data import SiloError
-from corolla.client.tasks import build_task
-from corolla.client.tasks.causal_lm import IGNORE, CausalLM, instruction
-from corolla.client.training import AdapterModel, initial_adapter
 from corolla.config import ConfigError, RunConfig
+from corolla.data.silo import SiloError
+from corolla.learning import models
+from corolla.learning.tasks import build_task
+from corolla.learning.tasks.causal_lm import IGNORE, CausalLM, instruction
+from corolla.learning.train_loop import AdapterModel, initial_adapter
 from corolla.modelinfo import ModelError, read_model_type
 from corolla.spec import LoraSpec, TaskSpec
 
@@ -201,7 +201,7 @@ def test_builtin_instruction_corpus_is_split_by_topic():
 
 # ---- instruction silos ----------------------------------------------------------------------------
 def test_instruction_silos_prompt_response_and_messages(tmp_path):
-    from corolla.client.tasks.causal_lm import load_instruction_silo
+    from corolla.learning.tasks.causal_lm import load_instruction_silo
 
     pd.DataFrame({"prompt": ["What is 2+2?", "Capital of France?"], "response": ["4", "Paris"]}).to_csv(
         tmp_path / "qa.csv", index=False)

@@ -12,9 +12,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-#: the folders that make up the package, by their import name
-PACKAGES = {"core": "corolla", "server": "corolla.server", "client": "corolla.client", "strategies": "corolla.strategies",
-            "proto": "corolla.proto"}
+SRC = ROOT / "src"
+#: the package's layers, bottom up: a module imports only its own package and the layers below it
+LAYERS = [
+    {"corolla"},  # the ground floor: spec, precision, logs, security, modelinfo
+    {"corolla.proto", "corolla.strategies", "corolla.data"},
+    {"corolla.config"},
+    {"corolla.learning"},
+    {"corolla.client", "corolla.server"},
+    {"corolla.launch"},
+    {"corolla.cli"},
+]
+LAYER = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +40,9 @@ def test_the_wheel_holds_one_top_level_package(wheel):
         tops = {n.split("/")[0] for n in z.namelist() if not n.split("/")[0].endswith(".dist-info")}
         names = z.namelist()
     assert tops == {"corolla"}
-    for sub in ("server", "client", "client/tasks", "strategies", "proto"):
+    for sub in ("config", "data", "strategies", "proto", "learning", "learning/tasks", "client", "server", "launch"):
         assert f"corolla/{sub}/__init__.py" in names
-    assert "corolla/proto/trainer.proto" in names and "corolla/proto/trainer_pb2_grpc.py" in names
+    assert "corolla/proto/trainer_pb2_grpc.py" in names and "corolla/proto/trainer_pb2.pyi" in names
 
 
 def test_installs_beside_proto_plus_and_both_import(wheel, tmp_path):
@@ -94,33 +103,77 @@ def test_light_commands_and_the_shim_start_without_torch(argv, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
 
 
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in sorted((SRC / "corolla").rglob("*.py"))}
+
+
 def _imports(path: Path) -> set[str]:
-    """Every `corolla...` module a file imports (module level or inside functions)."""
-    tree = ast.parse(path.read_text())
+    """Every corolla module a file imports, at module level or inside functions (`from P import m` → P.m)."""
     found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("corolla"):
-            found.add(node.module)
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "corolla":
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if sub in MODULES else node.module)
         elif isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name.startswith("corolla"))
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "corolla")
     return found
 
 
-@pytest.mark.parametrize("folder,forbidden", [
-    ("client", ("corolla.server",)),
-    ("strategies", ("corolla.server", "corolla.client", "corolla.proto", "corolla.config", "corolla.launch",
-                    "corolla.cli")),
-    ("proto", ("corolla.server", "corolla.client", "corolla.strategies")),
-    ("core", ("corolla.server", "corolla.client")),
-])
-def test_dependencies_point_one_way(folder, forbidden):
-    """client never imports server; strategies import only themselves (and the shared spec); core imports neither side.
+def _package(module: str) -> str:
+    """The layer package a module belongs to: `corolla.X` for a subpackage or the CLI, `corolla` for the ground floor."""
+    parts = module.split(".")
+    if len(parts) > 1 and (f"corolla.{parts[1]}" in LAYER):
+        return f"corolla.{parts[1]}"
+    return "corolla"
 
-    The CLI (core/cli.py) is the one exception: it dispatches each subcommand to its side, lazily.
-    """
+
+def test_every_module_lives_where_its_import_path_says():
+    """No package-dir mapping: src/corolla/a/b.py is corolla.a.b, and every folder is in a layer."""
+    import tomllib
+
+    assert "package-dir" not in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    for module, path in MODULES.items():
+        assert path.is_relative_to(SRC / "corolla"), path
+        assert _package(module) in LAYER, f"{module} is in no layer of tests/test_packaging.py's LAYERS"
+    for folder in (SRC / "corolla").iterdir():
+        if folder.is_dir() and folder.name != "__pycache__":
+            assert f"corolla.{folder.name}" in LAYER, f"src/corolla/{folder.name} is in no layer"
+
+
+def test_imports_point_down_the_layers():
+    """A module imports its own package and lower layers only; client and server never import each other."""
     bad = []
-    for path in sorted((ROOT / folder).rglob("*.py")):
-        if path.name == "cli.py" and folder == "core":
-            continue
-        bad += [f"{path.relative_to(ROOT)} imports {m}" for m in _imports(path) if m.startswith(forbidden)]
-    assert not bad, bad
+    for module, path in MODULES.items():
+        mine = _package(module)
+        for imported in _imports(path):
+            theirs = _package(imported)
+            if theirs != mine and LAYER[theirs] >= LAYER[mine]:
+                bad.append(f"{module} (layer {LAYER[mine]}) imports {imported} (layer {LAYER[theirs]})")
+    assert not bad, "\n".join(bad)
+
+
+def test_no_import_circle():
+    """No two modules reach each other through imports, lazy ones included (a package reaches its own __init__ freely)."""
+    graph = {m: {i for i in _imports(p) if i in MODULES and not m.startswith(i + ".")} for m, p in MODULES.items()}
+    seen: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> None:
+        seen[m] = 1
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if seen.get(n) == 1:
+                raise AssertionError("import circle: " + " -> ".join([*stack[stack.index(n):], n]))
+            if n not in seen:
+                visit(n)
+        stack.pop()
+        seen[m] = 2
+
+    for m in sorted(graph):
+        if m not in seen:
+            visit(m)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from corolla import launch
-from corolla.server.simulate import RayClusterError, probe_ray
+from corolla.launch import processes as launch
+from corolla.launch.simulate import RayClusterError, probe_ray
 from tests.conftest import COROLLA, processes, run_sim
 
 RAY = str(launch.BIN / "ray")
@@ -114,7 +114,7 @@ def test_gpu_share_and_attach_options_reach_flowers_backend(tmp_path, monkeypatc
 
 
 def test_gpu_fractions_ray_cannot_schedule_are_refused():
-    from corolla.server.simulate import check_gpus
+    from corolla.launch.simulate import check_gpus
 
     check_gpus(0.25, 1, "this machine")
     check_gpus(2, 4, "this machine")

@@ -191,7 +191,7 @@ def _kill_everything_of(out: Path) -> None:
 
 
 def test_sigkilled_simulation_resumes_to_the_same_model(tmp_path):
-    from corolla import launch
+    from corolla.launch import processes as launch
     from tests.conftest import COROLLA, processes
 
     sets = {"model": "tiny-bert", "max-length": 32, "num-rounds": 4, "clients-per-round": 3, "min-nodes": 3,

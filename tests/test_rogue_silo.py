@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from corolla import launch
+from corolla.launch import processes as launch
 from corolla.server.records import read_jsonl
 from tests.conftest import COROLLA, processes, read_line
 from tests.linkhelpers import start_supernode

@@ -4,8 +4,8 @@ import os
 import pandas as pd
 import pytest
 
-from corolla.client import data
-from corolla.client.data import (
+from corolla.data import silo as data
+from corolla.data.silo import (
     BBC_LABELS,
     WORDNET_LABELS,
     SiloError,
@@ -121,8 +121,8 @@ def test_wordnet_corpus_split_has_all_26_categories():
 
 
 def test_text_silo_uses_the_configured_corpus_labels(tmp_path):
-    from corolla.client.tasks.base import TaskSpec
-    from corolla.client.tasks.text import TextClassification
+    from corolla.learning.tasks.base import TaskSpec
+    from corolla.learning.tasks.text import TextClassification
 
     f = tmp_path / "s.csv"
     pd.DataFrame({"text": ["a young dog", "a long while"], "label": ["animal", "time"]}).to_csv(f, index=False)
@@ -133,8 +133,8 @@ def test_text_silo_uses_the_configured_corpus_labels(tmp_path):
 
 
 def test_own_label_set_has_no_builtin_data_and_its_own_fingerprint():
-    from corolla.client.tasks.base import TaskSpec
-    from corolla.client.tasks.text import TextClassification
+    from corolla.learning.tasks.base import TaskSpec
+    from corolla.learning.tasks.text import TextClassification
 
     own = TextClassification(TaskSpec(model="tiny-bert", labels=("benign", "malignant")))
     assert own.label_names == ("benign", "malignant")
@@ -233,10 +233,10 @@ def test_mixed_id_and_name_labels_and_counts_span_chunks(tmp_path, monkeypatch):
 def test_large_set_is_tokenized_per_batch_yet_trains_exactly_like_the_in_memory_one(tmp_path, monkeypatch):
     import torch
 
-    from corolla.client.tasks import text
-    from corolla.client.tasks.base import Encoded, LazyEncoded, TaskSpec
     from corolla.client.trainer import data_digest
-    from corolla.client.training import AdapterModel, initial_adapter, select_device
+    from corolla.learning.tasks import text
+    from corolla.learning.tasks.base import Encoded, LazyEncoded, TaskSpec
+    from corolla.learning.train_loop import AdapterModel, initial_adapter, select_device
     from corolla.spec import LoraSpec
 
     task = text.TextClassification(TaskSpec(model="tiny-bert", max_length=32))

@@ -9,10 +9,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from corolla import launch
-from corolla.client import data, simdata
-from corolla.client.simdata import SimData
 from corolla.config import ConfigError, RunConfig
+from corolla.data import silo as data
+from corolla.data import simdata
+from corolla.data.simulated import SimData
+from corolla.launch import processes as launch
 from corolla.spec import TaskSpec
 from tests.conftest import COROLLA, run_sim
 
@@ -39,7 +40,7 @@ def write_silo_folder(folder: Path) -> list[Path]:
 
 
 def _task(labels: tuple[str, ...] = LABELS):
-    from corolla.client.tasks import build_task
+    from corolla.learning.tasks import build_task
 
     return build_task(TaskSpec(model="tiny-bert", labels=labels, max_length=16))
 
@@ -188,7 +189,7 @@ def test_simulation_on_a_folder_of_own_label_silos(tmp_path):
 
 
 def test_causal_lm_silos_from_a_folder_and_an_iid_split(tmp_path):
-    from corolla.client.tasks import build_task
+    from corolla.learning.tasks import build_task
 
     folder = tmp_path / "qa"
     folder.mkdir()

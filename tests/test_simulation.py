@@ -63,8 +63,8 @@ def check_export(run, tmp_path, final):
     """`corolla export` at full rank writes a peft adapter that reproduces the server's final evaluation exactly."""
     import torch
 
-    from corolla.client.export import load_exported, run_config
-    from corolla.client.training import evaluate_model
+    from corolla.learning.export import load_exported, run_config
+    from corolla.learning.train_loop import evaluate_model
 
     out = tmp_path / "adapter"
     res = subprocess.run([*COROLLA, "export", str(run), "--out", str(out), "--rank", "64"], capture_output=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from corolla import launch
+from corolla.launch import processes as launch
 from corolla.server.records import read_jsonl
 from tests.conftest import processes
 from tests.linkhelpers import TINY, corolla, joined_node, sets, start_client, start_superlink, text, wait_text

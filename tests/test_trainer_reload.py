@@ -19,12 +19,12 @@ from flwr.app import Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from corolla.client import app as shim
-from corolla.client import training
 from corolla.client.args import add_trainer_args
-from corolla.client.serve import build_trainer
-from corolla.client.service import serve
-from corolla.client.tasks import build_task
-from corolla.client.training import initial_adapter
+from corolla.client.trainer_process import build_trainer
+from corolla.client.trainer_service import serve
+from corolla.learning import train_loop as training
+from corolla.learning.tasks import build_task
+from corolla.learning.train_loop import initial_adapter
 from corolla.proto import wire
 from corolla.server.codec import JobConfig, profile_message, train_message
 from corolla.server.nodes import NodeRegistry

@@ -6,11 +6,11 @@ import grpc
 import numpy as np
 import pytest
 
-from corolla.client import training
-from corolla.client.service import lora_to_proto, serve
-from corolla.client.tasks import TaskSpec, build_task
 from corolla.client.trainer import Trainer, TrainerError
-from corolla.client.training import AdapterModel, initial_adapter, select_device
+from corolla.client.trainer_service import lora_to_proto, serve
+from corolla.learning import train_loop as training
+from corolla.learning.tasks import TaskSpec, build_task
+from corolla.learning.train_loop import AdapterModel, initial_adapter, select_device
 from corolla.proto import trainer_pb2, trainer_pb2_grpc, wire
 from corolla.spec import LoraSpec
 

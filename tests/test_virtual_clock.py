@@ -16,13 +16,13 @@ from flwr.app import MessageType
 
 from corolla.client.app import app as client_app
 from corolla.config import ConfigError, RunConfig
+from corolla.launch.virtual import FIRST_NODE_ID, NominalDurations, VirtualGrid, run_virtual
 from corolla.server.async_driver import run_async
 from corolla.server.clock import FakeClock, SystemClock, VirtualClock
 from corolla.server.evaluation import TaskEvaluator
 from corolla.server.federation import Federation
 from corolla.server.records import read_jsonl
 from corolla.server.sync_driver import run_sync
-from corolla.server.virtual import FIRST_NODE_ID, NominalDurations, VirtualGrid, run_virtual
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -1,4 +1,4 @@
-"""The server's bounds on lying silos (strategies/robust.py), against hand-computed numbers.
+"""The server's bounds on lying silos (strategies/guard.py), against hand-computed numbers.
 
 Weight shares are bounded with the excess handed to the others in proportion (sums kept);
 update changes above the norm bound are scaled back towards what was sent; FedMedian and
@@ -13,21 +13,8 @@ import pytest
 from corolla.config import ConfigError, RunConfig
 from corolla.strategies import FedAvg, LoraSpec, RankMismatchError, Weights
 from corolla.strategies.base import ClientUpdate
-from corolla.strategies.robust import (
-    FedMedian,
-    FedTrimmedAvg,
-    GuardConfig,
-    TrimConfig,
-    UpdateGuard,
-    auto_share,
-    cap_shares,
-    clip_update,
-    coordinate_median,
-    lower_median,
-    trim_count,
-    trimmed_mean,
-    update_norm,
-)
+from corolla.strategies.guard import GuardConfig, UpdateGuard, auto_share, cap_shares, clip_update, lower_median, update_norm
+from corolla.strategies.robust import FedMedian, FedTrimmedAvg, TrimConfig, coordinate_median, trim_count, trimmed_mean
 from tests.strategies import test_async_identity as identity
 from tests.strategies.helpers import adapter
 

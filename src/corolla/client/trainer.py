@@ -1,0 +1,272 @@
+"""The silo's long-lived trainer: loads the base model once, trains/evaluates on request.
+
+Flower starts a fresh ClientApp process for every message; this process is what
+keeps the model warm between rounds. `corolla client` (or `python -m
+client.trainer`) starts it; the ClientApp shim reaches it over proto/trainer.proto.
+In simulation the same `Trainer` runs inside the Ray actor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from corolla.learning import train_loop as training
+from corolla.learning.tasks import Task
+from corolla.learning.tasks.base import EncodedData
+from corolla.learning.train_loop import AdapterModel, EvalStats, TrainStats
+from corolla.proto import wire
+from corolla.spec import LoraSpec, TaskSpec
+
+log = logging.getLogger(__name__)
+
+
+class TrainerError(RuntimeError):
+    """A job cannot be run by this trainer; the message tells the operator what to change."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainJob:
+    """One local training job, as the server asked for it."""
+
+    arrays: Mapping[str, np.ndarray]
+    rank: int
+    base_version: int
+    local_steps: int
+    batch_size: int
+    lr: float
+    prox_mu: float = 0.0
+    seed: int = 0
+    pushed_at: float = 0.0
+    software_version: str = wire.SOFTWARE_VERSION
+    frozen: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    lora: LoraSpec = dataclasses.field(default_factory=LoraSpec)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """A finished job: the new adapter and what the server's validation and selectors need."""
+
+    arrays: dict[str, np.ndarray]
+    stats: TrainStats
+    base_version: int
+    rank: int
+    fingerprint: str
+    queue_s: float
+
+
+GIB = 1024**3
+
+
+def memory_bytes(device: str) -> int:
+    """Memory of `device` (that GPU's, not GPU 0's) or physical RAM (CPU), in bytes.
+
+    `cuda` without an index is the process's current CUDA device; a Ray actor sees only
+    the GPU Ray assigned it (CUDA_VISIBLE_DEVICES), so its cuda:0 is that GPU.
+    """
+    if device.startswith("cuda"):
+        import torch
+
+        index = torch.device(device).index
+        if index is None:
+            index = torch.cuda.current_device()
+        return int(torch.cuda.get_device_properties(index).total_memory)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def auto_rank(device: str, memory: int) -> int:
+    """Pick a rank a device can afford: larger GPUs train larger adapters; CPUs train small ones.
+
+    The tiers are a heuristic for the adapters this project trains (well below
+    1 % of the model's weights), chosen so each tier roughly doubles the rank.
+    """
+    if not device.startswith("cuda"):
+        return 4
+    gib = memory / GIB
+    for threshold, rank in ((70, 64), (40, 32), (20, 16), (10, 8)):
+        if gib >= threshold:
+            return rank
+    return 4
+
+
+def data_digest(data: EncodedData) -> int:
+    """A 31-bit digest of a silo's encoded content, mixed into every job's seed.
+
+    A node's randomness then depends on its data and the server's seed, never on
+    the position it was picked in (simulation and deployment train alike).
+
+    Cheap for any size: the labels are hashed block by block (int64 bytes, the same
+    digest whether the silo is in memory or memory-mapped) plus the first 64 encoded rows.
+    """
+    h = hashlib.sha256()
+    for block in data.label_blocks():
+        h.update(block.tobytes())
+    head = data.head(64)
+    for k in sorted(head):
+        h.update(head[k].numpy().tobytes())
+    return int.from_bytes(h.digest()[:4], "little") & 0x7FFFFFFF
+
+
+#: builds the model and encodes this site's silo for a TaskSpec (client/trainer_process.py); raises on what it cannot load
+Loader = Callable[[TaskSpec], tuple[AdapterModel, EncodedData]]
+
+
+def spec_key(spec: TaskSpec) -> tuple[object, ...]:
+    """What makes two TaskSpecs need different models or silo encodings (the trainer's own seed stays its own)."""
+    model = spec.model.rstrip("/") or spec.model
+    return spec.task, model, spec.dataset, tuple(spec.labels), int(spec.max_length)
+
+
+def describe_spec(spec: TaskSpec) -> str:
+    """`tiny-bert (text-classification, dataset bbc, labels a,b, max-length 32)`: a TaskSpec in one phrase."""
+    labels = f"labels {','.join(spec.labels)}" if spec.labels else f"dataset {spec.dataset}"
+    return f"{spec.model} ({spec.task}, {labels}, max-length {spec.max_length})"
+
+
+class Trainer:
+    """One silo: a shared `AdapterModel`, the silo's encoded data and the node's LoRA rank.
+
+    With `spec` and `loader` (a `corolla client`/`corolla trainer` process) the trainer follows
+    the run: a request carrying another TaskSpec rebuilds the model and re-encodes the silo
+    once (`ensure`), keeping the old pair until the new one is ready. It holds ONE model: the
+    old one is dropped after the swap, so memory peaks at two models during a reload and
+    returns to one. `pinned` (`--pin-model`) refuses any other spec instead; without a
+    `loader` (simulation, in-process tests) requests' specs are not checked.
+    """
+
+    def __init__(self, model: AdapterModel, data: EncodedData, rank: int, slowdown: float = 1.0, *,
+                 spec: TaskSpec | None = None, loader: Loader | None = None, pinned: bool = False) -> None:
+        if slowdown < 1:
+            raise TrainerError(f"--slowdown must be >= 1 (a factor of the real duration), got {slowdown}.")
+        if model.task.uses_lora and rank < 1:
+            raise TrainerError(f"LoRA rank must be >= 1, got {rank}; pass --rank with a positive integer.")
+        self.slowdown = slowdown
+        self.spec = spec
+        self.loader = loader
+        self.pinned = pinned
+        self._rank = rank
+        self._lock = threading.Lock()
+        self._install(model, data)
+
+    def _install(self, model: AdapterModel, data: EncodedData) -> None:
+        if len(data) == 0:
+            raise TrainerError("the silo holds no examples; a client needs at least one labelled example.")
+        self.model = model
+        self.data = data
+        self.rank = self._rank if model.task.uses_lora else 0  # full-model task: no adapter
+        self.digest = data_digest(data)
+
+    def ensure(self, spec: TaskSpec | None, fingerprint: str = "") -> bool:
+        """Hold `spec`'s model and silo; return True when this call reloaded them.
+
+        Same spec (or the same base model at another path on this site, told by the
+        server's `fingerprint`): nothing happens. Another spec: the model is rebuilt and
+        the silo re-encoded once, under a lock; the old ones serve until the new ones are
+        ready. Raise TrainerError (one line: the problem and the fix) when the spec cannot
+        be loaded here or the trainer is pinned; the current model keeps serving.
+        """
+        if spec is None or self.spec is None:
+            return False
+        with self._lock:
+            held = self.spec
+            if fingerprint and fingerprint == self.model.fingerprint and spec.task == held.task:
+                spec = dataclasses.replace(spec, model=held.model)  # this site keeps the same weights elsewhere
+            spec = dataclasses.replace(spec, seed=held.seed)
+            if spec_key(spec) == spec_key(held):
+                return False
+            if self.pinned or self.loader is None:
+                why = "it was started with --pin-model" if self.pinned else "it cannot reload"
+                raise TrainerError(
+                    f"this trainer serves only {describe_spec(held)} ({why}) and the run needs {describe_spec(spec)}; "
+                    "start a trainer for the run's model (or restart this one without --pin-model)."
+                )
+            t0 = time.perf_counter()
+            try:
+                model, data = self.loader(spec)
+                if len(data) == 0:
+                    raise TrainerError("the silo holds no examples for it")
+            except Exception as e:  # noqa: BLE001 - any load failure refuses the run, never ends the trainer
+                log.warning("cannot switch to %s: %s", describe_spec(spec), e, exc_info=not isinstance(
+                    e, (TrainerError, ValueError, OSError)))
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise TrainerError(
+                    f"this trainer cannot load the run's {describe_spec(spec)}: {reason.rstrip('.')}; it keeps serving "
+                    f"{describe_spec(held)}. Make that model and data available on this site (model folder, --data "
+                    "with those labels) or start a trainer for the run's model."
+                ) from None
+            old = self.model
+            self._install(model, data)
+            self.spec = spec
+            del old
+            gc.collect()  # one model per trainer: free the old one before the next job
+            if str(self.model.device).startswith("cuda"):
+                import torch
+
+                torch.cuda.empty_cache()
+            log.info("reloaded for the run's %s in %.1fs: %d examples, model %s", describe_spec(spec),
+                     time.perf_counter() - t0, len(self.data), self.model.fingerprint)
+            return True
+
+    @property
+    def task(self) -> Task:
+        """The task this trainer serves."""
+        return self.model.task
+
+    def describe(self) -> dict[str, object]:
+        """Return the client profile (proto ClientProfile fields)."""
+        device = str(self.model.device)
+        return {
+            "rank": self.rank, "device": device, "memory_bytes": memory_bytes(device),
+            "num_examples": len(self.data), "software_version": wire.SOFTWARE_VERSION,
+            "model_fingerprint": self.model.fingerprint, "task": self.task.name, "model_loads": training.MODEL_LOADS,
+        }
+
+    def _check_version(self, version: str) -> None:
+        if version != wire.SOFTWARE_VERSION:
+            raise TrainerError(
+                f"the server runs corolla {version} but this trainer runs {wire.SOFTWARE_VERSION}; "
+                "install the same corolla version on the server and every client."
+            )
+
+    def train(self, job: TrainJob) -> TrainResult:
+        """Run one local job; raise TrainerError when the job does not fit this trainer."""
+        self._check_version(job.software_version)
+        with self._lock:  # a consistent model/silo pair even if a reload were to run beside this job
+            model, data, rank, digest = self.model, self.data, self.rank, self.digest
+        if job.rank != rank:
+            raise TrainerError(f"the server sent a rank-{job.rank} adapter to a rank-{rank} trainer.")
+        try:
+            arrays, stats = model.train(
+                job.arrays, job.rank, data, lora=job.lora, steps=job.local_steps, batch_size=job.batch_size,
+                lr=job.lr, seed=(job.seed * 1_000_003 + digest) % 2**62, prox_mu=job.prox_mu, frozen=job.frozen,
+            )
+        except (ValueError, RuntimeError) as e:
+            raise TrainerError(f"training failed: {e}") from e
+        if self.slowdown > 1:  # emulate slower hardware: stretch the job to slowdown × its real duration
+            time.sleep((self.slowdown - 1) * stats.duration_s)
+            stats = dataclasses.replace(stats, duration_s=stats.duration_s * self.slowdown)
+        queue_s = stats.started_at - job.pushed_at if job.pushed_at > 0 else float("nan")
+        log.info("train: version %d, rank %d, %d steps, loss %.4f, %.2fs (queued %.2fs)",
+                 job.base_version, job.rank, stats.steps, stats.loss_mean, stats.duration_s, queue_s)
+        return TrainResult(arrays, stats, job.base_version, job.rank, model.fingerprint, queue_s)
+
+    def evaluate(self, arrays: Mapping[str, np.ndarray], rank: int, software_version: str,
+                 lora: LoraSpec | None = None) -> EvalStats:
+        """Evaluate an adapter on this silo."""
+        self._check_version(software_version)
+        with self._lock:
+            model, data = self.model, self.data
+        try:
+            return model.evaluate(arrays, rank, data, lora or LoraSpec())
+        except (ValueError, RuntimeError) as e:
+            raise TrainerError(f"evaluation failed: {e}") from e
+

@@ -1,0 +1,418 @@
+"""The run configuration: one typed, validated object parsed once and passed down.
+
+Its fields are the `[tool.flwr.app.config]` table of pyproject.toml with
+kebab-case keys (tests/test_config.py keeps the two identical). Every bad key or
+value raises `ConfigError` naming the key, the problem and the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from corolla.modelinfo import DECODER_TYPES, ModelError, is_model_path, read_model_type
+from corolla.precision import WIRE_DTYPES
+from corolla.spec import LORA_DTYPES, TASKS, LoraSpec, TaskInfo, TaskSpec, parse_labels, parse_modules
+from corolla.strategies.guard import GuardConfig
+from corolla.strategies.registry import ASYNC_RULES, REGISTRIES, component_options
+
+MODES = ("sync", "async")
+EXISTING_RUN = ("refuse", "overwrite", "resume")
+SPEED_PROFILES = ("none", "tiers", "lognormal")
+RANK_ASSIGNMENTS = ("tier", "random")
+CLOCKS = ("real", "virtual")
+#: how one file of simulated silos (or the built-in corpus) is cut (flwr-datasets partitioners; data/silo.py)
+PARTITIONERS = ("dirichlet", "iid", "pathological")
+#: keys that describe the simulated fleet: a deployment's nodes bring their own rank, data and speed
+SIMULATION_ONLY = "simulation"
+
+
+class ConfigError(ValueError):
+    """A run-configuration key or value is invalid; the message lists what is valid."""
+
+
+def _h(text: str, choices: tuple[str, ...] | None = None, low: float | None = None, *,
+       when: str | None = None, scope: str | None = None) -> dict[str, Any]:
+    """Field metadata: help, valid choices, lower bound, the setting under which the key is read, its scope."""
+    return {"help": text, "choices": choices, "low": low, "when": when, "scope": scope}
+
+
+_OPTIONS = component_options()
+
+
+def _component(key: str) -> Any:
+    """A key owned by components: default, help, bound and choices come from their config dataclasses."""
+    o = _OPTIONS[key]
+    return field(default=o.default, metadata={"help": o.help, "choices": o.choices, "low": o.low,
+                                              "owners": o.owners})
+
+
+def _guard(key: str, when: str | None = None) -> Any:
+    """A key of the server's update guard: default, bound and help come from GuardConfig (strategies/guard.py)."""
+    f = next(f for f in dataclasses.fields(GuardConfig) if f.metadata.get("key") == key)
+    return field(default=f.default, metadata=_h(f.metadata["help"], low=f.metadata.get("low"), when=when))
+
+
+def _choice(kind: str, default: str, text: str, extra: tuple[str, ...] = (), when: str | None = None) -> Any:
+    """A key that chooses a component: its choices are the registry's names."""
+    return field(default=default, metadata=_h(text, (*extra, *REGISTRIES[kind].names()), when=when))
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Every knob of a run. Field names are the kebab-case keys with `_` for `-`.
+
+    Generic keys are declared here; component keys (e.g. `buffer-size`,
+    `fedhl-weighting`) take their default, bound and help from the config dataclass
+    of the component that reads them (strategies/registry.py). A key set to a
+    non-default value that the chosen mode or components never read is refused.
+    """
+
+    task: str = field(default="text-classification", metadata=_h("what is learned", tuple(TASKS)))
+    model: str = field(default="auto", metadata=_h(
+        "base model: a Hugging Face model folder path, or a built-in name (auto: the task's first) — "
+        + "; ".join(f"{t.name}: {', '.join(t.models)}" for t in TASKS.values())))
+    dataset: str = field(default="auto", metadata=_h(
+        "built-in corpus for simulation and the test split (auto: the task's first): "
+        + "; ".join(f"{t.name}: {', '.join(t.datasets)}" for t in TASKS.values())))
+    labels: str = field(default="", metadata=_h("comma-separated class names of your own data (empty: the dataset's)"))
+    test_data: str = field(default="", metadata=_h("server-side test file, CSV/JSONL/Parquet (empty: built-in test split)"))
+    text_column: str = field(default="text", metadata=_h("text column of test-data"))
+    label_column: str = field(default="label", metadata=_h("label column of test-data"))
+    max_length: int = field(default=64, metadata=_h("tokens per example", low=8))
+    out_dir: str = field(default="runs/latest", metadata=_h("run directory (metrics, report, plots)"))
+    existing_run: str = field(default="refuse", metadata=_h(
+        "an earlier run in out-dir: refuse, overwrite it, or resume it from its checkpoint (--overwrite/--resume)",
+        EXISTING_RUN))
+    mode: str = field(default="sync", metadata=_h("driver loop", MODES))
+    aggregation: str = _choice("aggregation", "auto", "aggregation rule (auto: fedavg at one rank, fedhl for mixed)",
+                               extra=("auto",))
+    selector: str = _choice("selector", "random", "client selection")
+    server_optimizer: str = _choice("server-optimizer", "sgd", "what the server does with each aggregated change")
+    num_rounds: int = field(default=12, metadata=_h("global versions to produce", low=1))
+    clients_per_round: int = field(default=6, metadata=_h("clients trained per round", low=1, when="mode=sync"))
+    min_nodes: int = field(default=2, metadata=_h("nodes to wait for before the first round", low=1))
+    local_steps: int = field(default=10, metadata=_h("optimizer steps per local job", low=1))
+    batch_size: int = field(default=16, metadata=_h("examples per local step", low=1))
+    lr: float = field(default=3e-3, metadata=_h("client AdamW learning rate", low=0.0))
+    lr_decay: float = field(default=0.9, metadata=_h("client lr × lr-decay^version (1: constant); per *version*, so "
+                                                                 "async runs, with many more versions, want 1.0", low=0.0))
+    prox_mu: float = field(default=0.0, metadata=_h("FedProx proximal weight (0: off)", low=0.0))
+    lora_rank: int = field(default=8, metadata=_h("LoRA rank of simulated clients without `ranks`", low=1,
+                                                  scope=SIMULATION_ONLY))
+    ranks: str = field(default="", metadata=_h("simulated rank mix, e.g. '2,4,8,16,32' (deployment: each node's --rank)",
+                                               scope=SIMULATION_ONLY))
+    rank_assignment: str = field(default="tier", metadata=_h("how `ranks` map to simulated nodes", RANK_ASSIGNMENTS,
+                                                             scope=SIMULATION_ONLY))
+    lora_alpha: float = field(default=16.0, metadata=_h("LoRA alpha; scale = alpha / rank (sent with every job)",
+                                                        low=0.0))
+    rslora: bool = field(default=False, metadata=_h("scale = alpha / sqrt(rank) (sent with every job)"))
+    lora_target_modules: str = field(default="", metadata=_h(
+        "comma-separated module names LoRA wraps, or all-linear (empty: the task's default)"))
+    lora_dtype: str = field(default="auto", metadata=_h(
+        "local training compute dtype: auto (bf16 autocast on CUDA, fp32 on CPU), float32, bfloat16 (CUDA)",
+        LORA_DTYPES))
+    wire_dtype: str = field(default="float32", metadata=_h(
+        "dtype adapters travel in, both ways: float32 (exact), float16 or bfloat16 (half the bytes; the server rounds "
+        "what it sends first, so updates stay measured against exactly what each node received)", WIRE_DTYPES))
+    max_rank: int = _component("max-rank")
+    fedhl_weighting: str = _component("fedhl-weighting")
+    svd: str = _component("svd")
+    fedhl_fold: str = _component("fedhl-fold")
+    fedhl_svd_start: str = _component("fedhl-svd-start")
+    aggregation_device: str = _component("aggregation-device")
+    server_lr: float = _component("server-lr")
+    server_momentum: float = _component("server-momentum")
+    server_beta1: float = _component("server-beta1")
+    server_beta2: float = _component("server-beta2")
+    server_tau: float = _component("server-tau")
+    trim_fraction: float = _component("trim-fraction")
+    max_weight_share: float = _guard("max-weight-share")
+    max_update_norm: float = _guard("max-update-norm")
+    update_norm_multiple: float = _guard("update-norm-multiple", when="max-update-norm=0.0")
+    dirichlet_alpha: float = field(default=0.5, metadata=_h("label skew of simulated silos (<= 0: IID)",
+                                                            scope=SIMULATION_ONLY))
+    sim_data: str = field(default="", metadata=_h(
+        "simulated silos from your files: a folder (one silo per CSV/JSONL/Parquet file) or one file, cut by "
+        "`partition-by` or `partitioner` (empty: the built-in corpus; `corolla sim --data`)", scope=SIMULATION_ONLY))
+    partition_by: str = field(default="", metadata=_h(
+        "column of the `sim-data` file whose values are the silos, e.g. a site id (one node per value)",
+        scope=SIMULATION_ONLY))
+    partitioner: str = field(default="dirichlet", metadata=_h(
+        "how one `sim-data` file is cut: dirichlet (label skew, `dirichlet-alpha`), iid, pathological "
+        "(`classes-per-node` classes per node); the built-in corpus takes dirichlet or iid", PARTITIONERS,
+        scope=SIMULATION_ONLY))
+    classes_per_node: int = field(default=2, metadata=_h("classes per node of the pathological partitioner", low=1,
+                                                         when="partitioner=pathological", scope=SIMULATION_ONLY))
+    async_rule: str = _choice("async-rule", "fedbuff", "asynchronous rule", when="mode=async")
+    concurrency: int = field(default=4, metadata=_h("clients training at once", low=1, when="mode=async"))
+    buffer_size: int = _component("buffer-size")
+    staleness: str = _choice("staleness", "polynomial", "staleness weight s(τ) (FedBuff, FedAsync)",
+                             when="mode=async")
+    staleness_exponent: float = _component("staleness-exponent")
+    max_staleness: int = _component("max-staleness")
+    interval: float = _component("interval")
+    fedfix_weighting: str = _component("fedfix-weighting")
+    speed_profile: str = field(default="none", metadata=_h("simulated client speeds", SPEED_PROFILES,
+                                                           scope=SIMULATION_ONLY))
+    speed_tiers: str = field(default="1,2,5,10", metadata=_h("slowdown factors of the `tiers` profile",
+                                                             scope=SIMULATION_ONLY))
+    speed_sigma: float = field(default=1.0, metadata=_h("σ of the `lognormal` slowdown profile", low=0.0,
+                                                        scope=SIMULATION_ONLY))
+    clock: str = field(default="real", metadata=_h(
+        "simulation clock: real (Ray; slow clients sleep) or virtual (discrete-event, in-process: each job takes "
+        "local-steps × virtual-step-s × its slowdown on a simulated clock); `corolla sim --clock`", CLOCKS,
+        scope=SIMULATION_ONLY))
+    virtual_step_s: float = field(default=0.05, metadata=_h(
+        "simulated seconds per local step of a 1× client (0: measure once, from the first job)", low=0.0,
+        when="clock=virtual", scope=SIMULATION_ONLY))
+    virtual_jitter: float = field(default=0.0, metadata=_h(
+        "σ of a seeded lognormal factor on every simulated job duration (0: none)", low=0.0, when="clock=virtual",
+        scope=SIMULATION_ONLY))
+    eval_every: int = field(default=1, metadata=_h("evaluate the global model every N versions", low=1))
+    eval_examples: int = field(default=0, metadata=_h("evaluate on the first N test examples (0: all)", low=0))
+    eval_interval: float = field(default=0.0, metadata=_h("evaluate at most every N seconds (0: every eval-every)",
+                                                          low=0.0, when="mode=async"))
+    checkpoint_every: int = field(default=0, metadata=_h(
+        "write the global adapter in peft's format to RUN/adapters/vN every N versions and to RUN/adapter at the end "
+        "(0: none; `corolla export` writes one from a finished run)", low=0))
+    time_budget: float = field(default=0.0, metadata=_h("stop after this many seconds of training (0: no limit)",
+                                                        low=0.0))
+    round_timeout: float = field(default=600.0, metadata=_h("seconds to wait for a round's replies", low=1.0))
+    seed: int = field(default=0, metadata=_h("seed of every random choice the server makes"))
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            key = to_key(f.name)
+            if meta.get("choices") and value not in meta["choices"]:
+                raise ConfigError(f"`{key}` = {value!r} is not valid; choose one of {list(meta['choices'])}.")
+            if meta.get("low") is not None and value < meta["low"]:
+                raise ConfigError(f"`{key}` = {value!r} is too small; it must be >= {meta['low']}.")
+        if self.lr <= 0:
+            raise ConfigError(f"`lr` = {self.lr!r} must be > 0.")
+        self._refuse_async_aggregation()
+        self._check_sim_data()
+        if self.labels and not self.test_data:
+            raise ConfigError("`labels` names your own classes, which have no built-in test split; set `test-data` to "
+                              "a CSV/JSONL/Parquet file the server evaluates on.")
+        if len(self.label_tuple()) == 1:
+            raise ConfigError(f"`labels` = {self.labels!r} holds one class; a classifier needs at least two.")
+        if self.lora_rank > self.max_rank:
+            raise ConfigError(f"`lora-rank` = {self.lora_rank} exceeds `max-rank` = {self.max_rank}; raise `max-rank`.")
+        for r in self.rank_list():
+            if not 1 <= r <= self.max_rank:
+                raise ConfigError(f"`ranks` holds {r}, outside 1..{self.max_rank} (`max-rank`).")
+        info = TASKS[self.task]
+        self._check_model(info)
+        if self.dataset != "auto" and self.dataset not in info.datasets:
+            raise ConfigError(f"`dataset` = {self.dataset!r} is not a corpus of task {self.task}; choose one of "
+                              f"{list(info.datasets)}.")
+        try:
+            self.lora_spec()
+            for kind in REGISTRIES:
+                self.component_config(kind)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self._refuse_unread_keys()
+
+    def _check_sim_data(self) -> None:
+        """`partition-by` and `partitioner` describe how a `sim-data` file is cut."""
+        if self.partition_by and not self.sim_data:
+            raise ConfigError(f"`partition-by` = {self.partition_by!r} cuts a `sim-data` file; give the file with "
+                              "`corolla sim --data FILE` or drop --partition-by.")
+        if self.partition_by and self.partitioner != "dirichlet":
+            raise ConfigError(f"`partition-by` gives one silo per value of {self.partition_by!r}, so `partitioner` = "
+                              f"{self.partitioner!r} would be ignored; drop one of them.")
+        if self.partitioner == "pathological" and not self.sim_data:
+            raise ConfigError("`partitioner` = 'pathological' cuts your own file (`corolla sim --data FILE`); the "
+                              "built-in corpus takes dirichlet or iid.")
+
+    def _check_model(self, info: TaskInfo) -> None:
+        """A built-in name of the task, or a Hugging Face model folder of an architecture the task can train."""
+        if self.checkpoint_every and not info.uses_lora:
+            raise ConfigError(f"`checkpoint-every` writes peft adapters, but task {self.task} trains its whole model "
+                              "(no adapter); set checkpoint-every=0 (the final model is in global.npz).")
+        if not is_model_path(self.model):
+            if self.model != "auto" and self.model not in info.models:
+                raise ConfigError(f"`model` = {self.model!r} is not a model of task {self.task}; choose one of "
+                                  f"{list(info.models)}, or give the path of a Hugging Face model folder.")
+            return
+        if not info.uses_lora:
+            raise ConfigError(f"task {self.task} trains only its built-in model {list(info.models)}; a model folder "
+                              "needs task=text-classification or task=causal-lm.")
+        try:
+            model_type = read_model_type(self.model)
+        except ModelError as e:
+            raise ConfigError(str(e)) from None
+        if self.task == "causal-lm" and model_type not in DECODER_TYPES:
+            raise ConfigError(f"`model` = {self.model!r} is a {model_type} encoder, which cannot generate; "
+                              "task=causal-lm needs a decoder (Llama, Qwen, Mistral, SmolLM, ...).")
+
+    def _refuse_async_aggregation(self) -> None:
+        """Refuse an aggregator that declares it cannot run under asynchronous weights (`supports_async`)."""
+        aggregators = REGISTRIES["aggregation"]
+        if self.mode != "async" or self.aggregation == "auto" or aggregators[self.aggregation].cls.supports_async:
+            return
+        ok = ["auto", *(n for n in aggregators.names() if aggregators[n].cls.supports_async)]
+        raise ConfigError(
+            f"`aggregation` = {self.aggregation!r} cannot run with mode=async: it replaces the global model with "
+            "Σ w_i x_i, and asynchronous weights (staleness, FedFix's d_i) do not sum to 1, so even unchanged "
+            f"replies would shrink it; choose one of {ok}, or mode=sync.")
+
+    def _refuse_unread_keys(self) -> None:
+        """A key set away from its default that nothing in this configuration reads is an error, not a no-op."""
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) == f.default:
+                continue
+            why = self.unread_reason(to_key(f.name))
+            if why:
+                raise ConfigError(f"`{to_key(f.name)}` = {getattr(self, f.name)!r} would be ignored: {why}.")
+
+    def unread_reason(self, key: str) -> str | None:
+        """Why `key` is not read under this configuration (None: it is read)."""
+        meta = {to_key(f.name): f.metadata for f in dataclasses.fields(self)}[key]
+        when = meta.get("when")
+        if when:
+            k, v = when.split("=")
+            if str(getattr(self, k.replace("-", "_"))) != v:
+                return f"it applies only with {when} (this run has {k}={getattr(self, k.replace('-', '_'))})"
+        if key in ("staleness", "staleness-exponent") and self.mode == "async":
+            rule = ASYNC_RULES[self.async_rule].cls
+            if not rule.uses_staleness:
+                return f"async-rule={self.async_rule} does not weight updates by staleness; use fedbuff or fedasync"
+        owners = meta.get("owners")
+        if owners and not any(self._chosen(owner) for owner in owners):
+            return f"it configures {', '.join(owners)}, and this run chooses none of them"
+        return None
+
+    def _chosen(self, owner: str) -> bool:
+        kind, name = owner.split("=")
+        chosen = getattr(self, kind.replace("-", "_"))
+        if kind in ("async-rule", "staleness") and self.mode != "async":
+            return False
+        if kind == "staleness" and not ASYNC_RULES[self.async_rule].cls.uses_staleness:
+            return False
+        if kind == "aggregation" and chosen == "auto":
+            return name in ("fedavg", "fedhl")  # auto resolves to one of these when the nodes' ranks are known
+        return chosen == name
+
+    def component_config(self, kind: str) -> Any:
+        """The typed config of the component this run chooses for `kind` (e.g. FedBuffConfig for async-rule)."""
+        name = getattr(self, kind.replace("-", "_"))
+        if kind == "aggregation" and name == "auto":
+            name = "fedhl"
+        return REGISTRIES[kind].config(name, self.to_mapping())
+
+    def simulation_only_keys(self) -> list[str]:
+        """Keys set away from their defaults that only a simulated fleet reads."""
+        return [to_key(f.name) for f in dataclasses.fields(self)
+                if f.metadata.get("scope") == SIMULATION_ONLY and getattr(self, f.name) != f.default]
+
+    def check_deployment(self) -> None:
+        """Refuse simulation-only keys for a federation of real nodes (each node brings its rank, silo and speed)."""
+        keys = self.simulation_only_keys()
+        if keys:
+            raise ConfigError(f"{keys} describe a simulated fleet and would be ignored by real nodes: set each "
+                              "node's rank with `corolla client --rank`, its data with --data; drop these keys.")
+
+    def label_tuple(self) -> tuple[str, ...]:
+        """`labels` as a tuple of names (empty: the dataset's own)."""
+        return parse_labels(self.labels)
+
+    def rank_list(self) -> list[int]:
+        """The simulated rank mix (empty: every node at `lora-rank`)."""
+        try:
+            return [int(x) for x in self.ranks.replace(" ", "").split(",") if x]
+        except ValueError:
+            raise ConfigError(f"`ranks` = {self.ranks!r} is not a comma-separated list of integers.") from None
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Build from kebab-case keys (Flower's run_config or `--set` pairs); strings are coerced."""
+        known = {to_key(f.name): f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown configuration key(s) {unknown}; valid keys are: {', '.join(sorted(known))}.")
+        kwargs = {known[k].name: _coerce(k, v, known[k].type) for k, v in values.items()}
+        return cls(**kwargs)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """Return kebab-case keys → values (what config.json and `--run-config` hold)."""
+        return {to_key(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def to_json(self) -> str:
+        """Return the resolved configuration as pretty JSON."""
+        return json.dumps(self.to_mapping(), indent=2, sort_keys=True)
+
+    def task_spec(self) -> TaskSpec:
+        """The part of the configuration the task needs."""
+        return TaskSpec(task=self.task, model=self.model, dataset=self.dataset, labels=self.label_tuple(),
+                        max_length=self.max_length, seed=self.seed)
+
+    def lora_spec(self) -> LoraSpec:
+        """The LoRA specification the server sends with every job."""
+        return LoraSpec(alpha=self.lora_alpha, rslora=self.rslora,
+                        target_modules=parse_modules(self.lora_target_modules), dtype=self.lora_dtype,
+                        wire_dtype=self.wire_dtype)
+
+
+def to_key(name: str) -> str:
+    """Field name → kebab-case configuration key."""
+    return name.replace("_", "-")
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    typ = {"int": int, "float": float, "bool": bool, "str": str}.get(typ, typ) if isinstance(typ, str) else typ
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes"):
+                return True
+            if str(value).lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if typ is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if typ is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"`{key}` = {value!r} is not a valid {typ.__name__}.") from None
+
+
+#: named starting points for `--preset`; `--set` overrides any of their keys
+PRESETS: dict[str, dict[str, Any]] = {
+    # SmolLM2-135M-Instruct instruction-tuned on WordNet definitions split by topic, FedHL over ranks 4-32:
+    # sized for 2 CPU cores (about 10 minutes with `corolla sim --nodes 8`)
+    "llm": {"task": "causal-lm", "model": "smollm2", "dataset": "wordnet", "max-length": 72, "batch-size": 4,
+            "local-steps": 4, "clients-per-round": 4, "num-rounds": 8, "lr": 2e-3, "lr-decay": 1.0,
+            "ranks": "4,8,16,32", "eval-examples": 100},
+}
+
+
+def preset(name: str) -> dict[str, Any]:
+    """The run-configuration values of preset `name`."""
+    try:
+        return dict(PRESETS[name])
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}.") from None
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    """Parse `KEY=VALUE` strings from the command line."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override {pair!r} is not KEY=VALUE (e.g. --set num-rounds=5).")
+        k, v = pair.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out

@@ -1,0 +1,64 @@
+"""Build the run's components from its configuration through the registries (nothing here lists names)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import numpy as np
+
+from corolla.config import ConfigError, RunConfig
+from corolla.strategies import AGGREGATORS, ASYNC_RULES, SELECTORS, SERVER_OPTIMIZERS, STALENESS, HeteRoSelectConfig, OortConfig
+from corolla.strategies.base import Aggregator, Selector
+from corolla.strategies.fedavg import FedAvg
+from corolla.strategies.fedbuff import AsyncRule
+from corolla.strategies.guard import GuardConfig, UpdateGuard
+
+
+def resolve_aggregation(cfg: RunConfig, ranks: list[int]) -> tuple[str, int]:
+    """Return (aggregation, rank of the initial adapter) for the ranks of the nodes that joined.
+
+    `auto` is FedAvg when every node has one rank and FedHL when ranks differ.
+    FedAvg's global adapter has the nodes' common rank; the heterogeneous-rank
+    methods start from an adapter at `max-rank`.
+    """
+    name = cfg.aggregation
+    if name == "auto":
+        name = "fedavg" if len(set(ranks)) <= 1 else "fedhl"
+    if issubclass(AGGREGATORS[name].cls, FedAvg):  # one rank for all (FedAvg, FedMedian, FedTrimmedAvg)
+        return name, ranks[0] if ranks else cfg.lora_rank
+    if 0 in ranks:
+        raise ConfigError(f"aggregation `{name}` needs LoRA clients; this task trains the full model: use fedavg.")
+    return name, cfg.max_rank
+
+
+def build_aggregator(cfg: RunConfig, name: str, initial: Mapping[str, np.ndarray]) -> Aggregator:
+    """The aggregator `name` with its typed config, owning the run's server optimizer."""
+    reg = AGGREGATORS[name]
+    options = AGGREGATORS.config(name, cfg.to_mapping())
+    kwargs = dataclasses.asdict(options) if options is not None else {}
+    aggregator = reg.cls(initial, cfg.lora_spec(), **kwargs)  # type: ignore[call-arg]
+    opt = SERVER_OPTIMIZERS[cfg.server_optimizer]
+    aggregator.optimizer = opt.cls(cfg.component_config("server-optimizer"))  # type: ignore[call-arg]
+    aggregator.guard = UpdateGuard(GuardConfig.from_mapping(cfg.to_mapping()))  # clipping and the weight-share bound
+    return aggregator
+
+
+def build_selector(cfg: RunConfig) -> Selector:
+    """The configured selector, seeded from the run's seed."""
+    reg = SELECTORS[cfg.selector]
+    if cfg.selector == "heteroselect":  # its temperature anneals over the run's length
+        return reg.cls(HeteRoSelectConfig(total_steps=cfg.num_rounds), lora=cfg.lora_spec(), seed=cfg.seed)  # type: ignore[call-arg]
+    if cfg.selector == "oort":  # asynchronously a round is `concurrency` picks (one freed slot per call)
+        return reg.cls(OortConfig(round_size=cfg.concurrency if cfg.mode == "async" else 0), seed=cfg.seed)  # type: ignore[call-arg]
+    return reg.cls(None, seed=cfg.seed)  # type: ignore[call-arg]
+
+
+def build_rule(cfg: RunConfig, aggregator: Aggregator, now: float) -> AsyncRule:
+    """The configured asynchronous rule around the aggregator, with its staleness weight when it uses one."""
+    reg = ASYNC_RULES[cfg.async_rule]
+    staleness = None
+    if reg.cls.uses_staleness:
+        st = STALENESS[cfg.staleness]
+        staleness = st.cls(cfg.component_config("staleness"))  # type: ignore[call-arg]
+    return reg.cls(aggregator, cfg.component_config("async-rule"), staleness=staleness, now=now)  # type: ignore[call-arg]
