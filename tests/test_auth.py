@@ -25,6 +25,8 @@ from corolla.server.records import read_jsonl
 from tests.conftest import COROLLA, processes, read_line
 from tests.linkhelpers import TINY, corolla, joined_node, nodes_json, sets, start_client, start_superlink, text, wait_exit
 
+pytestmark = pytest.mark.slow  # starts real processes (SuperLink, SuperNodes, trainers, Ray)
+
 
 @pytest.fixture
 def pki(tmp_path: Path) -> dict[str, Path]:

@@ -13,12 +13,16 @@ import json
 import math
 import subprocess
 
+import pytest
+
 from corolla.launch import processes as launch
 from corolla.learning.tasks.causal_lm import CausalLM
 from corolla.server.records import read_jsonl
 from corolla.spec import TaskSpec
 from tests.conftest import COROLLA, processes, run_sim
 from tests.test_deployment import start_client, start_server
+
+pytestmark = pytest.mark.slow  # starts real processes (SuperLink, SuperNodes, trainers, Ray)
 
 LM = {"task": "causal-lm", "model": "tiny-llama", "max-length": 64, "local-steps": 2, "batch-size": 4,
       "eval-examples": 16, "lr": 0.01}

@@ -18,6 +18,8 @@ from corolla.launch import processes as launch
 from corolla.server.records import read_jsonl
 from tests.conftest import COROLLA, processes, read_line
 
+pytestmark = pytest.mark.slow  # starts real processes (SuperLink, SuperNodes, trainers, Ray)
+
 
 def start_server(procs: list, tmp_path: Path, out: Path, fleet: str, sets: dict, *extra: str) -> subprocess.Popen:
     """`corolla server` in its own process group, waited on until its Fleet API listens."""

@@ -27,7 +27,7 @@ from corolla.server.records import read_jsonl
 from tests.conftest import processes
 from tests.linkhelpers import TINY, start_client, start_server, start_supernode, start_trainer, text
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 #: the split site holds built-in partition 1 of 2; `corolla client` holds partition 0
 SPLIT_SITE = ("--partition-id", "1", "--num-partitions", "2")

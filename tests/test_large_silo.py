@@ -13,7 +13,7 @@ import pytest
 
 from bench.silo_memory import MIB, measure_trainer, write_big_csv
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 SILO_MB = 300
 #: the trainer's own footprint (torch, transformers, datasets, the model) is ≈ 0.55-0.75 GiB; the old whole-file

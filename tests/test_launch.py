@@ -12,6 +12,9 @@ from corolla.launch import processes as launch
 #: a parent that starts a child in a new session (as Flower's SuperExec starts flwr-serverapp), prints its pid, waits
 PARENT = """
 import subprocess, sys, time
+import pytest
+
+pytestmark = pytest.mark.slow  # starts real processes (SuperLink, SuperNodes, trainers, Ray)
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
 print(child.pid, flush=True)
 time.sleep(600)

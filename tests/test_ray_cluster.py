@@ -15,6 +15,8 @@ from corolla.launch import processes as launch
 from corolla.launch.simulate import RayClusterError, probe_ray
 from tests.conftest import COROLLA, processes, run_sim
 
+pytestmark = pytest.mark.slow  # starts real processes (SuperLink, SuperNodes, trainers, Ray)
+
 RAY = str(launch.BIN / "ray")
 
 

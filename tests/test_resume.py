@@ -23,6 +23,8 @@ from corolla.server.records import RunDirError, read_jsonl
 from corolla.server.sync_driver import run_sync
 from tests.fakes import FakeEvaluator, FakeGrid, FakeNode
 
+pytestmark = pytest.mark.slow  # starts real processes (SuperLink, SuperNodes, trainers, Ray)
+
 SYNC = {"num-rounds": 5, "clients-per-round": 3, "min-nodes": 5, "round-timeout": 30, "lr-decay": 1.0,
         "server-optimizer": "fedavgm", "server-momentum": 0.5}
 # fast nodes finish three at an instant and K = 2, so checkpoints hold a received, not yet applied update, while

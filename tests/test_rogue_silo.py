@@ -26,7 +26,7 @@ from tests.conftest import COROLLA, processes, read_line
 from tests.linkhelpers import start_supernode
 from tests.rogue_trainer import CLAIMED_EXAMPLES, EXTRA_TENSOR, LIES
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 RANK = 4
 #: one round per lie: every node trains in every round, so the rogue tells each lie once

@@ -17,6 +17,8 @@ from corolla.launch import processes as launch
 from corolla.spec import TaskSpec
 from tests.conftest import COROLLA, run_sim
 
+pytestmark = pytest.mark.slow  # starts real processes (SuperLink, SuperNodes, trainers, Ray)
+
 LABELS = ("urgent", "routine", "admin")
 
 

@@ -6,9 +6,12 @@ import json
 import subprocess
 
 import numpy as np
+import pytest
 
 from corolla.server.records import read_jsonl
 from tests.conftest import COROLLA, run_sim
+
+pytestmark = pytest.mark.slow  # starts real processes (SuperLink, SuperNodes, trainers, Ray)
 
 
 def test_simulation_trains_and_writes_the_run_directory(tmp_path):

@@ -9,10 +9,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from corolla.launch import processes as launch
 from corolla.server.records import read_jsonl
 from tests.conftest import processes
 from tests.linkhelpers import TINY, corolla, joined_node, sets, start_client, start_superlink, text, wait_text
+
+pytestmark = pytest.mark.slow  # starts real processes (SuperLink, SuperNodes, trainers, Ray)
 
 
 def submit(tmp_path: Path, home: Path, out: Path, **values) -> dict:

@@ -32,6 +32,8 @@ from corolla.spec import LoraSpec, TaskSpec
 from corolla.strategies import Dispatch
 from tests.test_models import save_tiny
 
+pytestmark = pytest.mark.slow  # starts real processes (SuperLink, SuperNodes, trainers, Ray)
+
 BBC = ("business", "entertainment", "politics", "sport", "tech")
 SPEC_A = TaskSpec(model="tiny-bert", max_length=32)
 

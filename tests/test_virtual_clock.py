@@ -24,7 +24,7 @@ from corolla.server.federation import Federation
 from corolla.server.records import read_jsonl
 from corolla.server.sync_driver import run_sync
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 IMAGE = {"task": "image-classification", "model": "cnn", "dataset": "fashion-mnist", "local-steps": 2,
          "batch-size": 16, "eval-examples": 200, "lr-decay": 1.0, "clock": "virtual"}
