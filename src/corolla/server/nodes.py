@@ -11,6 +11,7 @@ software version, base model or rank, or a TaskSpec its trainer cannot load) are
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,36 @@ log = logging.getLogger(__name__)
 POLL_S = 0.2
 #: seconds between re-reads of the node list (async driver), and between profile queries to an unavailable node
 NODE_REFRESH_S = 5.0
+
+
+#: bounds on what a profile may declare: a trainer never reports more, and the server allocates and weighs by these
+PROFILE_BOUNDS = {wire.LORA_RANK: (1, 65_536), wire.NUM_EXAMPLES: (0, 10**12), wire.MEMORY_BYTES: (0, 1 << 50),
+                  wire.MODEL_LOADS: (0, 10**6)}
+#: longest text a profile may hold per field (device names, fingerprints and versions are short)
+PROFILE_TEXT_CHARS = 256
+
+
+class ProfileError(ValueError):
+    """A profile value no trainer reports: the node is refused with this text."""
+
+
+def bounded_int(metrics: Mapping[str, Any], key: str) -> int:
+    """`metrics[key]` as an int within PROFILE_BOUNDS[key]; ProfileError naming the key and the bound otherwise."""
+    value = metrics[key]
+    low, high = PROFILE_BOUNDS[key]
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value == int(value)
+    if not ok or not low <= int(value) <= high:
+        raise ProfileError(f"profile declares `{key}` = {value!r}, not an integer in [{low}, {high}]")
+    return int(value)
+
+
+def bounded_text(config: Mapping[str, Any], key: str) -> str:
+    """`config[key]` as printable text of at most PROFILE_TEXT_CHARS characters."""
+    value = config[key]
+    if not isinstance(value, str) or len(value) > PROFILE_TEXT_CHARS or not value.isprintable():
+        raise ProfileError(f"profile declares `{key}` that is not printable text of at most {PROFILE_TEXT_CHARS} "
+                           "characters")
+    return value
 
 
 @dataclass
@@ -158,9 +189,14 @@ class NodeRegistry:
             return
         try:
             m, c = reply.content[wire.METRICS], reply.content[wire.CONFIG]
-            info = NodeInfo(node_id=nid, rank=int(m[wire.LORA_RANK]), num_examples=int(m[wire.NUM_EXAMPLES]),
-                            device=str(c[wire.DEVICE]), fingerprint=str(c[wire.FINGERPRINT]),
-                            software_version=str(c[wire.SOFTWARE]), model_loads=int(m[wire.MODEL_LOADS]))
+            if wire.MEMORY_BYTES in m:
+                bounded_int(m, wire.MEMORY_BYTES)
+            info = NodeInfo(node_id=nid, rank=bounded_int(m, wire.LORA_RANK), num_examples=bounded_int(m, wire.NUM_EXAMPLES),
+                            device=bounded_text(c, wire.DEVICE), fingerprint=bounded_text(c, wire.FINGERPRINT),
+                            software_version=bounded_text(c, wire.SOFTWARE), model_loads=bounded_int(m, wire.MODEL_LOADS))
+        except ProfileError as e:
+            self.refuse(nid, f"{e}; no corolla trainer reports this, so the node is not trusted")
+            return
         except (KeyError, TypeError, ValueError) as e:
             self.refuse(nid, f"profile reply is malformed ({e!r}); the node runs another corolla version")
             return
