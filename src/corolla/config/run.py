@@ -17,7 +17,15 @@ from corolla.modelinfo import DECODER_TYPES, ModelError, is_model_path, read_mod
 from corolla.precision import WIRE_DTYPES
 from corolla.spec import LORA_DTYPES, TASKS, LoraSpec, TaskInfo, TaskSpec, parse_labels, parse_modules
 from corolla.strategies.guard import GuardConfig
-from corolla.strategies.registry import ASYNC_RULES, REGISTRIES, component_options
+from corolla.strategies.registry import (
+    ASYNC_RULES,
+    AUTO_AGGREGATION,
+    AUTO_MIXED_RANKS,
+    AUTO_ONE_RANK,
+    REGISTRIES,
+    aggregation_candidates,
+    component_options,
+)
 
 MODES = ("sync", "async")
 EXISTING_RUN = ("refuse", "overwrite", "resume")
@@ -88,8 +96,8 @@ class RunConfig:
         "an earlier run in out-dir: refuse, overwrite it, or resume it from its checkpoint (--overwrite/--resume)",
         EXISTING_RUN))
     mode: str = field(default="sync", metadata=_h("driver loop", MODES))
-    aggregation: str = _choice("aggregation", "auto", "aggregation rule (auto: fedavg at one rank, fedhl for mixed)",
-                               extra=("auto",))
+    aggregation: str = _choice("aggregation", AUTO_AGGREGATION, f"aggregation rule ({AUTO_AGGREGATION}: {AUTO_ONE_RANK} "
+                               f"at one rank, {AUTO_MIXED_RANKS} for mixed)", extra=(AUTO_AGGREGATION,))
     selector: str = _choice("selector", "random", "client selection")
     server_optimizer: str = _choice("server-optimizer", "sgd", "what the server does with each aggregated change")
     num_rounds: int = field(default=12, metadata=_h("global versions to produce", low=1))
@@ -211,13 +219,19 @@ class RunConfig:
         if self.dataset != "auto" and self.dataset not in info.datasets:
             raise ConfigError(f"`dataset` = {self.dataset!r} is not a corpus of task {self.task}; choose one of "
                               f"{list(info.datasets)}.")
+        self._check_components()
+        self._refuse_unread_keys()
+
+    def _check_components(self) -> None:
+        """Build the LoRA spec and every chosen component's config (for `auto`, each aggregator it may become)."""
         try:
             self.lora_spec()
             for kind in REGISTRIES:
-                self.component_config(kind)
+                names = self.aggregation_candidates() if kind == "aggregation" else (None,)
+                for name in names:
+                    self.component_config(kind, name)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        self._refuse_unread_keys()
 
     def _check_sim_data(self) -> None:
         """`partition-by` and `partitioner` describe how a `sim-data` file is cut."""
@@ -255,9 +269,13 @@ class RunConfig:
     def _refuse_async_aggregation(self) -> None:
         """Refuse an aggregator that declares it cannot run under asynchronous weights (`supports_async`)."""
         aggregators = REGISTRIES["aggregation"]
-        if self.mode != "async" or self.aggregation == "auto" or aggregators[self.aggregation].cls.supports_async:
+
+        def supports_async(choice: str) -> bool:
+            return all(aggregators[n].cls.supports_async for n in aggregation_candidates(choice))
+
+        if self.mode != "async" or supports_async(self.aggregation):
             return
-        ok = ["auto", *(n for n in aggregators.names() if aggregators[n].cls.supports_async)]
+        ok = [n for n in (AUTO_AGGREGATION, *aggregators.names()) if supports_async(n)]
         raise ConfigError(
             f"`aggregation` = {self.aggregation!r} cannot run with mode=async: it replaces the global model with "
             "Σ w_i x_i, and asynchronous weights (staleness, FedFix's d_i) do not sum to 1, so even unchanged "
@@ -296,15 +314,23 @@ class RunConfig:
             return False
         if kind == "staleness" and not ASYNC_RULES[self.async_rule].cls.uses_staleness:
             return False
-        if kind == "aggregation" and chosen == "auto":
-            return name in ("fedavg", "fedhl")  # auto resolves to one of these when the nodes' ranks are known
+        if kind == "aggregation":  # auto: either aggregator it may resolve to reads its keys
+            return name in self.aggregation_candidates()
         return chosen == name
 
-    def component_config(self, kind: str) -> Any:
-        """The typed config of the component this run chooses for `kind` (e.g. FedBuffConfig for async-rule)."""
-        name = getattr(self, kind.replace("-", "_"))
-        if kind == "aggregation" and name == "auto":
-            name = "fedhl"
+    def aggregation_candidates(self) -> tuple[str, ...]:
+        """The aggregators this run may use: the chosen one, or both that `auto` resolves to by the nodes' ranks."""
+        return aggregation_candidates(self.aggregation)
+
+    def component_config(self, kind: str, name: str | None = None) -> Any:
+        """The typed config of component `name` of `kind` (default: the run's choice), e.g. FedBuffConfig.
+
+        `aggregation = auto` names no component until the nodes' ranks resolve it
+        (`corolla.strategies.registry.resolve_aggregation`): pass the resolved name.
+        """
+        name = name or getattr(self, kind.replace("-", "_"))
+        if kind == "aggregation" and name == AUTO_AGGREGATION:
+            raise ValueError("aggregation=auto has no config until the nodes' ranks resolve it; pass the resolved name")
         return REGISTRIES[kind].config(name, self.to_mapping())
 
     def simulation_only_keys(self) -> list[str]:
