@@ -15,7 +15,7 @@ from typing import Any
 
 from corolla.modelinfo import DECODER_TYPES, ModelError, is_model_path, read_model_type
 from corolla.precision import WIRE_DTYPES
-from corolla.spec import LORA_DTYPES, TASKS, LoraSpec, TaskInfo, TaskSpec, parse_labels, parse_modules
+from corolla.spec import AUTO, DEFAULT_TASK, LORA_DTYPES, TASKS, LoraSpec, TaskInfo, TaskSpec, parse_labels, parse_modules
 from corolla.strategies.guard import GuardConfig
 from corolla.strategies.registry import (
     ASYNC_RULES,
@@ -79,18 +79,18 @@ class RunConfig:
     non-default value that the chosen mode or components never read is refused.
     """
 
-    task: str = field(default="text-classification", metadata=_h("what is learned", tuple(TASKS)))
-    model: str = field(default="auto", metadata=_h(
+    task: str = field(default=DEFAULT_TASK, metadata=_h("what is learned", tuple(TASKS)))
+    model: str = field(default=AUTO, metadata=_h(
         "base model: a Hugging Face model folder path, or a built-in name (auto: the task's first) — "
         + "; ".join(f"{t.name}: {', '.join(t.models)}" for t in TASKS.values())))
-    dataset: str = field(default="auto", metadata=_h(
+    dataset: str = field(default=AUTO, metadata=_h(
         "built-in corpus for simulation and the test split (auto: the task's first): "
         + "; ".join(f"{t.name}: {', '.join(t.datasets)}" for t in TASKS.values())))
     labels: str = field(default="", metadata=_h("comma-separated class names of your own data (empty: the dataset's)"))
     test_data: str = field(default="", metadata=_h("server-side test file, CSV/JSONL/Parquet (empty: built-in test split)"))
     text_column: str = field(default="text", metadata=_h("text column of test-data"))
     label_column: str = field(default="label", metadata=_h("label column of test-data"))
-    max_length: int = field(default=64, metadata=_h("tokens per example", low=8))
+    max_length: int = field(default=TaskSpec.max_length, metadata=_h("tokens per example", low=8))
     out_dir: str = field(default="runs/latest", metadata=_h("run directory (metrics, report, plots)"))
     existing_run: str = field(default="refuse", metadata=_h(
         "an earlier run in out-dir: refuse, overwrite it, or resume it from its checkpoint (--overwrite/--resume)",
@@ -216,7 +216,7 @@ class RunConfig:
                 raise ConfigError(f"`ranks` holds {r}, outside 1..{self.max_rank} (`max-rank`).")
         info = TASKS[self.task]
         self._check_model(info)
-        if self.dataset != "auto" and self.dataset not in info.datasets:
+        if self.dataset != AUTO and self.dataset not in info.datasets:
             raise ConfigError(f"`dataset` = {self.dataset!r} is not a corpus of task {self.task}; choose one of "
                               f"{list(info.datasets)}.")
         self._check_components()
@@ -251,20 +251,21 @@ class RunConfig:
             raise ConfigError(f"`checkpoint-every` writes peft adapters, but task {self.task} trains its whole model "
                               "(no adapter); set checkpoint-every=0 (the final model is in global.npz).")
         if not is_model_path(self.model):
-            if self.model != "auto" and self.model not in info.models:
+            if self.model != AUTO and self.model not in info.models:
                 raise ConfigError(f"`model` = {self.model!r} is not a model of task {self.task}; choose one of "
                                   f"{list(info.models)}, or give the path of a Hugging Face model folder.")
             return
         if not info.uses_lora:
+            lora_tasks = " or ".join(f"task={t.name}" for t in TASKS.values() if t.uses_lora)
             raise ConfigError(f"task {self.task} trains only its built-in model {list(info.models)}; a model folder "
-                              "needs task=text-classification or task=causal-lm.")
+                              f"needs {lora_tasks}.")
         try:
             model_type = read_model_type(self.model)
         except ModelError as e:
             raise ConfigError(str(e)) from None
-        if self.task == "causal-lm" and model_type not in DECODER_TYPES:
+        if info.generates and model_type not in DECODER_TYPES:
             raise ConfigError(f"`model` = {self.model!r} is a {model_type} encoder, which cannot generate; "
-                              "task=causal-lm needs a decoder (Llama, Qwen, Mistral, SmolLM, ...).")
+                              f"task={self.task} needs a decoder (Llama, Qwen, Mistral, SmolLM, ...).")
 
     def _refuse_async_aggregation(self) -> None:
         """Refuse an aggregator that declares it cannot run under asynchronous weights (`supports_async`)."""

@@ -22,7 +22,7 @@ from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from corolla.config import RunConfig
 from corolla.learning.tasks import build_task
 from corolla.learning.tasks.base import Task
-from corolla.spec import LoraSpec
+from corolla.spec import TASKS, LoraSpec
 
 BASE_PREFIX = "base_model.model."
 
@@ -142,9 +142,10 @@ def generate(run_dir: str | Path, prompts: list[str], rank: int | None = None, m
     import tempfile
 
     cfg = run_config(run_dir)
-    if cfg.task != "causal-lm":
+    if not TASKS[cfg.task].generates:
+        generating = " or ".join(f"task={t.name}" for t in TASKS.values() if t.generates)
         raise ExportError(f"the run trained a {cfg.task} model, which does not generate; `corolla generate` needs a "
-                          "task=causal-lm run.")
+                          f"{generating} run.")
     with tempfile.TemporaryDirectory() as tmp:
         export_adapter(run_dir, tmp, rank)
         task, model = load_exported(run_dir, tmp)
