@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from corolla.config import RunConfig
 from corolla.spec import AUTO, DEFAULT_TASK, TASKS, TaskSpec
 
 
@@ -21,7 +22,8 @@ def add_trainer_args(p: argparse.ArgumentParser) -> None:
                         "corolla-silos (follows HF_HOME / HF_DATASETS_CACHE)")
     p.add_argument("--partition-id", type=int, default=0, help="built-in partition when --data is omitted")
     p.add_argument("--num-partitions", type=int, default=1, help="number of built-in partitions")
-    p.add_argument("--dirichlet-alpha", type=float, default=0.5, help="label skew of built-in partitions")
+    p.add_argument("--dirichlet-alpha", type=float, default=RunConfig.dirichlet_alpha,
+                   help="label skew of built-in partitions (as the run's `dirichlet-alpha`)")
     p.add_argument("--rank", default="8", help="this node's LoRA rank, or `auto` to pick one from the device (default: 8)")
     p.add_argument("--task", default=DEFAULT_TASK, help=f"{', '.join(TASKS)} (as the run's `task`)")
     p.add_argument("--model", default=AUTO,
