@@ -209,11 +209,7 @@ class RunConfig:
                               "a CSV/JSONL/Parquet file the server evaluates on.")
         if len(self.label_tuple()) == 1:
             raise ConfigError(f"`labels` = {self.labels!r} holds one class; a classifier needs at least two.")
-        if self.lora_rank > self.max_rank:
-            raise ConfigError(f"`lora-rank` = {self.lora_rank} exceeds `max-rank` = {self.max_rank}; raise `max-rank`.")
-        for r in self.rank_list():
-            if not 1 <= r <= self.max_rank:
-                raise ConfigError(f"`ranks` holds {r}, outside 1..{self.max_rank} (`max-rank`).")
+        self._check_ranks()
         info = TASKS[self.task]
         self._check_model(info)
         if self.dataset != AUTO and self.dataset not in info.datasets:
@@ -232,6 +228,14 @@ class RunConfig:
                     self.component_config(kind, name)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+    def _check_ranks(self) -> None:
+        """Every simulated rank (`lora-rank`, `ranks`) within 1..`max-rank`."""
+        if self.lora_rank > self.max_rank:
+            raise ConfigError(f"`lora-rank` = {self.lora_rank} exceeds `max-rank` = {self.max_rank}; raise `max-rank`.")
+        for r in self.rank_list():
+            if not 1 <= r <= self.max_rank:
+                raise ConfigError(f"`ranks` holds {r}, outside 1..{self.max_rank} (`max-rank`).")
 
     def _check_sim_data(self) -> None:
         """`partition-by` and `partitioner` describe how a `sim-data` file is cut."""
