@@ -116,6 +116,39 @@ def test_resolve_aggregation():
     assert resolve_aggregation(RunConfig.from_mapping({"aggregation": "flora", "max-rank": 16}), [2]) == ("flora", 16)
 
 
+@pytest.mark.parametrize("ranks,expected", [([], "fedavg"), ([8], "fedavg"), ([4, 4, 4], "fedavg"), ([0, 0], "fedavg"),
+                                            ([2, 8], "fedhl"), ([4, 4, 16], "fedhl")])
+def test_auto_aggregation_resolves_to_one_name_everywhere(tmp_path, ranks, expected):
+    """`auto` means one thing to config validation, the server factory and the report (one rule, one place)."""
+    from corolla.server.factory import resolve_aggregation
+    from corolla.server.records import RunRecorder
+    from corolla.server.report import write_report
+    from corolla.server.status import run_status
+    from corolla.strategies.registry import resolve_aggregation as rule
+
+    cfg = RunConfig(out_dir=str(tmp_path))
+    assert rule("auto", ranks) == expected
+    assert expected in cfg.aggregation_candidates()  # validation checks the keys of what auto may become
+    if 0 not in ranks:
+        assert resolve_aggregation(cfg, ranks)[0] == expected
+    recorder = RunRecorder(tmp_path, cfg.to_json())
+    recorder.finish(aggregation=expected)  # what Federation.finish writes: the built aggregator's name
+    assert write_report(tmp_path).read_text().startswith(f"# corolla run report — {expected} · ")
+    assert f"aggregation {expected} · " in run_status(tmp_path)
+
+
+def test_auto_aggregation_candidates_drive_validation():
+    """Keys of either aggregator auto may become are read; keys of neither are refused; a named choice is itself."""
+    assert RunConfig().aggregation_candidates() == ("fedavg", "fedhl")
+    assert RunConfig(aggregation="flora").aggregation_candidates() == ("flora",)
+    RunConfig.from_mapping({"fedhl-weighting": "examples"})  # auto may resolve to fedhl: read
+    with pytest.raises(ConfigError, match="would be ignored"):
+        RunConfig.from_mapping({"trim-fraction": 0.3})  # fedtrimmedavg's key: auto never becomes it
+    with pytest.raises(ValueError, match="auto has no config"):
+        RunConfig().component_config("aggregation")
+    assert RunConfig().component_config("aggregation", "fedhl").weighting == "relative"
+
+
 @pytest.mark.parametrize(
     "values,match",
     [

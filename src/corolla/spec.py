@@ -15,6 +15,10 @@ from corolla.precision import WIRE_DTYPES
 
 #: adapter compute dtypes a job may ask for; `auto` = bf16 autocast on CUDA, float32 on CPU
 LORA_DTYPES = ("auto", "float32", "bfloat16")
+#: the task a run or a node trains when none is named (`task`, TaskSpec, `corolla client --task`)
+DEFAULT_TASK = "text-classification"
+#: `model` / `dataset` value meaning the task's first built-in one (resolved by TaskSpec)
+AUTO = "auto"
 
 
 def parse_labels(text: str) -> tuple[str, ...]:
@@ -98,9 +102,9 @@ class LoraSpec:
 class TaskSpec:
     """The run-configuration values a task needs to build its model and read data (parsed once, passed down)."""
 
-    task: str = "text-classification"
-    model: str = "auto"
-    dataset: str = "auto"
+    task: str = DEFAULT_TASK
+    model: str = AUTO
+    dataset: str = AUTO
     #: the class names of the user's own data; empty: the built-in corpus's classes
     labels: tuple[str, ...] = ()
     max_length: int = 64
@@ -109,22 +113,37 @@ class TaskSpec:
     def __post_init__(self) -> None:
         """Resolve `auto` model and dataset to the task's first built-in ones."""
         info = TASKS.get(self.task)
-        if info is not None and self.model == "auto":
+        if info is not None and self.model == AUTO:
             object.__setattr__(self, "model", info.models[0])
-        if info is not None and self.dataset == "auto":
+        if info is not None and self.dataset == AUTO:
             object.__setattr__(self, "dataset", info.datasets[0])
 
 
 @dataclass(frozen=True, kw_only=True)
 class TaskInfo:
-    """What the configuration layer knows of a task without importing it (the one catalogue of tasks)."""
+    """What the configuration layer knows of a task without importing it (the one catalogue of tasks).
+
+    The capability flags are what callers ask of a task; code outside the task
+    definitions reads these instead of comparing task names, so a new task states
+    what it can do here once (tests/test_config.py keeps names out of comparisons).
+    """
 
     name: str
     target: str  # "module:Class", imported by the client's task registry
     #: built-in model names; any Hugging Face model folder path is accepted too (`corolla.modelinfo`)
     models: tuple[str, ...]
     datasets: tuple[str, ...]
+    #: trains LoRA adapters on a frozen base (False: trains and exchanges the whole model at rank 0, so there is no
+    #: peft adapter to export and no Hugging Face model folder to load)
     uses_lora: bool
+    #: produces text (`corolla generate`); its model must be a causal decoder
+    generates: bool
+    #: every example carries a class label the model predicts (`labels` names the classes; a silo file's label
+    #: column is read and checked against them)
+    has_labels: bool
+    #: the rows of one user data file can be cut by label (`partitioner` = dirichlet or pathological); otherwise only iid
+    #: or `partition-by` apply
+    splits_by_label: bool
     help: str
 
 
@@ -133,11 +152,14 @@ class TaskInfo:
 TASKS: dict[str, TaskInfo] = {t.name: t for t in (
     TaskInfo(name="text-classification", target="corolla.learning.tasks.text:TextClassification",
              models=("minilm", "tiny-bert", "smollm2"), datasets=("bbc", "wordnet"), uses_lora=True,
+             generates=False, has_labels=True, splits_by_label=True,
              help="an encoder or decoder + LoRA + a trained classification head"),
     TaskInfo(name="causal-lm", target="corolla.learning.tasks.causal_lm:CausalLM",
              models=("smollm2", "tiny-llama"), datasets=("wordnet",), uses_lora=True,
+             generates=True, has_labels=False, splits_by_label=False,
              help="instruction tuning of a decoder (loss on response tokens only)"),
     TaskInfo(name="image-classification", target="corolla.learning.tasks.image:ImageClassification",
              models=("cnn",), datasets=("fashion-mnist",), uses_lora=False,
+             generates=False, has_labels=True, splits_by_label=False,  # reads no data files (built-in corpus only)
              help="a small CNN trained in full (selection studies at CPU scale)"),
 )}

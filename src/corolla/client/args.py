@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import argparse
 
+from corolla.config import RunConfig
+from corolla.spec import AUTO, DEFAULT_TASK, TASKS, TaskSpec
+
 
 def add_trainer_args(p: argparse.ArgumentParser) -> None:
     """Add the trainer's options to a parser (shared by `corolla client` and `corolla trainer`)."""
@@ -19,15 +22,16 @@ def add_trainer_args(p: argparse.ArgumentParser) -> None:
                         "corolla-silos (follows HF_HOME / HF_DATASETS_CACHE)")
     p.add_argument("--partition-id", type=int, default=0, help="built-in partition when --data is omitted")
     p.add_argument("--num-partitions", type=int, default=1, help="number of built-in partitions")
-    p.add_argument("--dirichlet-alpha", type=float, default=0.5, help="label skew of built-in partitions")
+    p.add_argument("--dirichlet-alpha", type=float, default=RunConfig.dirichlet_alpha,
+                   help="label skew of built-in partitions (as the run's `dirichlet-alpha`)")
     p.add_argument("--rank", default="8", help="this node's LoRA rank, or `auto` to pick one from the device (default: 8)")
-    p.add_argument("--task", default="text-classification", help="text-classification or causal-lm (as the run's `task`)")
-    p.add_argument("--model", default="auto",
+    p.add_argument("--task", default=DEFAULT_TASK, help=f"{', '.join(TASKS)} (as the run's `task`)")
+    p.add_argument("--model", default=AUTO,
                    help="a Hugging Face model folder, or a built-in name: minilm, smollm2, tiny-bert/tiny-llama (tests); "
                         "auto: the task's default")
-    p.add_argument("--dataset", default="auto", help="the run's corpus, whose class names the silo uses (bbc, wordnet)")
+    p.add_argument("--dataset", default=AUTO, help="the run's corpus, whose class names the silo uses (bbc, wordnet)")
     p.add_argument("--labels", default="", help="comma-separated class names of your own data (as the run's `labels`)")
-    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=TaskSpec.max_length)
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in the backward pass: less memory for long sequences and large models, "

@@ -100,11 +100,26 @@ def _trainer(spec: Any, sim_data: Any, partition_id: int, num_partitions: int, a
     return Trainer(model, model.task.encode(ds), rank, slowdown)
 
 
+@functools.lru_cache(maxsize=8)
+def _parsed(items: tuple[tuple[str, Any], ...]) -> RunConfig:
+    return RunConfig.from_mapping(dict(items))
+
+
+def run_config_of(context: Context) -> RunConfig:
+    """The run's configuration, parsed once per run in this process (every message of a run carries the same one).
+
+    An actor serves every message of many simulated nodes; validating the whole
+    configuration for each was repeated work, so it is cached by the run-config's
+    items (a new run, or a changed value, parses afresh).
+    """
+    return _parsed(tuple(sorted(context.run_config.items())))
+
+
 def trainer_for(context: Context) -> Trainer:
     """Return this simulated node's trainer (built on first use, then cached in the actor)."""
     from corolla.data.simulated import SimData
 
-    cfg = RunConfig.from_mapping(dict(context.run_config))
+    cfg = run_config_of(context)
     pid = int(context.node_config[wire.NODE_PARTITION])
     n = int(context.node_config[wire.NODE_PARTITIONS])
     # on the virtual clock a job's duration is simulated (launch/virtual.py): the trainer must not also sleep

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from corolla.config import RunConfig
+from corolla.spec import TASKS
 
 
 def simulated_rank(cfg: RunConfig, partition_id: int) -> int:
@@ -15,7 +16,7 @@ def simulated_rank(cfg: RunConfig, partition_id: int) -> int:
     each node's rank uniformly from the list with a generator seeded by `seed` and
     the node, so every process agrees on it.
     """
-    if cfg.task == "image-classification":
+    if not TASKS[cfg.task].uses_lora:
         return 0  # the full model is trained: no adapter rank
     ranks = cfg.rank_list()
     if not ranks:

@@ -15,9 +15,17 @@ from typing import Any
 
 from corolla.modelinfo import DECODER_TYPES, ModelError, is_model_path, read_model_type
 from corolla.precision import WIRE_DTYPES
-from corolla.spec import LORA_DTYPES, TASKS, LoraSpec, TaskInfo, TaskSpec, parse_labels, parse_modules
+from corolla.spec import AUTO, DEFAULT_TASK, LORA_DTYPES, TASKS, LoraSpec, TaskInfo, TaskSpec, parse_labels, parse_modules
 from corolla.strategies.guard import GuardConfig
-from corolla.strategies.registry import ASYNC_RULES, REGISTRIES, component_options
+from corolla.strategies.registry import (
+    ASYNC_RULES,
+    AUTO_AGGREGATION,
+    AUTO_MIXED_RANKS,
+    AUTO_ONE_RANK,
+    REGISTRIES,
+    aggregation_candidates,
+    component_options,
+)
 
 MODES = ("sync", "async")
 EXISTING_RUN = ("refuse", "overwrite", "resume")
@@ -71,25 +79,25 @@ class RunConfig:
     non-default value that the chosen mode or components never read is refused.
     """
 
-    task: str = field(default="text-classification", metadata=_h("what is learned", tuple(TASKS)))
-    model: str = field(default="auto", metadata=_h(
+    task: str = field(default=DEFAULT_TASK, metadata=_h("what is learned", tuple(TASKS)))
+    model: str = field(default=AUTO, metadata=_h(
         "base model: a Hugging Face model folder path, or a built-in name (auto: the task's first) — "
         + "; ".join(f"{t.name}: {', '.join(t.models)}" for t in TASKS.values())))
-    dataset: str = field(default="auto", metadata=_h(
+    dataset: str = field(default=AUTO, metadata=_h(
         "built-in corpus for simulation and the test split (auto: the task's first): "
         + "; ".join(f"{t.name}: {', '.join(t.datasets)}" for t in TASKS.values())))
     labels: str = field(default="", metadata=_h("comma-separated class names of your own data (empty: the dataset's)"))
     test_data: str = field(default="", metadata=_h("server-side test file, CSV/JSONL/Parquet (empty: built-in test split)"))
     text_column: str = field(default="text", metadata=_h("text column of test-data"))
     label_column: str = field(default="label", metadata=_h("label column of test-data"))
-    max_length: int = field(default=64, metadata=_h("tokens per example", low=8))
+    max_length: int = field(default=TaskSpec.max_length, metadata=_h("tokens per example", low=8))
     out_dir: str = field(default="runs/latest", metadata=_h("run directory (metrics, report, plots)"))
     existing_run: str = field(default="refuse", metadata=_h(
         "an earlier run in out-dir: refuse, overwrite it, or resume it from its checkpoint (--overwrite/--resume)",
         EXISTING_RUN))
     mode: str = field(default="sync", metadata=_h("driver loop", MODES))
-    aggregation: str = _choice("aggregation", "auto", "aggregation rule (auto: fedavg at one rank, fedhl for mixed)",
-                               extra=("auto",))
+    aggregation: str = _choice("aggregation", AUTO_AGGREGATION, f"aggregation rule ({AUTO_AGGREGATION}: {AUTO_ONE_RANK} "
+                               f"at one rank, {AUTO_MIXED_RANKS} for mixed)", extra=(AUTO_AGGREGATION,))
     selector: str = _choice("selector", "random", "client selection")
     server_optimizer: str = _choice("server-optimizer", "sgd", "what the server does with each aggregated change")
     num_rounds: int = field(default=12, metadata=_h("global versions to produce", low=1))
@@ -201,23 +209,33 @@ class RunConfig:
                               "a CSV/JSONL/Parquet file the server evaluates on.")
         if len(self.label_tuple()) == 1:
             raise ConfigError(f"`labels` = {self.labels!r} holds one class; a classifier needs at least two.")
+        self._check_ranks()
+        info = TASKS[self.task]
+        self._check_model(info)
+        if self.dataset != AUTO and self.dataset not in info.datasets:
+            raise ConfigError(f"`dataset` = {self.dataset!r} is not a corpus of task {self.task}; choose one of "
+                              f"{list(info.datasets)}.")
+        self._check_components()
+        self._refuse_unread_keys()
+
+    def _check_components(self) -> None:
+        """Build the LoRA spec and every chosen component's config (for `auto`, each aggregator it may become)."""
+        try:
+            self.lora_spec()
+            for kind in REGISTRIES:
+                names = self.aggregation_candidates() if kind == "aggregation" else (None,)
+                for name in names:
+                    self.component_config(kind, name)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def _check_ranks(self) -> None:
+        """Every simulated rank (`lora-rank`, `ranks`) within 1..`max-rank`."""
         if self.lora_rank > self.max_rank:
             raise ConfigError(f"`lora-rank` = {self.lora_rank} exceeds `max-rank` = {self.max_rank}; raise `max-rank`.")
         for r in self.rank_list():
             if not 1 <= r <= self.max_rank:
                 raise ConfigError(f"`ranks` holds {r}, outside 1..{self.max_rank} (`max-rank`).")
-        info = TASKS[self.task]
-        self._check_model(info)
-        if self.dataset != "auto" and self.dataset not in info.datasets:
-            raise ConfigError(f"`dataset` = {self.dataset!r} is not a corpus of task {self.task}; choose one of "
-                              f"{list(info.datasets)}.")
-        try:
-            self.lora_spec()
-            for kind in REGISTRIES:
-                self.component_config(kind)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        self._refuse_unread_keys()
 
     def _check_sim_data(self) -> None:
         """`partition-by` and `partitioner` describe how a `sim-data` file is cut."""
@@ -237,27 +255,32 @@ class RunConfig:
             raise ConfigError(f"`checkpoint-every` writes peft adapters, but task {self.task} trains its whole model "
                               "(no adapter); set checkpoint-every=0 (the final model is in global.npz).")
         if not is_model_path(self.model):
-            if self.model != "auto" and self.model not in info.models:
+            if self.model != AUTO and self.model not in info.models:
                 raise ConfigError(f"`model` = {self.model!r} is not a model of task {self.task}; choose one of "
                                   f"{list(info.models)}, or give the path of a Hugging Face model folder.")
             return
         if not info.uses_lora:
+            lora_tasks = " or ".join(f"task={t.name}" for t in TASKS.values() if t.uses_lora)
             raise ConfigError(f"task {self.task} trains only its built-in model {list(info.models)}; a model folder "
-                              "needs task=text-classification or task=causal-lm.")
+                              f"needs {lora_tasks}.")
         try:
             model_type = read_model_type(self.model)
         except ModelError as e:
             raise ConfigError(str(e)) from None
-        if self.task == "causal-lm" and model_type not in DECODER_TYPES:
+        if info.generates and model_type not in DECODER_TYPES:
             raise ConfigError(f"`model` = {self.model!r} is a {model_type} encoder, which cannot generate; "
-                              "task=causal-lm needs a decoder (Llama, Qwen, Mistral, SmolLM, ...).")
+                              f"task={self.task} needs a decoder (Llama, Qwen, Mistral, SmolLM, ...).")
 
     def _refuse_async_aggregation(self) -> None:
         """Refuse an aggregator that declares it cannot run under asynchronous weights (`supports_async`)."""
         aggregators = REGISTRIES["aggregation"]
-        if self.mode != "async" or self.aggregation == "auto" or aggregators[self.aggregation].cls.supports_async:
+
+        def supports_async(choice: str) -> bool:
+            return all(aggregators[n].cls.supports_async for n in aggregation_candidates(choice))
+
+        if self.mode != "async" or supports_async(self.aggregation):
             return
-        ok = ["auto", *(n for n in aggregators.names() if aggregators[n].cls.supports_async)]
+        ok = [n for n in (AUTO_AGGREGATION, *aggregators.names()) if supports_async(n)]
         raise ConfigError(
             f"`aggregation` = {self.aggregation!r} cannot run with mode=async: it replaces the global model with "
             "Σ w_i x_i, and asynchronous weights (staleness, FedFix's d_i) do not sum to 1, so even unchanged "
@@ -296,15 +319,23 @@ class RunConfig:
             return False
         if kind == "staleness" and not ASYNC_RULES[self.async_rule].cls.uses_staleness:
             return False
-        if kind == "aggregation" and chosen == "auto":
-            return name in ("fedavg", "fedhl")  # auto resolves to one of these when the nodes' ranks are known
+        if kind == "aggregation":  # auto: either aggregator it may resolve to reads its keys
+            return name in self.aggregation_candidates()
         return chosen == name
 
-    def component_config(self, kind: str) -> Any:
-        """The typed config of the component this run chooses for `kind` (e.g. FedBuffConfig for async-rule)."""
-        name = getattr(self, kind.replace("-", "_"))
-        if kind == "aggregation" and name == "auto":
-            name = "fedhl"
+    def aggregation_candidates(self) -> tuple[str, ...]:
+        """The aggregators this run may use: the chosen one, or both that `auto` resolves to by the nodes' ranks."""
+        return aggregation_candidates(self.aggregation)
+
+    def component_config(self, kind: str, name: str | None = None) -> Any:
+        """The typed config of component `name` of `kind` (default: the run's choice), e.g. FedBuffConfig.
+
+        `aggregation = auto` names no component until the nodes' ranks resolve it
+        (`corolla.strategies.registry.resolve_aggregation`): pass the resolved name.
+        """
+        name = name or getattr(self, kind.replace("-", "_"))
+        if kind == "aggregation" and name == AUTO_AGGREGATION:
+            raise ValueError("aggregation=auto has no config until the nodes' ranks resolve it; pass the resolved name")
         return REGISTRIES[kind].config(name, self.to_mapping())
 
     def simulation_only_keys(self) -> list[str]:

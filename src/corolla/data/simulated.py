@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 
 from corolla.data import silo as data
 from corolla.data.silo import SiloError
+from corolla.spec import TASKS
 
 #: nodes of a split file when `--nodes` is not given (the built-in corpus's default too)
 DEFAULT_NODES = 20
@@ -187,7 +188,7 @@ def load_node(task: Any, sd: SimData, pid: int, n: int) -> datasets.Dataset:
 
 
 def _scheme(task: Any, sd: SimData) -> tuple[str, float, int, int]:
-    if sd.partitioner != "iid" and task.name != "text-classification":
+    if sd.partitioner != "iid" and not TASKS[task.name].splits_by_label:
         raise SiloError(f"partitioner={sd.partitioner} splits by label, and task {task.name} has none; use --partitioner "
                         "iid or --partition-by COLUMN.")
     return sd.partitioner, sd.alpha, sd.classes_per_node, sd.seed
@@ -236,7 +237,7 @@ class _label_hint:
         return None
 
     def __exit__(self, typ: Any, exc: BaseException | None, tb: Any) -> None:
-        if not isinstance(exc, SiloError) or "unknown label" not in str(exc) or self.task.name != "text-classification":
+        if not isinstance(exc, SiloError) or "unknown label" not in str(exc) or not TASKS[self.task.name].has_labels:
             return
         files = silo_files(self.sd.path) if self.sd.kind == "folder" else [Path(self.sd.path)]
         found: set[str] = set()

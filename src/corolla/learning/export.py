@@ -22,7 +22,7 @@ from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from corolla.config import RunConfig
 from corolla.learning.tasks import build_task
 from corolla.learning.tasks.base import Task
-from corolla.spec import LoraSpec
+from corolla.spec import TASKS, LoraSpec
 
 BASE_PREFIX = "base_model.model."
 
@@ -43,10 +43,11 @@ def run_config(run_dir: str | Path) -> RunConfig:
     return RunConfig.from_mapping(values)
 
 
-def load_run(run_dir: str | Path) -> tuple[RunConfig, dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(configuration, ΔW per layer, dense parameters) of a finished run directory."""
+def load_run(run_dir: str | Path, cfg: RunConfig | None = None,
+             ) -> tuple[RunConfig, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(configuration, ΔW per layer, dense parameters) of a finished run directory (`cfg`: its configuration, if read)."""
     d = Path(run_dir)
-    cfg = run_config(d)
+    cfg = cfg or run_config(d)
     with np.load(d / "global.npz") as g:
         deltas = {k.removeprefix("delta/"): g[k] for k in g.files if k.startswith("delta/")}
         dense = {k.removeprefix("dense/"): g[k] for k in g.files if k.startswith("dense/")}
@@ -130,9 +131,13 @@ def write_adapter(cfg: RunConfig, deltas: dict[str, np.ndarray], dense: dict[str
     return report
 
 
-def load_exported(run_dir: str | Path, adapter_dir: str | Path) -> tuple[Task, PeftModel]:
-    """The run's base model with an exported adapter loaded by peft (what a user's own code does)."""
-    task = build_task(run_config(run_dir).task_spec())
+def load_exported(run: str | Path | RunConfig, adapter_dir: str | Path) -> tuple[Task, PeftModel]:
+    """The run's base model with an exported adapter loaded by peft (what a user's own code does).
+
+    `run`: the run directory, or its configuration when the caller has read it already.
+    """
+    cfg = run if isinstance(run, RunConfig) else run_config(run)
+    task = build_task(cfg.task_spec())
     model = PeftModel.from_pretrained(task.load_base_model(), str(adapter_dir))
     return task, model.eval()
 
@@ -142,10 +147,11 @@ def generate(run_dir: str | Path, prompts: list[str], rank: int | None = None, m
     import tempfile
 
     cfg = run_config(run_dir)
-    if cfg.task != "causal-lm":
+    if not TASKS[cfg.task].generates:
+        generating = " or ".join(f"task={t.name}" for t in TASKS.values() if t.generates)
         raise ExportError(f"the run trained a {cfg.task} model, which does not generate; `corolla generate` needs a "
-                          "task=causal-lm run.")
-    with tempfile.TemporaryDirectory() as tmp:
-        export_adapter(run_dir, tmp, rank)
-        task, model = load_exported(run_dir, tmp)
+                          f"{generating} run.")
+    with tempfile.TemporaryDirectory() as tmp:  # the configuration read above serves the export and the load
+        write_adapter(*load_run(run_dir, cfg), tmp, rank)
+        task, model = load_exported(cfg, tmp)
         return task.generate(model, prompts, torch.device("cpu"), max_new_tokens=max_new_tokens)

@@ -14,7 +14,7 @@ import numpy as np
 
 from corolla import __version__
 from corolla.proto import trainer_pb2
-from corolla.spec import TaskSpec, parse_labels
+from corolla.spec import AUTO, TaskSpec, parse_labels
 
 SOFTWARE_VERSION = __version__
 
@@ -84,10 +84,10 @@ def task_spec_proto(record: Mapping[str, Any]) -> trainer_pb2.TaskSpec:
     """`task_record`'s fields → the trainer's TaskSpec message; empty (keep what you hold) when absent."""
     if not record.get(TASK):
         return trainer_pb2.TaskSpec()
-    return trainer_pb2.TaskSpec(task=str(record[TASK]), model=str(record.get(MODEL, "auto")),
-                                dataset=str(record.get(DATASET, "auto")),
+    return trainer_pb2.TaskSpec(task=str(record[TASK]), model=str(record.get(MODEL, AUTO)),
+                                dataset=str(record.get(DATASET, AUTO)),
                                 labels=list(parse_labels(str(record.get(LABELS, "")))),
-                                max_length=int(record.get(MAX_LENGTH, 64)),
+                                max_length=int(record.get(MAX_LENGTH, TaskSpec.max_length)),
                                 fingerprint=str(record.get(BASE_FINGERPRINT, "")))
 
 
@@ -95,8 +95,8 @@ def task_spec_from_proto(msg: trainer_pb2.TaskSpec) -> tuple[TaskSpec | None, st
     """The requested TaskSpec and the server's fingerprint; (None, "") for an empty message (an older server)."""
     if not msg.task:
         return None, ""
-    spec = TaskSpec(task=msg.task, model=msg.model or "auto", dataset=msg.dataset or "auto",
-                    labels=tuple(msg.labels), max_length=int(msg.max_length) or 64)
+    spec = TaskSpec(task=msg.task, model=msg.model or AUTO, dataset=msg.dataset or AUTO,
+                    labels=tuple(msg.labels), max_length=int(msg.max_length) or TaskSpec.max_length)
     return spec, msg.fingerprint
 
 

@@ -13,18 +13,17 @@ from corolla.strategies.base import Aggregator, Selector
 from corolla.strategies.fedavg import FedAvg
 from corolla.strategies.fedbuff import AsyncRule
 from corolla.strategies.guard import GuardConfig, UpdateGuard
+from corolla.strategies.registry import resolve_aggregation as resolve_name
 
 
 def resolve_aggregation(cfg: RunConfig, ranks: list[int]) -> tuple[str, int]:
     """Return (aggregation, rank of the initial adapter) for the ranks of the nodes that joined.
 
-    `auto` is FedAvg when every node has one rank and FedHL when ranks differ.
-    FedAvg's global adapter has the nodes' common rank; the heterogeneous-rank
-    methods start from an adapter at `max-rank`.
+    `auto` resolves by the one rule in `corolla.strategies.registry.resolve_aggregation`
+    (FedAvg at one rank, FedHL for mixed). FedAvg's global adapter has the nodes'
+    common rank; the heterogeneous-rank methods start from an adapter at `max-rank`.
     """
-    name = cfg.aggregation
-    if name == "auto":
-        name = "fedavg" if len(set(ranks)) <= 1 else "fedhl"
+    name = resolve_name(cfg.aggregation, ranks)
     if issubclass(AGGREGATORS[name].cls, FedAvg):  # one rank for all (FedAvg, FedMedian, FedTrimmedAvg)
         return name, ranks[0] if ranks else cfg.lora_rank
     if 0 in ranks:
@@ -35,7 +34,7 @@ def resolve_aggregation(cfg: RunConfig, ranks: list[int]) -> tuple[str, int]:
 def build_aggregator(cfg: RunConfig, name: str, initial: Mapping[str, np.ndarray]) -> Aggregator:
     """The aggregator `name` with its typed config, owning the run's server optimizer."""
     reg = AGGREGATORS[name]
-    options = AGGREGATORS.config(name, cfg.to_mapping())
+    options = cfg.component_config("aggregation", name)
     kwargs = dataclasses.asdict(options) if options is not None else {}
     aggregator = reg.cls(initial, cfg.lora_spec(), **kwargs)  # type: ignore[call-arg]
     opt = SERVER_OPTIMIZERS[cfg.server_optimizer]

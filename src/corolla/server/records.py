@@ -132,6 +132,16 @@ def summarize(evals: list[dict[str, Any]]) -> dict[str, Any]:
             "versions": evals[-1]["version"], "peak_version": evals[accs.index(peak)]["version"]}
 
 
+def aggregation_of(config: dict[str, Any], summary: dict[str, Any] | None = None) -> str:
+    """The aggregator a run used: the one the server resolved (summary.json) over the configured choice.
+
+    A finished run's summary holds the aggregator's own name, so a run configured
+    `auto` reports `fedavg` or `fedhl` — the same name the server factory chose —
+    and a running one (no summary yet) its configured choice.
+    """
+    return str((summary or {}).get("aggregation") or config.get("aggregation"))
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Read a JSON-lines file (missing file: empty list)."""
     p = Path(path)

@@ -6,7 +6,7 @@ import json
 import statistics
 from pathlib import Path
 
-from corolla.server.records import read_jsonl, summarize
+from corolla.server.records import aggregation_of, read_jsonl, summarize
 
 
 def plot_curves(evals: list[dict], path: Path, title: str) -> None:
@@ -43,7 +43,7 @@ def write_report(run_dir: str | Path) -> Path:
     evals = read_jsonl(d / "metrics.jsonl")
     updates = read_jsonl(d / "updates.jsonl")
     summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").exists() else summarize(evals)
-    title = f"{cfg.get('aggregation')} · {cfg.get('model')} · {cfg.get('dataset')} · {cfg.get('mode')}"
+    title = f"{aggregation_of(cfg, summary)} · {cfg.get('model')} · {cfg.get('dataset')} · {cfg.get('mode')}"
     if evals:
         plot_curves(evals, d / "curves.png", title)
     accepted = [u for u in updates if u.get("status") == "accepted"]

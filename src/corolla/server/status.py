@@ -12,7 +12,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from corolla.server.records import read_jsonl
+from corolla.server.records import aggregation_of, read_jsonl
 
 
 class StatusError(FileNotFoundError):
@@ -30,10 +30,11 @@ def run_status(run_dir: str | Path, reasons: int = 3) -> str:
     updates = read_jsonl(d / "updates.jsonl")
     nodes = read_jsonl(d / "nodes.jsonl")
     finished = (d / "summary.json").is_file()
+    summary = json.loads((d / "summary.json").read_text()) if finished else None
     mode = cfg.get("mode", "sync")
     rule = cfg.get("async-rule") if mode == "async" else None
     lines = [f"run {d}: {'finished' if finished else 'running'} · {mode}{f' ({rule})' if rule else ''} · "
-             f"aggregation {cfg.get('aggregation')} · selector {cfg.get('selector')}"]
+             f"aggregation {aggregation_of(cfg, summary)} · selector {cfg.get('selector')}"]
     if evals:
         last = evals[-1]
         best = max(evals, key=lambda e: e["accuracy"])

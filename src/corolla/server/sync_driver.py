@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
+
+from flwr.app import Message
 
 from corolla.server import codec
 from corolla.server.federation import Federation, RejectedReply
 from corolla.server.records import RoundTimer
-from corolla.strategies import ClientUpdate
+from corolla.strategies import ClientUpdate, Dispatch
 from corolla.strategies.exceptions import StrategyError
 from corolla.strategies.guard import guard_notes
 
@@ -39,15 +42,10 @@ def play_round(fed: Federation, rnd: int) -> RoundTimer:
     """
     cfg = fed.cfg
     timer = RoundTimer(registered=len(fed.nodes.nodes))
-    usable = fed.refresh_nodes()
-    if not usable:  # every node gone or unavailable: wait for one (at most round-timeout), never spin through rounds
-        try:
-            usable = fed.nodes.refresh(wait_for=1)
-        except TimeoutError:
-            log.warning("round %d: no usable node within %.0fs (reasons in nodes.jsonl); the global model is unchanged",
-                        rnd, cfg.round_timeout)
-            timer.lap("wait_s")  # waiting for a node, not the server's work
-            return timer
+    usable = _usable_nodes(fed, rnd)
+    if usable is None:
+        timer.lap("wait_s")  # waiting for a node, not the server's work
+        return timer
     timer.row["usable"] = len(usable)
     picked = fed.select(usable, cfg.clients_per_round, rnd)
     timer.lap("select_s")
@@ -57,6 +55,40 @@ def play_round(fed: Federation, rnd: int) -> RoundTimer:
     replies = fed.grid.send_and_receive(msgs, timeout=cfg.round_timeout)
     timer.lap("exchange_s")
     sent_to = {str(m.metadata.message_id): n for m, n in zip(msgs, sent)}  # ids given when pushed
+    updates = _validate(fed, rnd, replies, sent, sent_to)
+    timer.lap("validate_s")
+    if not updates:
+        log.warning("round %d: no usable updates; the global model is unchanged", rnd)
+        return timer
+    if not _aggregate(fed, rnd, updates, timer):
+        return timer
+    log.info("round %d: aggregated %d of %d updates", rnd, len(updates), len(picked))
+    if fed.aggregator.version % cfg.eval_every == 0 or rnd == cfg.num_rounds:
+        fed.evaluate(clients=len(updates))
+        timer.lap("evaluate_s")
+    timer.row["updates"] = len(updates)
+    return timer
+
+
+def _usable_nodes(fed: Federation, rnd: int) -> list[int] | None:
+    """The usable nodes now; with none, wait for one (at most round-timeout) rather than spin through rounds.
+
+    None: no node came within the wait (the round is skipped and the model unchanged).
+    """
+    usable = fed.refresh_nodes()
+    if usable:
+        return usable
+    try:
+        return fed.nodes.refresh(wait_for=1)
+    except TimeoutError:
+        log.warning("round %d: no usable node within %.0fs (reasons in nodes.jsonl); the global model is unchanged",
+                    rnd, fed.cfg.round_timeout)
+        return None
+
+
+def _validate(fed: Federation, rnd: int, replies: Iterable[Message], sent: dict[int, Dispatch],
+              sent_to: dict[str, int]) -> list[ClientUpdate]:
+    """The round's valid updates; every other reply, and every node that sent none, is recorded with the reason."""
     updates: list[ClientUpdate] = []
     answered: set[int] = set()
     for reply in replies:
@@ -76,12 +108,13 @@ def play_round(fed: Federation, rnd: int) -> RoundTimer:
                 fed.job_failed(nid, str(e))
             else:
                 fed.record_update(None, nid, "rejected", str(e))
-    for nid in sorted(set(picked) - answered):
-        fed.record_update(None, nid, "failed", f"node {nid} did not reply within {cfg.round_timeout:.0f}s")
-    timer.lap("validate_s")
-    if not updates:
-        log.warning("round %d: no usable updates; the global model is unchanged", rnd)
-        return timer
+    for nid in sorted(set(sent) - answered):
+        fed.record_update(None, nid, "failed", f"node {nid} did not reply within {fed.cfg.round_timeout:.0f}s")
+    return updates
+
+
+def _aggregate(fed: Federation, rnd: int, updates: list[ClientUpdate], timer: RoundTimer) -> bool:
+    """Aggregate and record each update's weight; a failed step rejects them all and leaves the model (False)."""
     try:
         weights = fed.aggregator.aggregate(updates)
     except StrategyError as e:
@@ -89,17 +122,11 @@ def play_round(fed: Federation, rnd: int) -> RoundTimer:
         for u in updates:
             fed.record_update(u, u.node_id, "rejected", e.reason)
         timer.lap("aggregate_s")  # the failed step and its rejections
-        return timer
+        return False
     timer.lap("aggregate_s")
     for u, w, note in zip(updates, weights.lora, guard_notes(fed.aggregator, len(updates))):
         fed.record_update(u, u.node_id, "accepted", weight=float(w), applied_version=fed.aggregator.version,
                           guard=note)
     fed.selector.observe(updates, rnd)
     timer.lap("record_s")
-    log.info("round %d: aggregated %d of %d updates", rnd, len(updates), len(picked))
-    if fed.aggregator.version % cfg.eval_every == 0 or rnd == cfg.num_rounds:
-        fed.evaluate(clients=len(updates))
-        timer.lap("evaluate_s")
-    timer.row["updates"] = len(updates)
-    return timer
-
+    return True

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 FedHLWeighting = Literal["truncation", "uniform", "examples", "relative", "relative-examples"]
 FEDHL_WEIGHTINGS = ("truncation", "uniform", "examples", "relative", "relative-examples")
-SVD_METHODS = ("auto", "exact", "randomized")
+SVD_METHODS = lora_ops.SVD_METHODS  # the routes lora_ops.top_svd implements
 #: when FedHL folds an aggregated change into its dense W: `background` (after the next version's SVD, in a
 #: thread, while clients train) or `inline` (before apply returns)
 FOLDS = ("background", "inline")

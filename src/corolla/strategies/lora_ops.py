@@ -150,6 +150,10 @@ class TopSVD:
         return max(self.frob2 - head, 0.0)
 
 
+#: the SVD routes `top_svd` takes (the run configuration's `svd` choices)
+SVD_METHODS = ("auto", "exact", "randomized")
+
+
 def svd_route(w: torch.Tensor, k: int, method: str = "auto") -> str:
     """`exact` or `randomized`: what `top_svd(w, k, method)` runs (auto: randomized when k is small against w)."""
     k = min(k, *w.shape)
@@ -189,7 +193,7 @@ def top_svd(w: torch.Tensor, k: int, method: str = "auto", seed: int = 0, start:
         finally:
             torch.random.set_rng_state(gen_state)
         return TopSVD(u[:, :k], s[:k], v[:, :k].T, frob2)
-    raise ValueError(f"`svd` must be one of auto, exact, randomized; got {method!r}")
+    raise ValueError(f"`svd` must be one of {', '.join(SVD_METHODS)}; got {method!r}")
 
 
 #: values of `aggregation-device` besides cuda:N

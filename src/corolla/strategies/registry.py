@@ -8,6 +8,8 @@ Adding an aggregator is one `register` line plus its file.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from corolla.strategies.base import Aggregator, Selector, StalenessWeight
 from corolla.strategies.fedavg import FedAvg
 from corolla.strategies.fedbuff import AsyncRule, FedAsync, FedAsyncConfig, FedBuff, FedBuffConfig
@@ -48,6 +50,26 @@ AGGREGATORS.register("fedmedian", FedMedian, None,
                       "coordinate-wise median of the client deltas (robust; one rank for all clients)")
 AGGREGATORS.register("fedtrimmedavg", FedTrimmedAvg, TrimConfig,
                       "coordinate-wise trimmed mean of the client deltas (robust; one rank for all clients)")
+
+#: `aggregation = auto`: the aggregator chosen once the first nodes' ranks are known — FedAvg when they all train
+#: at one rank (nothing to reconcile), FedHL when ranks differ. Config validation, the server's factory and the
+#: help text all read these three names, through the two functions below.
+AUTO_AGGREGATION = "auto"
+AUTO_ONE_RANK = "fedavg"
+AUTO_MIXED_RANKS = "fedhl"
+
+
+def aggregation_candidates(choice: str) -> tuple[str, ...]:
+    """The aggregators `choice` may turn out to be before the nodes' ranks are known (config validation)."""
+    return (AUTO_ONE_RANK, AUTO_MIXED_RANKS) if choice == AUTO_AGGREGATION else (choice,)
+
+
+def resolve_aggregation(choice: str, ranks: Iterable[int]) -> str:
+    """The aggregator `choice` means for nodes at `ranks`: `auto` is FedAvg at one rank (or none yet), else FedHL."""
+    if choice != AUTO_AGGREGATION:
+        return choice
+    return AUTO_ONE_RANK if len(set(ranks)) <= 1 else AUTO_MIXED_RANKS
+
 
 SELECTORS: Registry[Selector] = Registry("selector")
 SELECTORS.register("random", UniformSelector, None, "uniform random without replacement")

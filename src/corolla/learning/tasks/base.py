@@ -20,7 +20,7 @@ import torch
 from peft import LoraConfig
 from torch import nn
 
-from corolla.spec import LoraSpec, TaskSpec
+from corolla.spec import TASKS, LoraSpec, TaskInfo, TaskSpec
 
 
 def trim_padding(inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -124,8 +124,16 @@ class Task(ABC):
     """A model family plus a data kind."""
 
     name: ClassVar[str]
-    #: False for tasks that train and exchange the whole model (no adapter, rank 0)
-    uses_lora: ClassVar[bool] = True
+
+    @property
+    def info(self) -> TaskInfo:
+        """The task's entry in the one catalogue (`corolla.spec.TASKS`): what it can do, declared once."""
+        return TASKS[self.name]
+
+    @property
+    def uses_lora(self) -> bool:
+        """False for tasks that train and exchange the whole model (no adapter, rank 0); read from the catalogue."""
+        return self.info.uses_lora
 
     def __init__(self, spec: TaskSpec) -> None:
         self.spec = spec

@@ -80,7 +80,6 @@ class ImageClassification(Task):
     """SmallCNN on Fashion-MNIST; the whole model is trained and exchanged."""
 
     name = "image-classification"
-    uses_lora = False
 
     @property
     def label_names(self) -> tuple[str, ...]:
