@@ -46,8 +46,15 @@ from tests.fakes import (
 
 pytestmark = pytest.mark.timeout(20)
 
-SYNC = {"num-rounds": 3, "min-nodes": 2, "round-timeout": 30.0}
-ASYNC = {"mode": "async", "num-rounds": 3, "min-nodes": 2, "round-timeout": 30.0, "concurrency": 2}
+#: the fake nodes move every value by their `step` (up to 0.5) per job: at lr 2 (decaying 0.9 per version) 10 AdamW
+#: steps can move a value that far for 20 versions (the server rejects any change beyond what the job's optimizer can
+#: make: adam_change_bound)
+FAKE_LR = {"lr": 2.0}
+#: so large an lr that 10⁴× factors are within what AdamW could do: the tests of the norm guard and the robust centres
+#: use it, so that what bounds the scaling liar there is the guard, not the optimizer bound
+SCALE_LR = {"lr": 1e8}
+SYNC = {"num-rounds": 3, "min-nodes": 2, "round-timeout": 30.0, **FAKE_LR}
+ASYNC = {"mode": "async", "num-rounds": 3, "min-nodes": 2, "round-timeout": 30.0, "concurrency": 2, **FAKE_LR}
 
 
 @pytest.fixture(autouse=True)
@@ -166,7 +173,7 @@ def test_sync_happy_path_versions_weights_and_model(tmp_path):
     for j in jobs:
         v = j.config[wire.MODEL_VERSION]
         assert j.config[wire.SERVER_ROUND] == v + 1 and j.config[wire.LORA_RANK] == 2
-        assert j.config[wire.LR] == pytest.approx(0.003 * 0.9**v)
+        assert j.config[wire.LR] == pytest.approx(FAKE_LR["lr"] * 0.9**v)
         np.testing.assert_allclose(flower_arrays.from_record(j.message.content[wire.ARRAYS])[HEAD], v * shift / 3, rtol=1e-5)
     assert len(read_jsonl(run.dir / "selection.jsonl")) == 3
     assert run.evaluator.initial_ranks == [2]
@@ -799,7 +806,7 @@ def test_sync_reply_claiming_more_examples_than_declared_is_capped_to_the_declar
 def test_sync_factors_scaled_ten_thousand_times_are_clipped_to_four_times_the_median(tmp_path):
     def run_with(lie: str, **keys) -> Run:
         nodes = [FakeNode(1, step=0.1), FakeNode(2, step=0.1), LyingNode(3, step=0.1, lies=[lie])]
-        run = lying_federation(tmp_path / f"{lie}{len(keys)}", nodes, SYNC, **{"min-nodes": 3, **keys})
+        run = lying_federation(tmp_path / f"{lie}{len(keys)}", nodes, SYNC, **{"min-nodes": 3, **SCALE_LR, **keys})
         run.run()
         return run
 
@@ -864,7 +871,7 @@ def test_sync_node_that_declared_a_huge_silo_at_join_gets_at_most_half_of_a_step
 def test_async_fedbuff_caps_lied_counts_and_clips_scaled_factors(tmp_path):
     nodes = [FakeNode(1, delay=1.0, step=0.1), FakeNode(2, delay=1.5, step=0.2),
              LyingNode(3, delay=2.0, step=0.1, lies=["scale", "examples"] * 4)]
-    run = lying_federation(tmp_path, nodes, ASYNC, **{"concurrency": 3, "buffer-size": 3, "min-nodes": 3,
+    run = lying_federation(tmp_path, nodes, ASYNC, **{"concurrency": 3, "buffer-size": 3, "min-nodes": 3, **SCALE_LR,
                                                       "num-rounds": 4})
     summary = run.run()
 
@@ -878,7 +885,7 @@ def test_async_fedbuff_caps_lied_counts_and_clips_scaled_factors(tmp_path):
 
 def test_fedmedian_through_the_driver_ignores_a_scaling_liar_even_without_clipping(tmp_path):
     nodes = [FakeNode(1, step=0.1), FakeNode(2, step=0.2), LyingNode(3, step=0.3, lies=["scale"])]
-    run = lying_federation(tmp_path, nodes, SYNC, **{"min-nodes": 3, "aggregation": "fedmedian",
+    run = lying_federation(tmp_path, nodes, SYNC, **{"min-nodes": 3, "aggregation": "fedmedian", **SCALE_LR,
                                                      "max-update-norm": -1})
     summary = run.run()
 

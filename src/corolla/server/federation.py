@@ -27,9 +27,10 @@ from corolla.server.evaluation import Evaluator
 from corolla.server.factory import build_aggregator, build_selector, resolve_aggregation
 from corolla.server.nodes import NodeInfo, NodeRegistry
 from corolla.server.records import RECORDS, RunRecorder
+from corolla.spec import TASKS
 from corolla.strategies import Aggregator, Candidate, ClientUpdate, Dispatch
 from corolla.strategies.exceptions import StrategyError
-from corolla.strategies.guard import GuardNote
+from corolla.strategies.guard import GuardNote, adam_change_bound, excess_change
 
 log = logging.getLogger(__name__)
 
@@ -247,8 +248,31 @@ class Federation:
             self.aggregator.check(update)
         except StrategyError as e:
             raise RejectedReply(e.reason) from None
+        self._check_optimizer_bound(update)
         info.telemetry = dict(update.metrics)
         return update
+
+    def _check_optimizer_bound(self, update: ClientUpdate) -> None:
+        """Refuse a reply that moved a value further than the job's AdamW steps can (`adam_change_bound`).
+
+        This bound needs no other silo to compare with, so it holds in a two-site federation
+        and on the first asynchronous step, where the norm guard has no median yet. Only tasks
+        whose every returned array is trained by that optimizer are checked (not the image
+        task's whole model, whose BatchNorm statistics move outside it).
+        """
+        if not TASKS[self.cfg.task].uses_lora:
+            return
+        job = self.job_config(update.sent.version)
+        bound = adam_change_bound(job.lr, job.local_steps)
+        param_dtype = "bfloat16" if self.cfg.lora_dtype == "bfloat16" else "float32"
+        for key in sorted(update.arrays):
+            worst = excess_change(update.arrays[key], update.sent.arrays[key], bound, steps=job.local_steps,
+                                  wire_dtype=self.cfg.wire_dtype, param_dtype=param_dtype)
+            if worst is not None:
+                raise RejectedReply(
+                    f"node {update.node_id}: `{key}` changed a value by {worst:.4g}, more than {job.local_steps} AdamW "
+                    f"steps at lr {job.lr:.3g} can move it ({bound:.4g}); no corolla trainer does this, so the reply "
+                    "is rejected")
 
     def record_update(self, update: ClientUpdate | None, node_id: int, status: str, reason: str = "",
                       weight: float | None = None, applied_version: int | None = None,

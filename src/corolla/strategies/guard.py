@@ -220,3 +220,47 @@ def guard_notes(aggregator: Aggregator, n: int) -> list[GuardNote | None]:
     if guard is None or len(guard.last) != n:
         return [None] * n
     return list(guard.last)
+
+
+# ---- what an honest optimizer can do -------------------------------------------------------------------------
+#: AdamW's defaults in torch, which every corolla trainer uses (learning/train_loop.py)
+ADAM_BETAS = (0.9, 0.999)
+#: unit roundoff of each dtype values are stored or travel in: float32, float16, bfloat16
+UNIT_ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+
+
+def adam_change_bound(lr: float, steps: int, betas: tuple[float, float] = ADAM_BETAS) -> float:
+    """The most `steps` Adam(W) steps (no weight decay) can move one parameter, whatever the gradients.
+
+    Adam's step is lr · m̂_t / (√v̂_t + ε). By Cauchy–Schwarz over the moving averages,
+    |m_t| ≤ (1 − β₁)/√(1 − β₂) · √(Σ_{k<t} (β₁²/β₂)^k) · √v_t, and the bias corrections
+    multiply the ratio by √(1 − β₂^t)/(1 − β₁^t); ε only shrinks it. Summed over the steps
+    this is a bound no gradient sequence can exceed (Kingma & Ba 2015, §2.1 states the
+    asymptote, (1 − β₁)/√(1 − β₂) · 1/√(1 − β₁²/β₂)). At the defaults it is ≈ lr per step
+    for the first tens of steps (a constant gradient moves exactly lr per step), so it is
+    tight for a federated job: a silo's update is bounded without a crowd to compare with.
+    """
+    b1, b2 = betas
+    if not (0 <= b1 < 1 and 0 < b2 < 1 and b1 * b1 < b2):
+        raise ValueError(f"Adam betas {betas} are outside 0 <= β₁ < 1, 0 < β₂ < 1, β₁² < β₂")
+    q = b1 * b1 / b2
+    total, geometric = 0.0, 0.0
+    for t in range(1, steps + 1):
+        geometric += q ** (t - 1)
+        total += (1 - b1) / math.sqrt(1 - b2) * math.sqrt(geometric) * math.sqrt(1 - b2**t) / (1 - b1**t)
+    return lr * total
+
+
+def excess_change(returned: NDArray[np.floating], sent: NDArray[np.floating], bound: float, *, steps: int,
+                  wire_dtype: str, param_dtype: str = "float32") -> float | None:
+    """The largest per-value change above `bound` (None: every value within it), with rounding allowed for.
+
+    Both ends are rounded to the wire dtype (2 units of roundoff of each value) and each
+    optimizer step rounds the parameter to its own dtype (one unit per step).
+    """
+    r, s = np.asarray(returned, np.float64), np.asarray(sent, np.float64)
+    change = np.abs(r - s)
+    slack = (2 * UNIT_ROUNDOFF[wire_dtype] + steps * UNIT_ROUNDOFF[param_dtype]) * np.maximum(np.abs(r), np.abs(s))
+    over = change - (bound + slack + 1e-12)
+    worst = float(over.max()) if over.size else 0.0
+    return None if worst <= 0 else float(change.max())
