@@ -121,7 +121,7 @@ def route_fedhl(layers: int, d: int, clients: int, fold: str = "inline", svd_sta
 
     The replies' factors are generated before the clock starts and kept, as decoded replies
     sit in a server's memory; their bytes are reported (`updates_gb`) and left out of the
-    memory ratio. `inline` is the route before #14 (fold, then the dense randomized SVD);
+    memory ratio. `inline` is the route before the background fold (fold, then the dense randomized SVD);
     `background` takes the SVD matrix-free and folds in a thread: `latency_s` is the time
     from the last reply to the new version's last dispatch, `fold_s` the background fold
     after it (while clients would train). `svd_start` warm starts the new version's SVD from
@@ -302,9 +302,9 @@ def main() -> None:
         lines.append(f"| {r['layout']} ({r['layers']}×{r['d']}²) | {r['fedhl_full_s']:.1f} | "
                      f"{r['dense_full_s_extrapolated']:.1f} | {r['speedup']:.1f}× | {r['fedhl_peak_rss_gb']:.2f} | "
                      f"{r['dense_state_gb']:.2f} | {r['rss_ratio']:.2f} | {r['floor']['read_s']:.2f} |")
-    lines += ["", "Last reply → the new version's last dispatch (#14), same run: `inline` folds every reply into the "
-              "dense W first (the route before #14); `background` takes the next SVD matrix-free from W_t and the "
-              "returned factors and folds in a thread afterwards, while clients train.", "",
+    lines += ["", "Last reply → the new version's last dispatch, same run: `inline` folds every reply into the "
+              "dense W first (the route before the background fold); `background` takes the next SVD "
+              "matrix-free from W_t and the returned factors and folds in a thread afterwards, while clients train.", "",
               "| layout | Σ ranks | GEMM GFLOP/s | fold floor s | inline: latency s | background: latency s | "
               "background: fold after s | speed-up | inline mem ratio | background mem ratio | replies GB |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -2,7 +2,7 @@
 where W is built (the server), and a checkpoint always holds CPU tensors.
 
 No test needs a GPU: CUDA's presence is patched, so the refusals are the same on every machine. The CUDA
-path itself was not run in this repository's CI (no GPU there); NOTES.md says so.
+path itself was not run in this repository's CI (no GPU there); docs/design.md (Known limitations) says so.
 """
 
 from __future__ import annotations

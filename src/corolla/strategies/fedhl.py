@@ -128,7 +128,7 @@ class FedHL(Aggregator):
     rank r are kept rather than erased:
     W ← W + η Σ_i p_i (s_i B_i A_i − s_i B⁰_i A⁰_i).
 
-    Decisions the paper leaves open (documented in README): zero singular
+    Decisions the paper leaves open (documented in docs/design.md): zero singular
     directions start from peft's random A rows (B columns zero), so round 0 is
     exactly peft's initialisation; the truncation error of a dispatch is computed
     when it is sent; `svd="auto"` uses a randomized top-r SVD on large layers —
