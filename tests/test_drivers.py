@@ -53,6 +53,9 @@ FAKE_LR = {"lr": 2.0}
 #: so large an lr that 10⁴× factors are within what AdamW could do: the tests of the norm guard and the robust centres
 #: use it, so that what bounds the scaling liar there is the guard, not the optimizer bound
 SCALE_LR = {"lr": 1e8}
+#: the norm guard and the weight-share bound off: for tests of other rules whose fake steps differ more than 4× or whose
+#: two-update steps have unequal example counts (the guard would clip or equalise them: tests/strategies/test_robust.py)
+GUARD_OFF = {"max-update-norm": -1.0, "max-weight-share": 1.0}
 SYNC = {"num-rounds": 3, "min-nodes": 2, "round-timeout": 30.0, **FAKE_LR}
 ASYNC = {"mode": "async", "num-rounds": 3, "min-nodes": 2, "round-timeout": 30.0, "concurrency": 2, **FAKE_LR}
 
@@ -271,7 +274,7 @@ def test_sync_bad_reply_is_rejected_with_its_reason(tmp_path, behaviour, reason)
 @pytest.mark.parametrize("behaviour", ["version", "nan"])
 def test_async_bad_reply_is_rejected_and_the_node_gets_work_again(tmp_path, behaviour):
     nodes = [FakeNode(1, delay=1.0, step=0.1), FakeNode(2, delay=1.0, step=0.5, jobs=[behaviour, "ok"])]
-    run = federation(tmp_path, nodes, ASYNC, **{"async-rule": "fedasync"})
+    run = federation(tmp_path, nodes, ASYNC, **{"async-rule": "fedasync", **GUARD_OFF})
     summary = run.run()
 
     reason = dict(BAD_REPLIES)[behaviour]
@@ -447,7 +450,7 @@ def test_async_aggregation_error_records_the_updates_it_dropped(tmp_path, monkey
 def test_async_fedbuff_buffers_two_updates_per_version_with_staleness_weights(tmp_path):
     nodes = [FakeNode(1, delay=1.0, num_examples=10, step=0.1), FakeNode(2, delay=2.0, num_examples=30, step=0.2),
              FakeNode(3, delay=3.0, num_examples=60, step=0.3)]
-    run = federation(tmp_path, nodes, ASYNC, **{"concurrency": 3, "buffer-size": 2, "min-nodes": 3})
+    run = federation(tmp_path, nodes, ASYNC, **{"concurrency": 3, "buffer-size": 2, "min-nodes": 3, **GUARD_OFF})
     summary = run.run()
 
     assert summary["versions"] == 3 and summary["mode"] == "async"
@@ -711,7 +714,7 @@ def test_async_fedfix_aggregates_on_its_interval_with_unbiased_weights(tmp_path)
     # d_i = p_i ⌈τ_i / Δt⌉ = 0.25 · 1 and 0.75 · 2 (the paper's weights, unnormalised)
     nodes = [FakeNode(1, delay=1.0, num_examples=10, step=0.1), FakeNode(2, delay=3.0, num_examples=30, step=0.2)]
     run = federation(tmp_path, nodes, ASYNC, **{"async-rule": "fedfix", "interval": 2.0, "num-rounds": 4,
-                                                "fedfix-weighting": "paper"})
+                                                "fedfix-weighting": "paper", **GUARD_OFF})
     summary = run.run()
 
     assert summary["versions"] == 4

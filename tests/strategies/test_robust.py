@@ -47,7 +47,7 @@ def test_cap_shares_bounds_and_redistributes_in_proportion(weights, cap, expecte
     assert out.sum() == pytest.approx(sum(weights))
 
 
-@pytest.mark.parametrize("k,share", [(1, 1.0), (2, 1.0), (3, 2 / 3), (4, 0.5), (6, 0.5), (100, 0.5)])
+@pytest.mark.parametrize("k,share", [(1, 1.0), (2, 0.5), (3, 2 / 3), (4, 0.5), (6, 0.5), (100, 0.5)])
 def test_auto_share_is_two_equal_shares_then_the_majority_bound(k, share):
     assert auto_share(k) == pytest.approx(share)
 
@@ -102,9 +102,10 @@ def _guard_step(guard: UpdateGuard, norms: list[float]):
 
 
 def test_adaptive_bound_is_a_multiple_of_the_lower_median_and_remembers_clipped_norms():
-    guard = UpdateGuard()  # adaptive, 4 × median, from three norms on
-    out, _ = _guard_step(guard, [1.0, 2.0])  # two norms: no median to trust yet
-    assert [n.bound for n in guard.last] == [None, None] and [update_norm(u) for u in out] == pytest.approx([1, 2], 1e-5)
+    guard = UpdateGuard()  # adaptive, 4 × the lower median, from two norms on
+    out, _ = _guard_step(guard, [1.0, 2.0])  # two norms: the lower one, 1, sets the bound 4
+    assert [n.bound for n in guard.last] == pytest.approx([4.0, 4.0]) and [n.clipped for n in guard.last] == [None, None]
+    assert [update_norm(u) for u in out] == pytest.approx([1, 2], 1e-5)
     out, _ = _guard_step(guard, [10_000.0])  # pool 1, 2, 10⁴: median 2, bound 8
     [note] = guard.last
     assert note.bound == pytest.approx(8.0) and note.clipped == pytest.approx(8e-4)
@@ -113,6 +114,15 @@ def test_adaptive_bound_is_a_multiple_of_the_lower_median_and_remembers_clipped_
     _guard_step(guard, [30.0, 3.0])  # pool 1, 2, 8, 30, 3: lower median 3, bound 12
     assert [n.bound for n in guard.last] == pytest.approx([12.0, 12.0])
     assert [n.clipped for n in guard.last] == [pytest.approx(0.4), None]
+
+
+def test_two_sites_are_bounded_by_the_lower_norm_and_a_lone_first_update_is_not():
+    guard = UpdateGuard()
+    _guard_step(guard, [7.0])  # one norm, nothing remembered: nothing to compare with (the optimizer bound is the server's)
+    assert guard.last[0].bound is None and guard.last[0].clipped is None
+    guard = UpdateGuard()
+    out, weights = _guard_step(guard, [1.0, 10_000.0])  # an honest site and a rogue: the rogue is clipped to 4×
+    assert guard.last[1].clipped == pytest.approx(4e-4) and update_norm(out[1]) == pytest.approx(4.0, rel=1e-4)
 
 
 def test_fixed_and_disabled_norm_bounds():

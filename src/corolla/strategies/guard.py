@@ -35,14 +35,16 @@ class GuardConfig:
 
     max_weight_share: float = option(0.0, key="max-weight-share", low=0.0, help=(
         "largest share of one aggregation step's total weight a single update may get; the excess goes to the others "
-        "in proportion to their weights (0: auto, max(1/2, 2/k) for k updates, i.e. no bound at k <= 2; >= 1: none)"))
+        "in proportion to their weights (0: auto, 1/2 for 2 updates, max(1/2, 2/k) for k >= 3; >= 1: none)"))
     max_update_norm: float = option(0.0, key="max-update-norm", help=(
         "clip each update's change ‖returned − sent‖ over all its arrays (LoRA factors and dense) to this norm "
         "(0: adaptive, update-norm-multiple × the median of the step's and the last 64 accepted norms; < 0: off)"))
     update_norm_multiple: float = option(4.0, key="update-norm-multiple", low=1.0, help=(
         "adaptive max-update-norm: this multiple of the median update norm"))
     norm_window: int = option(64, key=None, help="accepted (clipped) update norms the adaptive bound remembers")
-    min_norms: int = option(3, key=None, help="norms known (the step's and remembered) before the adaptive bound applies")
+    min_norms: int = option(2, key=None, help=(
+        "norms known (the step's and remembered) before the adaptive bound applies; 2, so that a two-site step is "
+        "bounded by its lower norm"))
 
     def __post_init__(self) -> None:
         if not self.max_weight_share >= 0:
@@ -77,13 +79,17 @@ class GuardNote:
 
 
 def auto_share(k: int) -> float:
-    """The default bound on one update's share of a step of k updates: max(1/2, 2/k), and 1 (none) for k <= 2.
+    """The default bound on one update's share of a step of k updates: 1/2 for k = 2, max(1/2, 2/k) above, 1 alone.
 
-    Two equal shares for small steps, and for k >= 4 the majority bound: no single update
-    outweighs all the others together. An honest federation is capped only where one silo
-    holds more examples than the rest of the step combined.
+    Two sites get equal shares at most (a site's example count is its own claim, so in a
+    two-site federation the fair share is half); three get at most 2/3 each; from k = 4 on
+    it is the majority bound: no single update outweighs all the others together. An
+    honest federation of three or more is capped only where one silo holds more examples
+    than the rest of the step combined.
     """
-    return 1.0 if k <= 2 else max(0.5, 2.0 / k)
+    if k <= 1:
+        return 1.0
+    return 0.5 if k == 2 else max(0.5, 2.0 / k)
 
 
 def cap_shares(weights: ArrayLike, cap: float) -> NDArray[np.float64]:
