@@ -36,7 +36,11 @@ EXTRA_TENSOR = "backdoor.weight"
 
 
 def tell(reply: trainer_pb2.TrainReply, lie: str) -> trainer_pb2.TrainReply:
-    """The honest `reply` with `lie` told (a copy)."""
+    """The honest `reply` with `lie` told (a copy); `a+b` tells both."""
+    if "+" in lie:
+        for part in lie.split("+"):
+            reply = tell(reply, part)
+        return reply
     out = trainer_pb2.TrainReply()
     out.CopyFrom(reply)
     arrays = wire.decode_tensors(out.arrays)
@@ -66,6 +70,9 @@ def tell(reply: trainer_pb2.TrainReply, lie: str) -> trainer_pb2.TrainReply:
 class RogueServicer(TrainerServicer):
     """The trainer's servicer, whose Train replies lie (one lie of `LIES` per job, in order)."""
 
+    #: the lies told, one per job, cycling (`--lies`; default: every lie of `LIES`)
+    lies: list[str] = list(LIES)
+
     def __init__(self, trainer: object) -> None:
         super().__init__(trainer)  # type: ignore[arg-type]
         self.jobs = 0
@@ -73,7 +80,7 @@ class RogueServicer(TrainerServicer):
     def Train(self, request: trainer_pb2.TrainRequest, context: grpc.ServicerContext) -> trainer_pb2.TrainReply:  # noqa: N802
         """Train honestly, then lie."""
         reply = super().Train(request, context)
-        lie = list(LIES)[self.jobs % len(LIES)]
+        lie = self.lies[self.jobs % len(self.lies)]
         self.jobs += 1
         print(f"rogue: job {self.jobs} (version {request.base_version}): {lie}", flush=True)
         return tell(reply, lie)
@@ -83,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     """Serve the rogue trainer until SIGTERM."""
     p = argparse.ArgumentParser(prog="rogue trainer", description=__doc__)
     add_trainer_args(p)
+    p.add_argument("--lies", default=",".join(LIES), help="comma-separated lies, one per job, cycling; a+b tells both")
     args = p.parse_args(argv)
+    RogueServicer.lies = args.lies.split(",")
     server, port = serve(build_trainer(args), "127.0.0.1:0", servicer=RogueServicer)
     print(f"corolla-trainer listening on 127.0.0.1:{port}", flush=True)
     serve_until_signalled(server, grace=1)

@@ -111,7 +111,8 @@ def test_rank_mix_assignment():
 def test_resolve_aggregation():
     from corolla.server.factory import resolve_aggregation
 
-    assert resolve_aggregation(RunConfig(), [4, 4]) == ("fedavg", 4)
+    assert resolve_aggregation(RunConfig(), [4, 4]) == ("fedavg", 4)  # auto: the rank every joined node agrees on
+    assert resolve_aggregation(RunConfig.from_mapping({"aggregation": "fedavg"}), [4, 4]) == ("fedavg", 8)  # lora-rank
     assert resolve_aggregation(RunConfig(), [2, 8]) == ("fedhl", 32)
     assert resolve_aggregation(RunConfig.from_mapping({"aggregation": "flora", "max-rank": 16}), [2]) == ("flora", 16)
 
@@ -210,9 +211,9 @@ def test_choices_help_and_defaults_come_from_the_registries():
 
 def test_simulation_only_keys_are_refused_for_real_nodes():
     RunConfig().check_deployment()
-    cfg = RunConfig.from_mapping({"lora-rank": 4, "dirichlet-alpha": 0.1, "num-rounds": 3})
-    assert cfg.simulation_only_keys() == ["lora-rank", "dirichlet-alpha"]
-    with pytest.raises(ConfigError, match=r"\['lora-rank', 'dirichlet-alpha'\] describe a simulated fleet .* "
+    cfg = RunConfig.from_mapping({"ranks": "4,8", "dirichlet-alpha": 0.1, "num-rounds": 3, "lora-rank": 4})
+    assert cfg.simulation_only_keys() == ["ranks", "dirichlet-alpha"]  # lora-rank also sets FedAvg's global rank
+    with pytest.raises(ConfigError, match=r"\['ranks', 'dirichlet-alpha'\] describe a simulated fleet .* "
                                           r"`corolla client --rank`"):
         cfg.check_deployment()
 

@@ -131,10 +131,11 @@ def test_deployment_and_simulation_train_the_same_model_under_the_servers_lora_s
     give the same global model (float tolerance), with rslora=true and a non-default alpha that no trainer is told."""
     import numpy as np
 
-    common = {"model": "tiny-bert", "aggregation": "fedavg", "rslora": "true", "lora-alpha": 5.0, "num-rounds": 2,
+    common = {"model": "tiny-bert", "aggregation": "fedavg", "lora-rank": 4, "rslora": "true", "lora-alpha": 5.0,
+              "num-rounds": 2,
               "clients-per-round": 3, "min-nodes": 3, "local-steps": 2, "max-length": 32, "lr": 0.02, "seed": 7}
     sim_out, dep_out = tmp_path / "sim", tmp_path / "dep"
-    sim = [*COROLLA, "sim", "--out", str(sim_out), "--nodes", "3", "--set", "lora-rank=4", "--set", "dirichlet-alpha=0.5"]
+    sim = [*COROLLA, "sim", "--out", str(sim_out), "--nodes", "3", "--set", "dirichlet-alpha=0.5"]
     for k, v in common.items():
         sim += ["--set", f"{k}={v}"]
     fleet = f"127.0.0.1:{launch.free_port()}"

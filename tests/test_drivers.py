@@ -290,7 +290,7 @@ REFUSALS = [
     (FakeNode(3, software="0.0.1"), {}, f"runs corolla 0.0.1, the server runs {wire.SOFTWARE_VERSION}; install the same"),
     (FakeNode(3, num_examples=0), {}, "declares 0 training examples; a node needs at least one"),
     (FakeNode(3, query="malformed"), {}, "profile reply is malformed (KeyError('model-fingerprint'))"),
-    (FakeNode(3, rank=4), {"aggregation": "fedavg"},
+    (FakeNode(3, rank=4), {"aggregation": "fedavg", "lora-rank": 2},
      "fedavg: a client asked for rank 4 but the global adapter has rank 2; FedAvg needs one rank"),
 ]
 
@@ -888,7 +888,7 @@ def test_async_fedbuff_caps_lied_counts_and_clips_scaled_factors(tmp_path):
 
 def test_fedmedian_through_the_driver_ignores_a_scaling_liar_even_without_clipping(tmp_path):
     nodes = [FakeNode(1, step=0.1), FakeNode(2, step=0.2), LyingNode(3, step=0.3, lies=["scale"])]
-    run = lying_federation(tmp_path, nodes, SYNC, **{"min-nodes": 3, "aggregation": "fedmedian", **SCALE_LR,
+    run = lying_federation(tmp_path, nodes, SYNC, **{"min-nodes": 3, "aggregation": "fedmedian", "lora-rank": 2, **SCALE_LR,
                                                      "max-update-norm": -1})
     summary = run.run()
 

@@ -19,9 +19,9 @@ from tests.fakes import FakeNode, LyingNode
 from tests.test_drivers import ASYNC, HEAD, SYNC, by_version, federation, lying_federation, task_identity  # noqa: F401
 
 PROFILE_LIES = [
-    (FakeNode(3, rank=math.inf), "profile declares `lora-rank` = inf, not an integer in [1, 65536]"),
-    (FakeNode(3, rank=10**9), "profile declares `lora-rank` = 1000000000, not an integer in [1, 65536]"),
-    (FakeNode(3, rank=2.5), "profile declares `lora-rank` = 2.5, not an integer in [1, 65536]"),
+    (FakeNode(3, rank=math.inf), "profile declares `lora-rank` = inf, not an integer in [0, 65536]"),
+    (FakeNode(3, rank=10**9), "profile declares `lora-rank` = 1000000000, not an integer in [0, 65536]"),
+    (FakeNode(3, rank=2.5), "profile declares `lora-rank` = 2.5, not an integer in [0, 65536]"),
     (FakeNode(3, num_examples=10**15), "profile declares `num-examples` = 1000000000000000, not an integer in"),
     (FakeNode(3, device="x" * 10_000), "profile declares `device` that is not printable text of at most 256"),
     (FakeNode(3, fingerprint="a\nb"), "profile declares `model-fingerprint` that is not printable text"),
@@ -39,6 +39,27 @@ def test_a_profile_out_of_bounds_refuses_the_node_and_the_run_goes_on(tmp_path, 
     assert rows[3]["status"] == "refused" and rows[3]["reason"].startswith(reason), rows[3]
     assert rows[3]["reason"].endswith("no corolla trainer reports this, so the node is not trusted")
     assert summary["versions"] == 3 and run.grid.train_jobs(3) == []
+
+
+def test_fedavg_global_rank_comes_from_the_configuration_not_from_the_lowest_node(tmp_path):
+    # node 1 joins first with rank 32: before, the lowest id's rank became the global rank and the honest were refused
+    nodes = [FakeNode(1, rank=32), FakeNode(2, rank=2), FakeNode(3, rank=2)]
+    run = federation(tmp_path, nodes, SYNC, **{"aggregation": "fedavg", "lora-rank": 2})
+    summary = run.run()
+
+    rows = run.node_rows()
+    assert rows[1]["status"] == "refused" and "asked for rank 32 but the global adapter has rank 2" in rows[1]["reason"]
+    assert rows[2]["status"] == rows[3]["status"] == "ok" and summary["versions"] == 3
+
+
+def test_a_rank_above_max_rank_is_refused_before_anything_is_allocated(tmp_path):
+    nodes = [FakeNode(1, rank=4096), FakeNode(2, rank=2), FakeNode(3, rank=2)]
+    run = federation(tmp_path, nodes, SYNC, **{"max-rank": 32})
+    summary = run.run()
+
+    assert run.node_rows()[1]["reason"] == ("declares rank 4096, above the run's max-rank 32; start its trainer with "
+                                            "--rank 32 or less, or raise max-rank")
+    assert summary["versions"] == 3 and run.fed.aggregator.name == "fedavg"  # auto over the two servable nodes
 
 
 def test_two_sites_a_rogue_claiming_a_huge_silo_gets_at_most_half_of_every_step(tmp_path):

@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 RANK = 4
 #: one round per lie: every node trains in every round, so the rogue tells each lie once
-SETS = {"model": "tiny-bert", "aggregation": "fedavg", "num-rounds": len(LIES), "clients-per-round": 3,
+SETS = {"model": "tiny-bert", "aggregation": "fedavg", "lora-rank": RANK, "num-rounds": len(LIES), "clients-per-round": 3,
         "min-nodes": 3, "local-steps": 2, "max-length": 32, "round-timeout": 120, "eval-examples": 200, "seed": 5}
 #: how the nodes' data is made: built-in partition i of 3 (Dirichlet α = 0.5, the run's seed), as the honest run's
 PARTITIONS = {"num-partitions": 3, "dirichlet-alpha": 0.5}
@@ -40,7 +40,7 @@ PARTITIONS = {"num-partitions": 3, "dirichlet-alpha": 0.5}
 LOSS_BOUND = 0.05
 #: (status, what its reason or record must show) for each lie, in `LIES` order
 EXPECTED = {
-    "scale": ("accepted", "clipped"),
+    "scale": ("rejected", "more than 2 AdamW steps at lr"),
     "examples": ("accepted", "examples_capped"),
     "loss": ("rejected", "absurd telemetry (`loss-mean` = -1.0 is not a finite number >= 0)"),
     "nan": ("rejected", "holds NaN or infinite values; the update is rejected."),
@@ -51,10 +51,10 @@ EXPECTED = {
 }
 
 
-def start_server(procs: list, home: Path, out: Path, fleet: str) -> subprocess.Popen:
+def start_server(procs: list, home: Path, out: Path, fleet: str, sets: dict | None = None) -> subprocess.Popen:
     """`corolla server` in its own process group, waited on until its Fleet API listens."""
     cmd = [*COROLLA, "server", "--out", str(out), "--fleet-address", fleet]
-    for k, v in SETS.items():
+    for k, v in (sets or SETS).items():
         cmd += ["--set", f"{k}={v}"]
     server = launch.start(cmd, launch.flower_env(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     procs.append(server)
@@ -62,9 +62,9 @@ def start_server(procs: list, home: Path, out: Path, fleet: str) -> subprocess.P
     return server
 
 
-def trainer_args(partition: int) -> list[str]:
-    """The trainer options of the node holding built-in `partition`."""
-    return ["--partition-id", str(partition), "--num-partitions", str(PARTITIONS["num-partitions"]),
+def trainer_args(partition: int, partitions: int = PARTITIONS["num-partitions"]) -> list[str]:
+    """The trainer options of the node holding built-in `partition` of `partitions`."""
+    return ["--partition-id", str(partition), "--num-partitions", str(partitions),
             "--dirichlet-alpha", str(PARTITIONS["dirichlet-alpha"]), "--seed", str(SETS["seed"]), "--rank", str(RANK),
             "--model", "tiny-bert", "--max-length", "32", "--threads", "1"]
 
@@ -76,10 +76,11 @@ def start_client(procs: list, home: Path, fleet: str, partition: int) -> None:
     procs.append(launch.start(cmd, launch.flower_env(home), log_path=home / "client.log"))
 
 
-def start_rogue(procs: list, home: Path, fleet: str, partition: int) -> subprocess.Popen:
-    """The rogue trainer (tests/rogue_trainer.py) and a real SuperNode whose node config points at it."""
+def start_rogue(procs: list, home: Path, fleet: str, partition: int, lies: tuple[str, ...] = ()) -> subprocess.Popen:
+    """The rogue trainer (tests/rogue_trainer.py; `lies`, default all) and a real SuperNode whose node config points at it."""
     home.mkdir(parents=True, exist_ok=True)
-    trainer = launch.start([sys.executable, "-m", "tests.rogue_trainer", *trainer_args(partition)],
+    told = ["--lies", ",".join(lies)] if lies else []
+    trainer = launch.start([sys.executable, "-m", "tests.rogue_trainer", *trainer_args(partition), *told],
                            launch.flower_env(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     procs.append(trainer)
     address = read_line(trainer, "corolla-trainer listening on", timeout=120).rsplit(" ", 1)[1]
@@ -122,9 +123,6 @@ def test_rogue_silo_is_rejected_or_bounded_and_the_model_stays_near_the_honest_r
         assert row["status"] == status, (lie, row)
         if status == "rejected":
             assert shows in row["reason"] and row["reason"].startswith(f"node {rogue_id}"), (lie, row["reason"])
-        elif lie == "scale":  # clipped to a few honest norms: the factor is about 10⁻⁴ or smaller
-            assert row["clipped"] is not None and row["clipped"] < 1e-2, row
-            assert row["update_norm"] * row["clipped"] == pytest.approx(row["norm_bound"], rel=1e-4)
         else:  # the count it claimed is recorded; its weight comes from what it declared when it joined
             assert row["examples_capped"] == CLAIMED_EXAMPLES and row["num_examples"] == declared, row
             assert row["weight"] < 2 / 3 + 1e-9
@@ -132,3 +130,46 @@ def test_rogue_silo_is_rejected_or_bounded_and_the_model_stays_near_the_honest_r
     assert all(r["status"] == "accepted" and r["clipped"] is None for r in honest_others)
 
     assert abs(losses["rogue"] - losses["honest"]) <= LOSS_BOUND
+
+
+#: the two-site federation: one honest site, one rogue that scales its factors 10⁴× and claims 10¹² examples at once,
+#: then claims 10¹² examples alone, alternating (the issue's attack, then the one the optimizer bound cannot see)
+TWO_SITES = {**SETS, "num-rounds": 4, "clients-per-round": 2, "min-nodes": 2}
+TWO_SITE_LIES = ("scale+examples", "examples")
+#: the rogue run's final test loss may be at most this multiple of the honest two-site run's
+TWO_SITE_LOSS_RATIO = 1.5
+
+
+def test_two_sites_one_rogue_never_outweighs_the_honest_site_and_the_model_stays_near_the_honest_run(tmp_path):
+    from bench.harness import run_inprocess
+
+    honest_dir, out = tmp_path / "honest", tmp_path / "rogue"
+    run_inprocess({**TWO_SITES, "dirichlet-alpha": PARTITIONS["dirichlet-alpha"]}, nodes=2, out_dir=honest_dir)
+    fleet = f"127.0.0.1:{launch.free_port()}"
+    with processes() as procs:
+        server = start_server(procs, tmp_path / "server", out, fleet, TWO_SITES)
+        home = tmp_path / "node0"
+        home.mkdir()
+        procs.append(launch.start([*COROLLA, "client", "--superlink", fleet, *trainer_args(0, 2), "--flwr-home", str(home)],
+                                  launch.flower_env(home), log_path=home / "client.log"))
+        rogue = launch.start([sys.executable, "-m", "tests.rogue_trainer", *trainer_args(1, 2), "--lies",
+                              ",".join(TWO_SITE_LIES)], launch.flower_env(tmp_path), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT)
+        procs.append(rogue)
+        address = read_line(rogue, "corolla-trainer listening on", timeout=120).rsplit(" ", 1)[1]
+        start_supernode(procs, tmp_path / "node1", fleet, address)
+        stdout, _ = server.communicate(timeout=360)
+        assert server.returncode == 0, stdout.decode()[-3000:]
+
+    rows = read_jsonl(out / "updates.jsonl")
+    [rogue_id] = {r["node"] for r in rows if r.get("trainer_pid") == rogue.pid}
+    lies = [r for r in rows if r["node"] == rogue_id]
+    assert [r["status"] for r in lies] == ["rejected", "accepted"] * 2
+    assert all("AdamW steps at lr" in r["reason"] for r in lies if r["status"] == "rejected")
+    for r in lies:
+        if r["status"] == "accepted":  # its 10¹² declared examples bought it half of the step, no more
+            assert r["weight"] <= 0.5 + 1e-9 and r["examples_capped"] == CLAIMED_EXAMPLES
+    assert all(r["status"] == "accepted" for r in rows if r["node"] != rogue_id)
+    losses = {name: read_jsonl(d / "metrics.jsonl")[-1]["loss"] for name, d in (("honest", honest_dir), ("rogue", out))}
+    print(f"two sites, final test loss: honest {losses['honest']:.4f}, with a rogue {losses['rogue']:.4f}")
+    assert losses["rogue"] <= TWO_SITE_LOSS_RATIO * losses["honest"]

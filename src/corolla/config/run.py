@@ -109,8 +109,9 @@ class RunConfig:
     lr_decay: float = field(default=0.9, metadata=_h("client lr × lr-decay^version (1: constant); per *version*, so "
                                                                  "async runs, with many more versions, want 1.0", low=0.0))
     prox_mu: float = field(default=0.0, metadata=_h("FedProx proximal weight (0: off)", low=0.0))
-    lora_rank: int = field(default=8, metadata=_h("LoRA rank of simulated clients without `ranks`", low=1,
-                                                  scope=SIMULATION_ONLY))
+    lora_rank: int = field(default=8, metadata=_h("LoRA rank of the global adapter under a one-rank rule named in the "
+                                                  "configuration (fedavg, fedmedian, fedtrimmedavg), and of simulated "
+                                                  "clients without `ranks`", low=1))
     ranks: str = field(default="", metadata=_h("simulated rank mix, e.g. '2,4,8,16,32' (deployment: each node's --rank)",
                                                scope=SIMULATION_ONLY))
     rank_assignment: str = field(default="tier", metadata=_h("how `ranks` map to simulated nodes", RANK_ASSIGNMENTS,

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from corolla.config import ConfigError, RunConfig
+from corolla.spec import TASKS
 from corolla.strategies import AGGREGATORS, ASYNC_RULES, SELECTORS, SERVER_OPTIMIZERS, STALENESS, HeteRoSelectConfig, OortConfig
 from corolla.strategies.base import Aggregator, Selector
 from corolla.strategies.fedavg import FedAvg
@@ -20,12 +21,17 @@ def resolve_aggregation(cfg: RunConfig, ranks: list[int]) -> tuple[str, int]:
     """Return (aggregation, rank of the initial adapter) for the ranks of the nodes that joined.
 
     `auto` resolves by the one rule in `corolla.strategies.registry.resolve_aggregation`
-    (FedAvg at one rank, FedHL for mixed). FedAvg's global adapter has the nodes'
-    common rank; the heterogeneous-rank methods start from an adapter at `max-rank`.
+    (FedAvg at one rank, FedHL for mixed). A one-rank rule named in the configuration
+    (FedAvg, FedMedian, FedTrimmedAvg) has the run's `lora-rank`, never a node's
+    declaration; `auto` resolved to FedAvg has the rank every joined node agrees on (each
+    within max-rank: the federation refuses higher ones). The heterogeneous-rank methods
+    start from an adapter at `max-rank`. A task that trains the whole model has rank 0.
     """
     name = resolve_name(cfg.aggregation, ranks)
     if issubclass(AGGREGATORS[name].cls, FedAvg):  # one rank for all (FedAvg, FedMedian, FedTrimmedAvg)
-        return name, ranks[0] if ranks else cfg.lora_rank
+        if not TASKS[cfg.task].uses_lora:
+            return name, 0
+        return name, ranks[0] if cfg.aggregation == "auto" and ranks else cfg.lora_rank
     if 0 in ranks:
         raise ConfigError(f"aggregation `{name}` needs LoRA clients; this task trains the full model: use fedavg.")
     return name, cfg.max_rank

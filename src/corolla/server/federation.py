@@ -180,6 +180,9 @@ class Federation:
                     f"{self.evaluator.fingerprint}; start the trainer with the run's --model, --dataset and --labels")
         if info.num_examples < 1:
             return f"declares {info.num_examples} training examples; a node needs at least one"
+        if info.rank > self.cfg.max_rank:
+            return (f"declares rank {info.rank}, above the run's max-rank {self.cfg.max_rank}; start its trainer with "
+                    f"--rank {self.cfg.max_rank} or less, or raise max-rank")
         return self._rank_refusal(info.rank)
 
     # ---- selection and dispatch -------------------------------------------------------

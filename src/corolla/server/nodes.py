@@ -33,7 +33,8 @@ NODE_REFRESH_S = 5.0
 
 
 #: bounds on what a profile may declare: a trainer never reports more, and the server allocates and weighs by these
-PROFILE_BOUNDS = {wire.LORA_RANK: (1, 65_536), wire.NUM_EXAMPLES: (0, 10**12), wire.MEMORY_BYTES: (0, 1 << 50),
+#: (rank 0: a task that trains the whole model; ranks above the run's max-rank are refused by the federation)
+PROFILE_BOUNDS = {wire.LORA_RANK: (0, 65_536), wire.NUM_EXAMPLES: (0, 10**12), wire.MEMORY_BYTES: (0, 1 << 50),
                   wire.MODEL_LOADS: (0, 10**6)}
 #: longest text a profile may hold per field (device names, fingerprints and versions are short)
 PROFILE_TEXT_CHARS = 256
