@@ -51,3 +51,41 @@ def write_app(folder: Path) -> Path:
                                   "(everything in it is sent to every site). Remove it or choose another folder.")
     (folder / "pyproject.toml").write_text(tomli_w.dumps(pyproject()))
     return folder
+
+
+class BundleRefused(ValueError):
+    """An app bundle is not corolla's: it could run code that the receiving machine never installed."""
+
+
+def check_bundle(content: bytes) -> None:
+    """Raise BundleRefused unless `content` (a FAB: a zip) is a corolla app bundle and nothing else.
+
+    What a site runs is then what its operator installed: the bundle may hold only the one
+    `pyproject.toml`, its components must be corolla's (`COMPONENTS`), it may ask for no
+    dependencies, and its configuration keys must be `RunConfig`'s. The values of those
+    keys are data every run validates. Flower 1.39 signs and verifies bundles only for apps
+    fetched from its hub, so a bundle built by `flwr run` cannot be signed: this is the
+    check a site can make on its own.
+    """
+    import io
+    import tomllib
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(content)) as fab:
+            names = sorted(n for n in fab.namelist() if not n.startswith(".info/"))
+            if names != ["pyproject.toml"]:
+                extra = [n for n in names if n != "pyproject.toml"][:5]
+                raise BundleRefused(f"the app bundle holds files besides pyproject.toml ({extra}); a corolla bundle "
+                                    "carries no code")
+            conf = tomllib.loads(fab.read("pyproject.toml").decode())
+    except (zipfile.BadZipFile, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise BundleRefused(f"the app bundle is not a readable zip with a pyproject.toml ({e})") from None
+    app = conf.get("tool", {}).get("flwr", {}).get("app", {})
+    if app.get("components") != COMPONENTS:
+        raise BundleRefused(f"the app bundle's components {app.get('components')} are not corolla's {COMPONENTS}")
+    if conf.get("project", {}).get("dependencies"):
+        raise BundleRefused("the app bundle asks for dependencies; a corolla site installs nothing at run time")
+    unknown = sorted(set(app.get("config", {})) - set(config_table()))
+    if unknown:
+        raise BundleRefused(f"the app bundle declares configuration keys corolla does not have: {unknown[:5]}")
