@@ -11,7 +11,7 @@ import pytest
 
 from corolla.config import ConfigError, RunConfig
 from corolla.data import silo as data
-from corolla.data import simdata
+from corolla.data import simulated as simdata
 from corolla.data.simulated import SimData
 from corolla.launch import processes as launch
 from corolla.spec import TaskSpec
