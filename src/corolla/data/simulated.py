@@ -121,11 +121,11 @@ def column_groups(sd: SimData, column: str) -> tuple[list[str], list[np.ndarray]
     """(distinct values in node order, row indices of each, total rows) of `column` in the simulated source."""
     source = sd.open()
     if column not in source.columns:
-        raise SiloError(f"--partition-by {column!r} is not a column of {source.what} (columns: {source.columns}); "
+        raise SiloError(f"--partition-by {column!r} is not a column of {_name(sd)} (columns: {source.columns}); "
                         "name the column that holds each row's site.")
     col = read_column(source, column)
     if col.null_count:
-        raise SiloError(f"{col.null_count} row(s) of {source.what} have no `{column}` value; fill in each row's site or "
+        raise SiloError(f"{col.null_count} row(s) of {_name(sd)} have no `{column}` value; fill in each row's site or "
                         "drop those rows.")
     values = col.to_numpy(zero_copy_only=False).astype(str)
     uniq, inverse = np.unique(values, return_inverse=True)
