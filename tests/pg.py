@@ -75,12 +75,12 @@ class Postgres:
         df.to_sql(name, self.owner(), index=False, if_exists="replace")
 
     def stop(self) -> None:
-        """SIGTERM the postmaster by its pid (postmaster.pid), wait, and remove the data folder."""
+        """SIGINT (fast shutdown) the postmaster by its pid (postmaster.pid), wait, and remove the data folder."""
         pid_file = self.root / "data" / "postmaster.pid"
         if pid_file.is_file():
             pid = int(pid_file.read_text().split()[0])
             try:
-                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, signal.SIGINT)  # fast shutdown: open test connections are ended
             except ProcessLookupError:
                 pass
         try:
