@@ -195,3 +195,24 @@ def test_sqlite_and_url_errors(sqlite_db, tmp_path):
         open_source("ftp://host/silo.csv")
     with pytest.raises(SiloError, match="--table apply to a database URL or a saved dataset, but --data"):
         open_source(str(sqlite_db.with_suffix(".csv").parent), SourceOptions(table="x"))
+
+
+def test_simulation_plans_one_silo_per_table(pg, db_password):
+    """`corolla sim --data URL --table a,b`: one simulated node per table, read by the reader real clients use."""
+    from corolla.data import simulated
+    from corolla.data.simulated import SimData
+    from corolla.learning.tasks import build_task
+    from corolla.spec import TaskSpec
+
+    pg.table("sim_a", ROWS[:20])
+    pg.table("sim_b", ROWS[20:])
+    task = build_task(TaskSpec(model="tiny-bert", max_length=16))
+    sd = SimData(path=pg.url(), table="sim_a,sim_b")
+    assert sd.kind == "tables" and simulated.node_count(sd, None) == 2
+    plan = simulated.plan(task, sd, 2, 0.5)
+    assert (plan.rows, plan.names) == ([20, 30], ["sim_a", "sim_b"]) and "s3cret" not in plan.to_json()
+    assert simulated.load_node(task, sd, 1, 2)["text"] == list(ROWS["text"][20:])
+    with pytest.raises(SiloError, match="--nodes 3 does not match the 2 tables"):
+        simulated.node_count(sd, 3)
+    one = SimData(path=pg.url(), table="silo", partition_by="site")  # one table cut by a site column
+    assert simulated.plan(task, one, 2, 0.5).rows == [20, 30]
