@@ -65,6 +65,10 @@ class FileSource(DataSource):
         """`csv file /abs/path.csv (12.3 MiB)`."""
         return f"{self.fmt} file {self.path.resolve()} ({self.size_bytes() / 2**20:.1f} MiB)"
 
+    def identity(self) -> str:
+        """The file's absolute path."""
+        return str(self.path.resolve())
+
     def size_bytes(self) -> int:
         """The file's size."""
         return self.path.stat().st_size

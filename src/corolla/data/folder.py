@@ -83,6 +83,10 @@ class FolderSource(DataSource):
         """`folder /abs/dir (3 files, 1.2 MiB)`."""
         return f"folder {self.folder.resolve()} ({len(self.files)} files, {self.size_bytes() / 2**20:.1f} MiB)"
 
+    def identity(self) -> str:
+        """The folder's absolute path."""
+        return str(self.folder.resolve())
+
     def size_bytes(self) -> int:
         """The files' total size."""
         return sum(f.size_bytes() for f in self.files)

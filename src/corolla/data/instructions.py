@@ -39,7 +39,7 @@ def load_instructions(source: DataSource, cache_dir: str | os.PathLike[str] | No
     features = datasets.Features({"prompt": _TURN_FEATURE if chat else datasets.Value("string"),
                                   "response": datasets.Value("string")})
     key = source.cache_key()
-    target = cache.cache_target(f"{source.cache_stem}-instructions", f"{source.describe()}|{chat}", f"{key}", cache_dir)
+    target = cache.cache_target(f"{source.cache_stem}-instructions", f"{source.identity()}|{chat}", f"{key}", cache_dir)
     return cache.materialize(reader.batches, schema, datasets.DatasetInfo(features=features), target,
                              source.size_bytes(), key is not None, source.what, reader.check_complete)
 

@@ -38,7 +38,7 @@ def load_labelled(source: DataSource, label_names: tuple[str, ...], text_column:
     reader = LabelledReader(source, text_column, label_column, label_names)
     reader.check_schema()
     key = source.cache_key()
-    target = cache.cache_target(source.cache_stem, f"{source.describe()}|{text_column}|{label_column}",
+    target = cache.cache_target(source.cache_stem, f"{source.identity()}|{text_column}|{label_column}",
                                 f"{key}|{'|'.join(label_names)}", cache_dir)
     return cache.materialize(reader.batches, SCHEMA, datasets.DatasetInfo(features=features), target,
                              source.size_bytes(), key is not None, source.what, reader.check_complete)

@@ -111,6 +111,10 @@ class SavedDatasetSource(DataSource):
         where = f" split {self.split}" if self.split else ""
         return f"saved dataset {self.folder.resolve()}{where} ({len(self.ds):,} rows)"
 
+    def identity(self) -> str:
+        """The folder's absolute path and the split."""
+        return f"{self.folder.resolve()}|{self.split}"
+
     def size_bytes(self) -> int:
         """Bytes of the split's Arrow data."""
         return int(self.ds.data.nbytes)

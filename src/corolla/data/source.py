@@ -94,6 +94,10 @@ class DataSource(ABC):
     def describe(self) -> str:
         """One line for logs: the kind of source and where it is, without credentials."""
 
+    def identity(self) -> str:
+        """Where the rows are, stable while their content changes (names the source's entries in the silo cache)."""
+        return self.describe()
+
     def cache_key(self) -> str | None:
         """A string that changes whenever the rows may have changed (a file's path, size and mtime).
 
