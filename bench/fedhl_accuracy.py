@@ -159,13 +159,14 @@ def _skew3_job(args: tuple) -> tuple[str, float]:
     method, seed, out = args
     import corolla.client.local as local
     from corolla.client.trainer import Trainer
+    from corolla.data.files import FileSource
 
     silos, test = skew3_files(Path(out) / "data", seed)
 
     def trainer(spec, *args):  # local._trainer's arguments end with (partition id, partitions, α, rank, slowdown)
         partition_id, rank, slowdown = args[-5], args[-2], args[-1]
         model = local._adapter_model(spec)
-        return Trainer(model, model.task.encode(model.task.load_silo(str(silos[partition_id]), "text", "label")),
+        return Trainer(model, model.task.encode(model.task.load_silo(FileSource(silos[partition_id]), "text", "label")),
                        rank, slowdown)
 
     local._trainer = trainer

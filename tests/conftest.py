@@ -67,3 +67,24 @@ def run_sim(tmp_path: Path, out: Path, nodes: int, sets: dict, *extra: str, time
         procs.append(p)
         stdout, _ = p.communicate(timeout=timeout)
     return p.returncode, stdout.decode()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for this test session (tests/pg.py); fails, never skips, when it is not installed."""
+    from tests.pg import start_postgres
+
+    server = start_postgres()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def db_password(monkeypatch):
+    """COROLLA_DB_PASSWORD set to the test role's password (inherited by the processes a test starts)."""
+    from tests.pg import PASSWORD
+
+    monkeypatch.setenv("COROLLA_DB_PASSWORD", PASSWORD)
+    return PASSWORD

@@ -201,7 +201,11 @@ def test_builtin_instruction_corpus_is_split_by_topic():
 
 # ---- instruction silos ----------------------------------------------------------------------------
 def test_instruction_silos_prompt_response_and_messages(tmp_path):
-    from corolla.learning.tasks.causal_lm import load_instruction_silo
+    from corolla.data.files import FileSource
+    from corolla.data.instructions import load_instructions
+
+    def load_instruction_silo(path, cache_dir):
+        return load_instructions(FileSource(path), cache_dir=cache_dir)
 
     pd.DataFrame({"prompt": ["What is 2+2?", "Capital of France?"], "response": ["4", "Paris"]}).to_csv(
         tmp_path / "qa.csv", index=False)

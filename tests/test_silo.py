@@ -4,6 +4,7 @@ import os
 import pandas as pd
 import pytest
 
+from corolla.data import cache, files
 from corolla.data import silo as data
 from corolla.data.silo import (
     BBC_LABELS,
@@ -34,8 +35,8 @@ def reading(request, tmp_path, monkeypatch):
     """Run a test on both paths: a small file read in memory, and the streamed path large files take."""
     monkeypatch.setenv(data.CACHE_ENV, str(tmp_path / "cache"))
     if request.param == "stream":
-        monkeypatch.setattr(data, "IN_MEMORY_MAX_BYTES", 0)
-        monkeypatch.setattr(data, "STREAM_CHUNK_BYTES", 256)  # several chunks even in a tiny file
+        monkeypatch.setattr(cache, "IN_MEMORY_MAX_BYTES", 0)
+        monkeypatch.setattr(files, "STREAM_CHUNK_BYTES", 256)  # several chunks even in a tiny file
     return request.param
 
 
@@ -126,10 +127,10 @@ def test_text_silo_uses_the_configured_corpus_labels(tmp_path):
 
     f = tmp_path / "s.csv"
     pd.DataFrame({"text": ["a young dog", "a long while"], "label": ["animal", "time"]}).to_csv(f, index=False)
-    ds = TextClassification(TaskSpec(dataset="wordnet")).load_silo(str(f), "text", "label")
+    ds = TextClassification(TaskSpec(dataset="wordnet")).load_silo(files.FileSource(f), "text", "label")
     assert ds["label"] == [2, 25]
     with pytest.raises(SiloError, match="unknown label 'animal'"):
-        TextClassification(TaskSpec(dataset="bbc")).load_silo(str(f), "text", "label")
+        TextClassification(TaskSpec(dataset="bbc")).load_silo(files.FileSource(f), "text", "label")
 
 
 def test_own_label_set_has_no_builtin_data_and_its_own_fingerprint():
@@ -157,8 +158,8 @@ def test_streamed_silo_is_memory_mapped_from_the_cache_and_equals_the_in_memory_
     p = write(tmp_path, name, big_rows(500))
     small = load_silo_file(p, BBC_LABELS)
     assert not small.cache_files  # a small file stays in memory: no cache
-    monkeypatch.setattr(data, "IN_MEMORY_MAX_BYTES", 0)
-    monkeypatch.setattr(data, "STREAM_CHUNK_BYTES", 1000)
+    monkeypatch.setattr(cache, "IN_MEMORY_MAX_BYTES", 0)
+    monkeypatch.setattr(files, "STREAM_CHUNK_BYTES", 1000)
     big = load_silo_file(p, BBC_LABELS, cache_dir=tmp_path / "cache")
     [cached] = big.cache_files
     assert cached["filename"].startswith(str(tmp_path / "cache")) and cached["filename"].endswith(".arrow")
@@ -167,7 +168,7 @@ def test_streamed_silo_is_memory_mapped_from_the_cache_and_equals_the_in_memory_
 
 
 def test_cache_is_reused_until_the_file_changes_and_the_silo_folder_is_never_written(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "IN_MEMORY_MAX_BYTES", 0)
+    monkeypatch.setattr(cache, "IN_MEMORY_MAX_BYTES", 0)
     monkeypatch.setenv(data.CACHE_ENV, str(tmp_path / "cache"))
     silos = tmp_path / "silos"
     silos.mkdir()
@@ -189,13 +190,13 @@ def test_cache_is_reused_until_the_file_changes_and_the_silo_folder_is_never_wri
 
 
 def test_unwritable_or_full_cache_is_refused_with_the_fix(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "IN_MEMORY_MAX_BYTES", 0)
+    monkeypatch.setattr(cache, "IN_MEMORY_MAX_BYTES", 0)
     p = write(tmp_path, "s.csv", big_rows(10))
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(SiloError, match="pass --cache-dir"):
         load_silo_file(p, BBC_LABELS, cache_dir=blocker / "cache")
-    monkeypatch.setattr(data.shutil, "disk_usage", lambda _: type("U", (), {"free": 10})())
+    monkeypatch.setattr(cache.shutil, "disk_usage", lambda _: type("U", (), {"free": 10})())
     with pytest.raises(SiloError, match="has only 0.00 GiB free; pass --cache-dir"):
         load_silo_file(p, BBC_LABELS, cache_dir=tmp_path / "cache")
 
@@ -205,24 +206,24 @@ def test_formats_that_cannot_stream_are_refused_above_the_limit(tmp_path, monkey
     arr.write_text(json.dumps([{"text": "a", "label": "tech"}, {"text": "b", "label": 3}]))
     assert load_silo_file(arr, BBC_LABELS)["label"] == [4, 3]  # a small JSON array is read whole
     pq = write(tmp_path, "s.parquet", big_rows(100))
-    monkeypatch.setattr(data, "IN_MEMORY_MAX_BYTES", 0)
+    monkeypatch.setattr(cache, "IN_MEMORY_MAX_BYTES", 0)
     with pytest.raises(SiloError, match=r"one JSON array .* convert it to JSON Lines"):
         load_silo_file(arr, BBC_LABELS, cache_dir=tmp_path / "cache")
-    monkeypatch.setattr(data, "PARQUET_MAX_ROW_GROUP_BYTES", 100)
+    monkeypatch.setattr(files, "PARQUET_MAX_ROW_GROUP_BYTES", 100)
     with pytest.raises(SiloError, match="rewrite it with row groups under"):
         load_silo_file(pq, BBC_LABELS, cache_dir=tmp_path / "cache")
 
 
 def test_mixed_id_and_name_labels_and_counts_span_chunks(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "IN_MEMORY_MAX_BYTES", 0)
-    monkeypatch.setattr(data, "STREAM_CHUNK_BYTES", 40)
+    monkeypatch.setattr(cache, "IN_MEMORY_MAX_BYTES", 0)
+    monkeypatch.setattr(files, "STREAM_CHUNK_BYTES", 40)
     p = tmp_path / "m.jsonl"
     p.write_text("".join(json.dumps({"text": f"t{i}", "label": i % 5 if i % 2 else BBC_LABELS[i % 5]}) + "\n"
                          for i in range(40)))
     assert load_silo_file(p, BBC_LABELS, cache_dir=tmp_path / "c")["label"] == [i % 5 for i in range(40)]
     rows = big_rows(60)
     rows["text"] = ["" if i % 20 == 7 else t for i, t in enumerate(rows["text"])]  # one per chunk, in 3 chunks
-    monkeypatch.setattr(data, "STREAM_CHUNK_BYTES", 2000)
+    monkeypatch.setattr(files, "STREAM_CHUNK_BYTES", 2000)
     with pytest.raises(SiloError, match="3 row"):
         load_silo_file(write(tmp_path, "e.csv", rows), BBC_LABELS, cache_dir=tmp_path / "c")
     with pytest.raises(SiloError, match="a row longer than the 2000-byte read block"):
@@ -240,7 +241,7 @@ def test_large_set_is_tokenized_per_batch_yet_trains_exactly_like_the_in_memory_
     from corolla.spec import LoraSpec
 
     task = text.TextClassification(TaskSpec(model="tiny-bert", max_length=32))
-    monkeypatch.setattr(data, "IN_MEMORY_MAX_BYTES", 0)
+    monkeypatch.setattr(cache, "IN_MEMORY_MAX_BYTES", 0)
     ds = load_silo_file(write(tmp_path, "s.csv", big_rows(300)), BBC_LABELS, cache_dir=tmp_path / "cache")
     eager = task.encode(ds)
     monkeypatch.setattr(text, "EAGER_MAX_TOKENS", 0)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from corolla.config import PRESETS, ConfigError, RunConfig, parse_overrides, preset
+from corolla.data.source import normalize_location
 from corolla.security import SecurityError
 
 
@@ -20,7 +21,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
     for key, attr in _SIM_DATA_FLAGS:  # `corolla sim --data ...`: the keys the Ray actors read
         value = getattr(args, attr, None)
         if value is not None:
-            values[key] = str(Path(value).resolve()) if key == "sim-data" else value
+            values[key] = normalize_location(value) if key == "sim-data" else value
     if getattr(args, "resume", False) or getattr(args, "overwrite", False):
         values["existing-run"] = "resume" if args.resume else "overwrite"
     cfg = RunConfig.from_mapping(values)
@@ -29,7 +30,8 @@ def _config(args: argparse.Namespace) -> RunConfig:
 
 
 _SIM_DATA_FLAGS = (("sim-data", "data"), ("partition-by", "partition_by"), ("partitioner", "partitioner"),
-                   ("dirichlet-alpha", "alpha"), ("classes-per-node", "classes_per_node"))
+                   ("dirichlet-alpha", "alpha"), ("classes-per-node", "classes_per_node"), ("sim-table", "table"),
+                   ("sim-query", "query"), ("sim-split", "split"), ("sim-password-file", "db_password_file"))
 
 
 def _check_run_dir(out: Path, existing: str) -> None:
@@ -98,7 +100,9 @@ def _plan_sim(cfg: RunConfig, nodes: int | None) -> int:
     task = build_task(cfg.task_spec())
     the_plan = plan(task, sim_data, n, 0.0 if cfg.partitioner == "iid" else cfg.dirichlet_alpha)
     if cfg.test_data:
-        task.load_silo(cfg.test_data, cfg.text_column, cfg.label_column)
+        from corolla.data.registry import open_source
+
+        task.load_silo(open_source(cfg.test_data), cfg.text_column, cfg.label_column)
     print(the_plan.summary(), flush=True)
     if sim_data:
         out = Path(cfg.out_dir)
@@ -316,7 +320,7 @@ def _add_link_args(s: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the `corolla` argument parser."""
-    from corolla.client.args import add_trainer_args
+    from corolla.client.args import add_source_args, add_trainer_args
 
     p = argparse.ArgumentParser(prog="corolla", description="Federated LoRA fine-tuning on Flower.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -325,9 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(s)
     s.add_argument("--nodes", type=int, default=None,
                    help="simulated SuperNodes (default 20; with --data DIR or --partition-by: one per file / value)")
-    s.add_argument("--data", metavar="DIR|FILE",
-                   help="simulate your own data: a folder (one silo per CSV/JSONL/Parquet file) or one file cut by "
-                   "--partition-by or --partitioner (sets `sim-data`; the task's columns: text/label, prompt/response)")
+    s.add_argument("--data", metavar="DIR|FILE|URL",
+                   help="simulate your own data: a folder (one silo per CSV/JSONL/Parquet file), a database URL with "
+                   "--table a,b,c (one silo per table), or one source (a file, a saved Hugging Face dataset, one "
+                   "table or --query) cut by --partition-by or --partitioner (sets `sim-data`; the task's columns: "
+                   "text/label, prompt/response)")
+    add_source_args(s, tables="the table(s); several, comma-separated, are one simulated silo each")
     s.add_argument("--partition-by", metavar="COLUMN", help="one silo per value of this column of the --data file "
                    "(a site id)")
     s.add_argument("--partitioner", choices=["dirichlet", "iid", "pathological"], default=None,

@@ -8,12 +8,33 @@ from __future__ import annotations
 import argparse
 
 from corolla.config import RunConfig
+from corolla.data.source import SourceOptions
 from corolla.spec import AUTO, DEFAULT_TASK, TASKS, TaskSpec
+
+
+def add_source_args(p: argparse.ArgumentParser, tables: str = "the table holding this site's rows") -> None:
+    """The connector flags that go with --data (`corolla.data.source.SourceOptions`)."""
+    p.add_argument("--table", default="", metavar="NAME", help=f"with a database --data: {tables} (schema.table "
+                   "for another schema)")
+    p.add_argument("--query", default="", metavar="SQL",
+                   help="with a database --data: one SELECT giving the rows instead of --table (read-only)")
+    p.add_argument("--split", default="", help="with a saved DatasetDict as --data: its split (default: train)")
+    p.add_argument("--db-password-file", default="", metavar="FILE",
+                   help="file holding the database password (else $COROLLA_DB_PASSWORD; never put it in the URL)")
+
+
+def source_options(args: argparse.Namespace) -> SourceOptions:
+    """The SourceOptions of parsed --table/--query/--split/--db-password-file."""
+    return SourceOptions(table=args.table, query=args.query, split=args.split, password_file=args.db_password_file)
 
 
 def add_trainer_args(p: argparse.ArgumentParser) -> None:
     """Add the trainer's options to a parser (shared by `corolla client` and `corolla trainer`)."""
-    p.add_argument("--data", help="silo file (CSV, JSONL or Parquet); omit to use a built-in partition")
+    p.add_argument("--data", metavar="FILE|DIR|URL",
+                   help="this site's silo: a CSV/JSONL/Parquet file, a folder of them (rows concatenated), a dataset "
+                        "saved with `save_to_disk`, or a database URL (postgresql://user@host:port/db, "
+                        "sqlite:///path.db) with --table or --query; omit to use a built-in partition")
+    add_source_args(p)
     p.add_argument("--text-column", default="text", help="name of the text column in --data (default: text)")
     p.add_argument("--label-column", default="label", help="name of the label column in --data (default: label)")
     p.add_argument("--cache-dir", default=None,

@@ -17,10 +17,11 @@ from typing import Any
 
 import grpc
 
-from corolla.client.args import add_trainer_args
+from corolla.client.args import add_trainer_args, source_options
 from corolla.client.trainer import Trainer, TrainerError, auto_rank, memory_bytes
 from corolla.client.trainer_service import serve
-from corolla.data.silo import SiloError
+from corolla.data.errors import SiloError
+from corolla.data.registry import open_source
 from corolla.logs import setup_logging
 from corolla.spec import TaskSpec, parse_labels
 
@@ -59,7 +60,9 @@ def load_silo(args: argparse.Namespace, device: Any, compute: Any, spec: TaskSpe
     task = build_task(spec)
     if args.data:
         cache = {"cache_dir": args.cache_dir} if getattr(args, "cache_dir", None) else {}
-        ds = task.load_silo(args.data, args.text_column, args.label_column, **cache)
+        source = open_source(args.data, source_options(args))
+        log.info("silo: %s", source.describe())
+        ds = task.load_silo(source, args.text_column, args.label_column, **cache)
     else:
         ds = task.builtin_partition(args.partition_id, args.num_partitions, args.dirichlet_alpha)
     model = AdapterModel(task, device, compute)

@@ -146,7 +146,19 @@ class RunConfig:
                                                             scope=SIMULATION_ONLY))
     sim_data: str = field(default="", metadata=_h(
         "simulated silos from your files: a folder (one silo per CSV/JSONL/Parquet file) or one file, cut by "
-        "`partition-by` or `partitioner` (empty: the built-in corpus; `corolla sim --data`)", scope=SIMULATION_ONLY))
+        "`partition-by` or `partitioner` (empty: the built-in corpus; `corolla sim --data`); also a saved Hugging "
+        "Face dataset or a database URL (`sim-table`)", scope=SIMULATION_ONLY))
+    sim_table: str = field(default="", metadata=_h(
+        "table(s) of a `sim-data` database URL: several, comma-separated, are one silo each (`corolla sim --table`)",
+        scope=SIMULATION_ONLY))
+    sim_query: str = field(default="", metadata=_h(
+        "one SELECT giving a `sim-data` database's rows, cut like one file (`corolla sim --query`)",
+        scope=SIMULATION_ONLY))
+    sim_split: str = field(default="", metadata=_h(
+        "split of a `sim-data` saved DatasetDict (empty: train; `corolla sim --split`)", scope=SIMULATION_ONLY))
+    sim_password_file: str = field(default="", metadata=_h(
+        "file holding the `sim-data` database's password (else $COROLLA_DB_PASSWORD; never the password itself)",
+        scope=SIMULATION_ONLY))
     partition_by: str = field(default="", metadata=_h(
         "column of the `sim-data` file whose values are the silos, e.g. a site id (one node per value)",
         scope=SIMULATION_ONLY))
@@ -246,6 +258,10 @@ class RunConfig:
         if self.partition_by and self.partitioner != "dirichlet":
             raise ConfigError(f"`partition-by` gives one silo per value of {self.partition_by!r}, so `partitioner` = "
                               f"{self.partitioner!r} would be ignored; drop one of them.")
+        given = [k for k in ("sim-table", "sim-query", "sim-split", "sim-password-file") if getattr(self, k.replace("-", "_"))]
+        if given and not self.sim_data:
+            raise ConfigError(f"`{given[0]}` describes a `sim-data` source; give it with `corolla sim --data` or drop "
+                              f"`{given[0]}`.")
         if self.partitioner == "pathological" and not self.sim_data:
             raise ConfigError("`partitioner` = 'pathological' cuts your own file (`corolla sim --data FILE`); the "
                               "built-in corpus takes dirichlet or iid.")

@@ -1,34 +1,29 @@
-"""Silo data: the built-in BBC News corpus, Dirichlet partitions, and user silo files.
+"""Silo data: the built-in corpora (BBC News, WordNet nouns), their partitions, and demo silo files.
 
-Silo files are what institutions plug in: CSV, JSONL or Parquet with a text column
-and a label column. Every way a file can be wrong ends in `SiloError`, whose message
-names the problem and the fix; nothing here ever returns half-loaded data.
+Reading the user's own silos lives in its connectors (`corolla.data.registry`: files,
+folders, saved datasets, databases) and readers (`labelled`, `instructions`); the
+names callers have always imported from here (`SiloError`, `load_silo_file`,
+`SILO_FORMATS`, ...) are re-exported.
 """
 
 from __future__ import annotations
 
-import csv
 import functools
-import glob
-import hashlib
-import io
-import json
 import logging
 import os
-import shutil
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.json as pajson
-import pyarrow.parquet as pq
-from datasets.table import InMemoryTable
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+
+from corolla.data.cache import CACHE_ENV, silo_cache_dir
+from corolla.data.errors import SiloError
+from corolla.data.files import SILO_FORMATS, FileSource, file_columns, read_column
+from corolla.data.labelled import load_labelled
+
+__all__ = ["CACHE_ENV", "SILO_FORMATS", "FileSource", "SiloError", "file_columns", "load_labelled", "load_silo_file",
+           "read_column", "silo_cache_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +38,6 @@ WORDNET_LABELS = (
 WORDNET_NOUNS = Path("/usr/share/wordnet/data.noun")
 #: built-in text corpora → their class names (the silo loader uses the same names)
 TEXT_LABELS = {"bbc": BBC_LABELS, "wordnet": WORDNET_LABELS}
-SILO_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
-
-
-class SiloError(ValueError):
-    """A silo cannot be loaded; the message says why and how to fix it."""
 
 
 def _bbc_root() -> Path:
@@ -257,336 +247,12 @@ def _partition_failure(ds: datasets.Dataset, n: int, scheme: str, alpha: float, 
             f"row(s) each ({why}); {fix}, more data{more}.")
 
 
-#: a silo file up to this size is read into memory (as fast as a pandas read); a larger one is streamed in
-#: chunks into an Arrow file in the silo cache and memory-mapped, so memory does not grow with the file
-IN_MEMORY_MAX_BYTES = 32 * 2**20
-#: bytes read per chunk when streaming a CSV or JSONL silo (one chunk is in memory at a time)
-STREAM_CHUNK_BYTES = 4 * 2**20
-#: a streamed Parquet silo is read one row group at a time: larger row groups are refused
-PARQUET_MAX_ROW_GROUP_BYTES = 256 * 2**20
-#: overrides the silo cache folder (as `--cache-dir` does)
-CACHE_ENV = "COROLLA_CACHE_DIR"
-#: bump when the cached layout changes, so old cache files are not reused
-_CACHE_VERSION = "1"
-
-
-def silo_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The folder where large silos are converted to Arrow.
-
-    `cache_dir` when given, else $COROLLA_CACHE_DIR, else `<Hugging Face datasets
-    cache>/corolla-silos` (~/.cache/huggingface/datasets/corolla-silos unless HF_HOME or
-    HF_DATASETS_CACHE moves it). Never the silo's own folder, which may be read-only.
-    """
-    if cache_dir:
-        return Path(cache_dir)
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    return Path(datasets.config.HF_DATASETS_CACHE) / "corolla-silos"
-
-
 def load_silo_file(
     path: str | os.PathLike[str], label_names: tuple[str, ...], text_column: str = "text", label_column: str = "label",
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> datasets.Dataset:
-    """Load a user's silo file into a Dataset with columns `text` and `label` (ClassLabel).
-
-    Labels may be class names or integer ids. Raises SiloError for a missing file,
-    an unknown format, missing columns, empty data, empty texts or unknown labels.
-
-    The file is read in chunks and validated chunk by chunk with vectorised Arrow
-    passes. Up to IN_MEMORY_MAX_BYTES the chunks are kept in memory; above, they are
-    written to `<silo cache>/<name>-<hash>.arrow` and the returned Dataset memory-maps
-    that file, so memory stays bounded whatever the file's size. The cache entry is
-    keyed by the file's path, size and modification time, the columns and the labels:
-    a restarted trainer reuses it without reading the silo again.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise SiloError(f"silo file {str(p)!r} does not exist; pass --data with the path of a CSV, JSONL or Parquet file.")
-    fmt = SILO_FORMATS.get(p.suffix.lower())
-    if fmt is None:
-        raise SiloError(f"silo file {p.name!r} has an unknown format; use one of {sorted(SILO_FORMATS)}.")
-    size = p.stat().st_size
-    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=list(label_names))})
-    info = datasets.DatasetInfo(features=features)
-    reader = _SiloReader(p, fmt, size, text_column, label_column, label_names)
-    if size <= IN_MEMORY_MAX_BYTES:
-        table = pa.Table.from_batches(list(reader.batches()), schema=_SCHEMA)
-        reader.check_complete()
-        return datasets.Dataset(InMemoryTable(table), info=info)
-    target = _cache_file(p, size, text_column, label_column, label_names, cache_dir)
-    if not target.is_file():
-        _stream_to_cache(reader, target, size)
-    return datasets.Dataset.from_file(str(target), info=info)
-
-
-_SCHEMA = pa.schema([("text", pa.string()), ("label", pa.int64())])
-
-
-def _cache_file(p: Path, size: int, text_column: str, label_column: str, label_names: tuple[str, ...],
-                cache_dir: str | os.PathLike[str] | None) -> Path:
-    where = p.resolve()
-    source = hashlib.sha256(f"{where}|{text_column}|{label_column}".encode()).hexdigest()[:10]
-    content = hashlib.sha256(
-        f"{_CACHE_VERSION}|{size}|{p.stat().st_mtime_ns}|{'|'.join(label_names)}".encode()).hexdigest()[:10]
-    return silo_cache_dir(cache_dir) / f"{p.stem}-{source}-{content}.arrow"
-
-
-def _stream_to_cache(reader: _SiloReader, target: Path, size: int) -> None:
-    """Convert the silo chunk by chunk into `target` (written to a temporary name, renamed when valid)."""
-    folder = target.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(folder).free
-    except OSError as e:
-        raise SiloError(f"cannot use the silo cache folder {str(folder)!r} ({e}); pass --cache-dir (or set "
-                        f"{CACHE_ENV}) to a writable folder.") from e
-    if free < size * 1.1:
-        raise SiloError(f"silo file {reader.name!r} ({size / 2**30:.2f} GiB) is converted to Arrow in {str(folder)!r}, "
-                        f"which has only {free / 2**30:.2f} GiB free; pass --cache-dir (or set {CACHE_ENV}) to a folder "
-                        "with at least the file's size free.")
-    log.info("streaming silo %s (%.2f GiB) into the Arrow cache %s", reader.name, size / 2**30, target)
-    started = time.perf_counter()
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, _SCHEMA) as writer:
-            for batch in reader.batches():
-                writer.write_batch(batch)
-        reader.check_complete()
-        os.replace(tmp, target)
-        log.info("silo %s: %d rows converted in %.1f s", reader.name, reader.rows, time.perf_counter() - started)
-    except OSError as e:
-        raise SiloError(f"cannot write the silo cache {str(tmp)!r} ({e}); pass --cache-dir (or set {CACHE_ENV}) to a "
-                        "writable folder with at least the file's size free.") from e
-    finally:
-        tmp.unlink(missing_ok=True)
-    stem = target.name.rsplit("-", 1)[0]  # earlier versions of the same file and columns: stale, remove
-    for old in folder.glob(f"{glob.escape(stem)}-*.arrow"):
-        if old != target:
-            old.unlink(missing_ok=True)
-
-
-class _SiloReader:
-    """Reads a silo file chunk by chunk into (text, label id) record batches, validating as it goes.
-
-    Missing columns and unparsable chunks raise at once; empty texts are counted over
-    the whole file and unknown labels remembered, and `check_complete` raises for them
-    (and for a file without rows) after the last chunk, as the whole-file checks did.
-    """
-
-    def __init__(self, path: Path, fmt: str, size: int, text_column: str, label_column: str,
-                 label_names: tuple[str, ...]) -> None:
-        self.path, self.name, self.fmt, self.size = path, path.name, fmt, size
-        self.text_column, self.label_column = text_column, label_column
-        self.names = pa.array(list(label_names), pa.string())
-        self.ids = pa.array([str(i) for i in range(len(label_names))], pa.string())
-        self.label_names = label_names
-        self.rows = self.empty_texts = 0
-        self.unknown: list[object] = []
-
-    def batches(self) -> Iterator[pa.RecordBatch]:
-        """Yield validated record batches of `text` (string) and `label` (int64 id)."""
-        self.rows = self.empty_texts = 0
-        self.unknown = []
-        for table in self._tables():
-            if table.num_rows:
-                yield self._convert(table)
-
-    def check_complete(self) -> None:
-        """Raise SiloError for a file without rows, with empty texts or with an unknown label."""
-        if self.rows == 0:
-            raise SiloError(f"silo file {self.name!r} has no rows; a client needs at least one labelled example.")
-        if self.empty_texts:
-            raise SiloError(f"silo file {self.name!r}: {self.empty_texts} row(s) have an empty `{self.text_column}`; "
-                            "remove or fill them.")
-        if self.unknown:
-            n = len(self.label_names)
-            raise SiloError(f"silo file {self.name!r}: unknown label {_show(self.unknown[0])}; valid labels are "
-                            f"{list(self.label_names)} or ids 0..{n - 1}.")
-
-    def _convert(self, table: pa.Table) -> pa.RecordBatch:
-        text = _as_string(table.column(self.text_column), self.name, self.text_column).combine_chunks()
-        raw = _as_string(table.column(self.label_column), self.name, self.label_column).combine_chunks()
-        empty = pc.fill_null(pc.or_(pc.equal(pc.binary_length(text), 0), pc.utf8_is_space(text)), True)
-        self.empty_texts += pc.sum(empty).as_py() or 0
-        by_name = pc.index_in(raw, value_set=self.names)  # a name first (a class may be called "3")
-        by_id = pc.index_in(pc.utf8_trim_whitespace(raw), value_set=self.ids)  # then an id 0..n-1
-        label = pc.coalesce(by_name, by_id).cast(pa.int64())
-        if not self.unknown and label.null_count:
-            self.unknown.append(raw[pc.index(label.is_null(), True).as_py()].as_py())
-        self.rows += table.num_rows
-        return pa.RecordBatch.from_arrays([text, pc.fill_null(label, -1)], schema=_SCHEMA)
-
-    def _check_columns(self, columns: list[str]) -> None:
-        missing = [c for c in (self.text_column, self.label_column) if c not in columns]
-        if missing:
-            raise SiloError(
-                f"silo file {self.name!r} has no column(s) {missing}; its columns are {columns}. "
-                "Set --text-column / --label-column to the right names."
-            )
-
-    def _tables(self) -> Iterator[pa.Table]:
-        try:
-            yield from {"csv": self._csv, "jsonl": self._jsonl, "parquet": self._parquet}[self.fmt]()
-        except SiloError:
-            raise
-        except pa.ArrowInvalid as e:
-            if "straddling" in str(e):  # pyarrow's CSV reader: a row far longer than its read block
-                raise SiloError(
-                    f"silo file {self.name!r} has a row longer than the {_size(STREAM_CHUNK_BYTES)} read block, which "
-                    "cannot be streamed; shorten such texts (the model reads only the first max-length tokens) or "
-                    "split them into several rows.") from e
-            raise SiloError(f"silo file {self.name!r} could not be parsed as {self.fmt}: {str(e)[:300]}") from e
-        except Exception as e:  # the readers raise many types; the user needs one message
-            raise SiloError(f"silo file {self.name!r} could not be parsed as {self.fmt}: {str(e)[:300]}") from e
-
-    def _csv(self) -> Iterator[pa.Table]:
-        with self.path.open(newline="", encoding="utf-8-sig", errors="replace") as f:
-            header = next(csv.reader(f), None)
-        if header is None:
-            raise SiloError(f"silo file {self.name!r} is empty (not even a header line); write a header with "
-                            f"`{self.text_column}` and `{self.label_column}` and at least one row.")
-        self._check_columns(header)
-        cols = list(dict.fromkeys([self.text_column, self.label_column]))
-        reader = pacsv.open_csv(
-            self.path,
-            read_options=pacsv.ReadOptions(block_size=STREAM_CHUNK_BYTES),
-            parse_options=pacsv.ParseOptions(newlines_in_values=True),
-            convert_options=pacsv.ConvertOptions(include_columns=cols, column_types={c: pa.string() for c in cols},
-                                                 strings_can_be_null=True),
-        )
-        for batch in reader:
-            yield pa.Table.from_batches([batch])
-
-    def _jsonl(self) -> Iterator[pa.Table]:
-        with self.path.open("rb") as f:
-            head = f.read(4096).lstrip()
-            if head.startswith(b"["):  # one JSON array, not JSON Lines: only parsable whole
-                if self.size > IN_MEMORY_MAX_BYTES:
-                    raise SiloError(
-                        f"silo file {self.name!r} is one JSON array ({self.size / 2**20:.0f} MiB), which cannot be read "
-                        f"in a streaming way above {IN_MEMORY_MAX_BYTES // 2**20} MiB; convert it to JSON Lines (one "
-                        "object per line), e.g. `jq -c '.[]' silo.json > silo.jsonl`.")
-                f.seek(0)
-                rows = json.load(f)
-                if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-                    raise ValueError("a JSON silo is JSON Lines (one object per line) or one array of objects")
-                yield self._rows_table(rows, first=True)
-                return
-            f.seek(0)
-            first = True
-            while chunk := f.read(STREAM_CHUNK_BYTES):
-                chunk += f.readline()
-                yield self._json_chunk(chunk, first)
-                first = False
-
-    def _json_chunk(self, chunk: bytes, first: bool) -> pa.Table:
-        try:
-            table = pajson.read_json(io.BytesIO(chunk), read_options=pajson.ReadOptions(block_size=len(chunk) + 1))
-        except pa.ArrowInvalid:  # a column of mixed types (ids and names), or a malformed line: parse in Python
-            rows = []
-            for n, line in enumerate(chunk.splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except ValueError as e:
-                        raise ValueError(f"line {n} of a chunk: {e}") from None
-            return self._rows_table(rows, first)
-        if first:
-            self._check_columns(table.column_names)
-        cols = {c: table.column(c) if c in table.column_names else pa.nulls(table.num_rows, pa.string())
-                for c in (self.text_column, self.label_column)}
-        return pa.table(cols)
-
-    def _rows_table(self, rows: list[dict], first: bool) -> pa.Table:
-        if first:
-            self._check_columns(list(dict.fromkeys(k for r in rows[:1000] for k in r)))
-        return pa.table({c: pa.array([_json_str(r.get(c)) for r in rows], pa.string())
-                         for c in (self.text_column, self.label_column)})
-
-    def _parquet(self) -> Iterator[pa.Table]:
-        pf = pq.ParquetFile(self.path)
-        self._check_columns(pf.schema_arrow.names)
-        cols = list(dict.fromkeys([self.text_column, self.label_column]))
-        idx = [pf.schema_arrow.get_field_index(c) for c in cols]
-        if self.size > IN_MEMORY_MAX_BYTES:
-            meta = pf.metadata
-            for g in range(meta.num_row_groups):
-                group = sum(meta.row_group(g).column(i).total_uncompressed_size for i in idx)
-                if group > PARQUET_MAX_ROW_GROUP_BYTES:
-                    raise SiloError(
-                        f"silo file {self.name!r} has a row group of {group / 2**20:.0f} MiB, which is read whole; "
-                        f"rewrite it with row groups under {PARQUET_MAX_ROW_GROUP_BYTES // 2**20} MiB, e.g. "
-                        "`pyarrow.parquet.write_table(table, path, row_group_size=50_000)`.")
-        for batch in pf.iter_batches(batch_size=65_536, columns=cols):
-            yield pa.Table.from_batches([batch])
-
-
-def file_columns(path: str | os.PathLike[str]) -> list[str]:
-    """The columns of a silo file, read cheaply: a CSV's header, a Parquet schema, the keys of the first JSON rows."""
-    p = Path(path)
-    fmt = SILO_FORMATS.get(p.suffix.lower())
-    try:
-        if fmt == "csv":
-            with p.open(newline="", encoding="utf-8-sig", errors="replace") as f:
-                return list(next(csv.reader(f), []))
-        if fmt == "parquet":
-            return list(pq.ParquetFile(p).schema_arrow.names)
-        if fmt == "jsonl":
-            with p.open("rb") as f:
-                head = f.read(4096).lstrip()
-                f.seek(0)
-                if head.startswith(b"["):
-                    rows = json.load(f) if p.stat().st_size <= IN_MEMORY_MAX_BYTES else []
-                else:
-                    rows = [json.loads(line) for line, _ in zip((ln for ln in f if ln.strip()), range(100))]
-            return list(dict.fromkeys(k for r in rows[:100] if isinstance(r, dict) for k in r))
-    except (OSError, ValueError, pa.ArrowException) as e:
-        raise SiloError(f"silo file {p.name!r} could not be read as {fmt}: {str(e)[:200]}") from e
-    raise SiloError(f"silo file {p.name!r} has an unknown format; use one of {sorted(SILO_FORMATS)}.")
-
-
-def read_column(path: str | os.PathLike[str], column: str) -> pa.ChunkedArray:
-    """One column of a silo file as strings, streamed and parsed exactly as `load_silo_file` reads rows.
-
-    The rows come in the file's order, so position i is row i of the loaded silo.
-    """
-    p = Path(path)
-    fmt = SILO_FORMATS.get(p.suffix.lower())
-    if fmt is None:
-        raise SiloError(f"silo file {p.name!r} has an unknown format; use one of {sorted(SILO_FORMATS)}.")
-    reader = _SiloReader(p, fmt, p.stat().st_size, column, column, ())
-    chunks = [_as_string(t.column(column), p.name, column) for t in reader._tables() if t.num_rows]
-    return pa.chunked_array([c for ch in chunks for c in ch.chunks], pa.string())
-
-
-def _as_string(col: pa.ChunkedArray, file: str, name: str) -> pa.ChunkedArray:
-    """A column as strings (integer ids become "3"); nested values are refused."""
-    try:
-        return col.cast(pa.string())
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        raise SiloError(f"silo file {file!r}: column `{name}` holds {col.type} values; it must hold text or "
-                        "integer ids.") from None
-
-
-def _size(n: int) -> str:
-    return f"{n // 2**20} MiB" if n >= 2**20 else f"{n}-byte"
-
-
-def _json_str(value: object) -> str | None:
-    """A JSON value as the text a CSV cell would hold (None stays None: an empty text or an unknown label)."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return json.dumps(value)
-    return str(value)
-
-
-def _show(value: object) -> str:
-    """How an unknown label is quoted in the error: an integer as a number (7), anything else as repr ('cooking')."""
-    if isinstance(value, str) and value.lstrip("-").isdigit() and value == str(int(value)):
-        return value
-    return repr(value)
+    """Load one silo file into a Dataset with columns `text` and `label` (ClassLabel); see `load_labelled`."""
+    return load_labelled(FileSource(path), label_names, text_column, label_column, cache_dir=cache_dir)
 
 
 def write_silos(out_dir: str | os.PathLike[str], num: int, alpha: float, seed: int = 0, fmt: str = "csv") -> list[Path]:

@@ -56,6 +56,7 @@ class TaskEvaluator:
     """
 
     def __init__(self, cfg: RunConfig, device: str = "auto") -> None:
+        from corolla.data.registry import open_source
         from corolla.learning.tasks import build_task
         from corolla.learning.train_loop import load_base, select_device, stored_transposed
 
@@ -66,7 +67,7 @@ class TaskEvaluator:
         self.params: dict[str, Any] = dict(self.model.state_dict(keep_vars=True))  # buffers too (full-model tasks)
         self.original = {k: p.detach().clone() for k, p in self.params.items()}
         self.transposed = stored_transposed(self.model)
-        test = (self.task.load_silo(cfg.test_data, cfg.text_column, cfg.label_column) if cfg.test_data
+        test = (self.task.load_silo(open_source(cfg.test_data), cfg.text_column, cfg.label_column) if cfg.test_data
                 else self.task.builtin_test())
         if cfg.eval_examples:
             test = test.select(range(min(cfg.eval_examples, len(test))))

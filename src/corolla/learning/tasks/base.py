@@ -20,6 +20,7 @@ import torch
 from peft import LoraConfig
 from torch import nn
 
+from corolla.data.source import DataSource
 from corolla.spec import TASKS, LoraSpec, TaskInfo, TaskSpec
 
 
@@ -194,8 +195,14 @@ class Task(ABC):
         """Return the held-out global test split used for server-side evaluation."""
 
     @abstractmethod
-    def load_silo(self, path: str, text_column: str, label_column: str, cache_dir: str | None = None) -> datasets.Dataset:
-        """Load a user's silo file (a large one streamed into `cache_dir`, see `data.load_silo_file`)."""
+    def load_silo(self, source: DataSource, text_column: str, label_column: str,
+                  cache_dir: str | None = None) -> datasets.Dataset:
+        """Read a user's silo from `source` (a file, folder, saved dataset or database: `corolla.data.registry`).
+
+        The task says which columns it needs and how they are validated; the source
+        says where the rows are. A large source is streamed into `cache_dir` and
+        memory-mapped (`corolla.data.cache`).
+        """
 
     #: modules trained in full and exchanged (not part of the frozen base, so not fingerprinted); a task may set
     #: its own per instance once it knows the model's layout

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from pathlib import Path
 from typing import Any
 
 import datasets
@@ -30,6 +29,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from corolla.data import silo as data
+from corolla.data.instructions import load_instructions
+from corolla.data.source import DataSource
 from corolla.learning import models
 from corolla.learning.tasks.base import Encoded, LazyEncoded, Task
 from corolla.spec import LoraSpec, TaskSpec
@@ -227,46 +228,7 @@ class CausalLM(Task):
         """BUILTIN_TEST_ROWS held-out definitions, stratified by category."""
         return self._builtin[1]
 
-    def load_silo(self, path: str, text_column: str, label_column: str, cache_dir: str | None = None) -> datasets.Dataset:
-        """A CSV / JSONL / Parquet silo of `prompt`/`response` columns or chat `messages` (memory-mapped)."""
-        return load_instruction_silo(path, cache_dir=cache_dir)
-
-
-def load_instruction_silo(path: str, cache_dir: str | None = None) -> datasets.Dataset:
-    """Read an instruction silo with `datasets` (Arrow, memory-mapped) into `prompt` / `response` columns.
-
-    `messages` rows (a list of {role, content} ending with the assistant's turn) become
-    prompt = every turn before the last, response = the last turn's content.
-    """
-    p = Path(path)
-    fmt = data.SILO_FORMATS.get(p.suffix.lower())
-    if not p.is_file():
-        raise data.SiloError(f"silo file {path!r} does not exist; pass --data with a CSV, JSONL or Parquet file.")
-    if fmt is None:
-        raise data.SiloError(f"silo {path!r}: unknown format {p.suffix!r}; use one of {sorted(data.SILO_FORMATS)}.")
-    builder = {"jsonl": "json"}.get(fmt, fmt)
-    ds = datasets.load_dataset(builder, data_files=str(p), split="train",
-                               cache_dir=str(data.silo_cache_dir(cache_dir) / "instructions"))
-    cols = set(ds.column_names)
-    if "messages" in cols:
-        ds = ds.map(_split_messages, remove_columns=ds.column_names, desc="chat turns")
-    elif not {"prompt", "response"} <= cols:
-        raise data.SiloError(f"silo {path!r} has columns {sorted(cols)}; an instruction silo needs `prompt` and "
-                             "`response` columns, or a `messages` column of chat turns.")
-    ds = ds.select_columns(["prompt", "response"])
-    empty = [i for i, r in enumerate(ds["response"]) if not str(r or "").strip()]
-    if empty:
-        raise data.SiloError(f"silo {path!r}: {len(empty)} rows have an empty response (first: row {empty[0]}); "
-                             "remove them or fill in the answers.")
-    if len(ds) == 0:
-        raise data.SiloError(f"silo {path!r} has no rows.")
-    return ds
-
-
-def _split_messages(row: dict) -> dict:
-    turns = row["messages"]
-    if not turns or turns[-1].get("role") != "assistant" or len(turns) < 2:
-        raise data.SiloError("a `messages` row must hold at least a user turn followed by the assistant's answer, "
-                             f"got roles {[t.get('role') for t in turns or []]}.")
-    return {"prompt": [{"role": t["role"], "content": t["content"]} for t in turns[:-1]],
-            "response": turns[-1]["content"]}
+    def load_silo(self, source: DataSource, text_column: str, label_column: str,
+                  cache_dir: str | None = None) -> datasets.Dataset:
+        """`prompt`/`response` columns or chat `messages` from `source` (see `corolla.data.instructions`)."""
+        return load_instructions(source, cache_dir=cache_dir)

@@ -19,6 +19,7 @@ from peft import LoraConfig
 from torch import nn
 
 from corolla.data import silo as data
+from corolla.data.source import DataSource
 from corolla.learning.tasks.base import Encoded, Task
 from corolla.spec import LoraSpec
 
@@ -116,6 +117,7 @@ class ImageClassification(Task):
         """The 10k test split."""
         return fashion_split()[1]
 
-    def load_silo(self, path: str, text_column: str, label_column: str, cache_dir: str | None = None) -> datasets.Dataset:
+    def load_silo(self, source: DataSource, text_column: str, label_column: str,
+                  cache_dir: str | None = None) -> datasets.Dataset:
         """Image silos from files are not supported yet."""
         raise data.SiloError("the image task reads built-in Fashion-MNIST partitions only; omit --data.")

@@ -12,6 +12,8 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
 from corolla.data import silo as data
+from corolla.data.labelled import load_labelled
+from corolla.data.source import DataSource
 from corolla.learning import models
 from corolla.learning.tasks.base import Encoded, LazyEncoded, Task
 from corolla.spec import LoraSpec, TaskSpec
@@ -150,6 +152,7 @@ class TextClassification(Task):
             raise data.SiloError(f"labels {list(self.spec.labels)} are your own classes, so there is no built-in data "
                                  "for them: give each client --data and the server `test-data`.")
 
-    def load_silo(self, path: str, text_column: str, label_column: str, cache_dir: str | None = None) -> datasets.Dataset:
-        """Load a CSV / JSONL / Parquet silo labelled with the configured corpus's class names (streamed when large)."""
-        return data.load_silo_file(path, self.label_names, text_column, label_column, cache_dir=cache_dir)
+    def load_silo(self, source: DataSource, text_column: str, label_column: str,
+                  cache_dir: str | None = None) -> datasets.Dataset:
+        """Text and labels (the configured class names, or their ids) from `source` (streamed when large)."""
+        return load_labelled(source, self.label_names, text_column, label_column, cache_dir=cache_dir)
