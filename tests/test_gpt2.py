@@ -90,7 +90,9 @@ def test_gpt2_causal_lm_federation_with_mixed_ranks_and_export(gpt2_dir, tmp_pat
     from corolla.learning.export import export_adapter, load_exported
 
     cfg = {"task": "causal-lm", "model": str(gpt2_dir), "max-length": 96, "num-rounds": 2, "clients-per-round": 3,
-           "local-steps": 5, "batch-size": 4, "lr": 0.05, "ranks": "2,4,8", "eval-examples": 8,
+           # lr 0.01: at 0.05 FedHL oscillates on this random 2-layer GPT-2 (test loss 10.814 -> 10.776 -> 10.815 over
+           # two versions, 10.839 at the third), at 0.01 it descends (10.814 -> 10.758 -> 10.761 -> 10.750)
+           "local-steps": 5, "batch-size": 4, "lr": 0.01, "ranks": "2,4,8", "eval-examples": 8,
            "aggregation": aggregation, "lora-target-modules": ",".join(TARGETS)}
     run_inprocess(cfg, nodes=3, out_dir=tmp_path)
     summary, metrics = read_run(tmp_path)
