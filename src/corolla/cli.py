@@ -413,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "--insecure)")
     s.add_argument("--insecure", action="store_true", help="plaintext to a SuperLink that is not on loopback")
     s.add_argument("--auth-key", help="this node's private key (`corolla keys node`; its .pub registered on the server)")
+    s.add_argument("--allow-any-app", action="store_true",
+                   help="run whatever app bundle a run brings (default: only corolla's own, which carries no code: "
+                        "what runs here is the corolla installed here); the site's decision, see docs/guide/security.md")
     s.add_argument("--max-wait-time", type=float, default=0.0,
                    help="give up after this many seconds without the SuperLink (0: keep reconnecting)")
     s.add_argument("--flwr-home", help="Flower's state folder for this node (default ~/.flwr)")

@@ -131,7 +131,10 @@ def run_client(args: argparse.Namespace) -> int:
     if args.max_wait_time:
         cmd += ["--max-wait-time", str(args.max_wait_time)]
     flwr_home = Path(args.flwr_home or Path.home() / ".flwr")
-    node = launch.start(cmd, launch.flower_env(flwr_home, {"COROLLA_SUPERNODE_POLL_S": str(args.poll_interval)}),
+    extra_env = {"COROLLA_SUPERNODE_POLL_S": str(args.poll_interval)}
+    if getattr(args, "allow_any_app", False):
+        extra_env["COROLLA_ALLOW_ANY_APP"] = "1"
+    node = launch.start(cmd, launch.flower_env(flwr_home, extra_env),
                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     watch = SupernodeWatch(node, args, key_fp)
     watch.start()
