@@ -11,6 +11,7 @@ explicit choice) the same bundle runs, which shows the test can tell the two apa
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -80,7 +81,7 @@ def run_foreign_bundle(tmp_path: Path, allow: bool) -> tuple[list[dict], Path, s
     node_log = tmp_path / "supernode.log"
     with processes() as procs:
         link, address = launch.start_superlink(home, simulation=False, log_path=home / "superlink.log",
-                                               fleet_address=fleet)
+                                               fleet_address=fleet, only_corolla=False)
         procs.append(link)
         env = launch.flower_env(tmp_path / "node", {"COROLLA_ALLOW_ANY_APP": "1"} if allow else {})
         procs.append(launch.start([sys.executable, "-m", "corolla.launch.supernode", "--insecure", "--grpc-rere",
@@ -107,6 +108,23 @@ def test_the_same_bundle_runs_where_the_site_chose_to_allow_any_app(tmp_path):
     replies, marker, _ = run_foreign_bundle(tmp_path, allow=True)
     assert replies == [{"error": False, "code": 0, "reason": ""}]
     assert marker.read_text() == "the foreign bundle ran on the site"
+
+
+def test_corollas_superlink_refuses_to_start_a_foreign_bundle(tmp_path):
+    """The server host's side: `flwr run` of the foreign bundle against corolla's SuperLink is refused at submission."""
+    home = tmp_path / "link"
+    app = foreign_app(tmp_path / "app")
+    with processes() as procs:
+        link, address = launch.start_superlink(home, simulation=False, log_path=home / "superlink.log")
+        procs.append(link)
+        launch.write_connection(home, "local", address)
+        run = subprocess.run([str(launch.BIN / "flwr"), "run", str(app), "local", "--run-config",
+                              launch.run_config_arg({"out": "x", "marker": "y"})],
+                             env=launch.flower_env(home), capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    said = " ".join(re.sub(r"[│╭╮╰╯─]", " ", run.stdout + run.stderr).split())  # flwr prints errors in a box
+    assert "corolla refused the run: the app bundle holds files besides pyproject.toml" in said
+    assert "corolla refused the run" in (home / "superlink.log").read_text()
 
 
 def test_check_bundle_admits_corollas_own_bundle_and_refuses_the_rest(tmp_path):

@@ -18,6 +18,8 @@ def corolla(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     "args,message",
     [
+        (["trainer", "--host", "0.0.0.0"], "corolla trainer: --host 0.0.0.0 is not a loopback address; the trainer's "
+                                           "service has no TLS and no authentication"),
         (["sim", "--out", "/tmp/x", "--set", "num-round=3"], "unknown configuration key(s) ['num-round']; valid keys"),
         (["sim", "--out", "/tmp/x", "--set", "selector=best"], "`selector` = 'best' is not valid"),
         (["client", "--superlink", "127.0.0.1:1", "--data", "/nope.csv"], "silo file '/nope.csv' does not exist"),

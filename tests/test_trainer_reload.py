@@ -1,4 +1,5 @@
-"""One long-lived trainer serves runs of different models (#13): it reloads once per new TaskSpec.
+"""A long-lived trainer with --follow-run serves runs of different models, reloading once per TaskSpec; pinned
+(the default) it refuses them without saying anything of its own silo.
 
 The chain is the deployment one minus Flower's transport: the server's codec builds the
 profile query and the train message carrying the run's TaskSpec, the ClientApp shim
@@ -69,8 +70,8 @@ def trainer_args(silo, *extra: str) -> argparse.Namespace:
 
 @pytest.fixture
 def served(silo):
-    """`corolla trainer --data silo.csv --model tiny-bert` behind its gRPC service; the node context for the shim."""
-    trainer = build_trainer(trainer_args(silo))
+    """`corolla trainer --data silo.csv --model tiny-bert --follow-run` behind its gRPC service; the shim's context."""
+    trainer = build_trainer(trainer_args(silo, "--follow-run"))
     server, port = serve(trainer, "127.0.0.1:0")
     ctx = Context(run_id=1, node_id=2, node_config={wire.NODE_TRAINER: f"127.0.0.1:{port}"}, state=RecordDict(),
                   run_config={})
@@ -159,8 +160,9 @@ def test_a_spec_the_site_cannot_load_refuses_the_node_and_the_old_model_keeps_se
     held, loads = trainer.model, training.MODEL_LOADS
     cfg, m, reg = profile(ctx, spec)
     reason = cfg[wire.REFUSAL]
-    assert reason and "\n" not in reason and all(n in reason for n in names)
-    assert "keeps serving tiny-bert" in reason and "available on this site" in reason
+    assert reason and "\n" not in reason and all(n in reason for n in names)  # the run's own values, nothing of the site
+    assert "keeps serving its current model" in reason and "reason is in the site's trainer log" in reason
+    assert not any(label in reason for label in BBC) and "silo" not in reason
     assert 2 in reg.refused and reg.refused[2] == reason and reg.recorder.rows[-1]["status"] == "refused"
     assert cfg[wire.FINGERPRINT] == held.fingerprint and trainer.model is held
     # a job of that run is refused with the same line; the trainer still trains its own model
@@ -174,14 +176,15 @@ def test_a_spec_the_site_cannot_load_refuses_the_node_and_the_old_model_keeps_se
 
 
 def test_pinned_trainer_refuses_another_model_without_loading(silo, bert_dir):
-    trainer = build_trainer(trainer_args(silo, "--pin-model"))
+    trainer = build_trainer(trainer_args(silo))  # pinned: the default
     server, port = serve(trainer, "127.0.0.1:0")
     try:
         ctx = Context(run_id=1, node_id=2, node_config={wire.NODE_TRAINER: f"127.0.0.1:{port}"}, state=RecordDict(),
                       run_config={})
         loads = training.MODEL_LOADS
         cfg, _, reg = profile(ctx, TaskSpec(model=str(bert_dir), max_length=32))
-        assert "--pin-model" in cfg[wire.REFUSAL] and 2 in reg.refused
+        assert "differ in" not in cfg[wire.REFUSAL] and "(the run's model differ)" in cfg[wire.REFUSAL]
+        assert "--follow-run" in cfg[wire.REFUSAL] and 2 in reg.refused
         assert training.MODEL_LOADS == loads
         cfg, _, reg = profile(ctx, SPEC_A)
         assert cfg[wire.REFUSAL] == "" and 2 in reg.nodes
@@ -196,3 +199,28 @@ def test_a_profile_query_without_a_spec_keeps_whatever_the_trainer_holds(served)
     reply = shim.query(profile_message(2), ctx)
     assert not reply.has_error() and reply.content[wire.CONFIG][wire.REFUSAL] == ""
     assert training.MODEL_LOADS == loads and trainer.spec.model == "tiny-bert"
+
+
+@pytest.mark.parametrize("follow", [False, True], ids=["pinned", "follow-run"])
+def test_a_server_probing_label_sets_learns_nothing_of_the_sites_labels(silo, follow):
+    """The attack: profile queries with guessed label sets, one at a time, reading each refusal. Every wrong guess,
+    whether it shares labels with the silo or not, gets the same text, and no text holds a label or a path."""
+    trainer = build_trainer(trainer_args(silo, *(["--follow-run"] if follow else [])))
+    server, port = serve(trainer, "127.0.0.1:0")
+    try:
+        ctx = Context(run_id=1, node_id=2, node_config={wire.NODE_TRAINER: f"127.0.0.1:{port}"}, state=RecordDict(),
+                      run_config={})
+        guesses = [("sport",), ("sport", "cooking"), ("cooking", "gardening"), ("tech", "sport", "cooking"),
+                   ("business", "entertainment")]
+        texts = set()
+        for guess in guesses:
+            cfg, _, reg = profile(ctx, TaskSpec(model="tiny-bert", labels=guess, max_length=32))
+            reason = cfg[wire.REFUSAL]
+            assert reason and 2 in reg.refused
+            texts.add(reason.replace(",".join(guess), "<guess>"))  # the run's own labels are echoed, nothing else
+            assert not any(label in reason.replace(",".join(guess), "") for label in BBC), reason
+            assert str(silo) not in reason and str(silo.parent) not in reason
+        assert len(texts) == 1, texts  # a guess that shares labels with the silo reads like one that shares none
+        assert trainer.spec.labels == ()  # still serving what it was started with
+    finally:
+        server.stop(None)

@@ -59,9 +59,10 @@ def add_trainer_args(p: argparse.ArgumentParser) -> None:
                         "about a third more compute; the result is the same")
     p.add_argument("--quantize", choices=["none", "4bit"], default="none",
                    help="4bit: hold the frozen base in 4-bit NF4 (QLoRA; CUDA and bitsandbytes; a model folder)")
-    p.add_argument("--pin-model", action="store_true",
-                   help="serve only this --task/--model/--labels/--max-length: a run needing another is refused "
-                        "instead of reloading the trainer (default: reload, one model held at a time)")
+    p.add_argument("--follow-run", action="store_true",
+                   help="reload for a run that needs another task, model, labels or max-length (one model held at a "
+                        "time). Default: serve only what this trainer was started with and refuse any other run, so a "
+                        "server can neither make the site load other files nor probe its labels")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--slowdown", type=float, default=1.0, help="emulate hardware this many times slower (tests, demos)")

@@ -132,6 +132,14 @@ def describe_spec(spec: TaskSpec) -> str:
     return f"{spec.model} ({spec.task}, {labels}, max-length {spec.max_length})"
 
 
+def spec_differences(run: TaskSpec, held: TaskSpec) -> str:
+    """The names (never the values) of the TaskSpec fields in which a run's spec differs from the held one."""
+    fields = [("task", run.task != held.task), ("model", run.model.rstrip("/") != held.model.rstrip("/")),
+              ("labels", tuple(run.labels) != tuple(held.labels) or run.dataset != held.dataset),
+              ("max-length", run.max_length != held.max_length)]
+    return ", ".join(name for name, differs in fields if differs) or "settings"
+
+
 class Trainer:
     """One silo: a shared `AdapterModel`, the silo's encoded data and the node's LoRA rank.
 
@@ -139,8 +147,13 @@ class Trainer:
     the run: a request carrying another TaskSpec rebuilds the model and re-encodes the silo
     once (`ensure`), keeping the old pair until the new one is ready. It holds ONE model: the
     old one is dropped after the swap, so memory peaks at two models during a reload and
-    returns to one. `pinned` (`--pin-model`) refuses any other spec instead; without a
-    `loader` (simulation, in-process tests) requests' specs are not checked.
+    returns to one; only with `--follow-run`. `pinned` (the default of `corolla client` and
+    `corolla trainer`) refuses any other spec instead; without a `loader` (simulation,
+    in-process tests) requests' specs are not checked.
+
+    What a refusal says goes to the server: it names which fields of the run's spec differ,
+    never this site's values (its labels, model path or silo), and the reason a load failed
+    stays in this site's log. A server probing label sets then learns only "not this one".
     """
 
     def __init__(self, model: AdapterModel, data: EncodedData, rank: int, slowdown: float = 1.0, *,
@@ -184,10 +197,10 @@ class Trainer:
             if spec_key(spec) == spec_key(held):
                 return False
             if self.pinned or self.loader is None:
-                why = "it was started with --pin-model" if self.pinned else "it cannot reload"
+                log.warning("refused a run of %s: this trainer serves %s", describe_spec(spec), describe_spec(held))
                 raise TrainerError(
-                    f"this trainer serves only {describe_spec(held)} ({why}) and the run needs {describe_spec(spec)}; "
-                    "start a trainer for the run's model (or restart this one without --pin-model)."
+                    f"this site's trainer serves another task specification (the run's {spec_differences(spec, held)} "
+                    "differ); the site's operator starts a trainer for this run, or with --follow-run."
                 )
             t0 = time.perf_counter()
             try:
@@ -197,11 +210,10 @@ class Trainer:
             except Exception as e:  # noqa: BLE001 - any load failure refuses the run, never ends the trainer
                 log.warning("cannot switch to %s: %s", describe_spec(spec), e, exc_info=not isinstance(
                     e, (TrainerError, ValueError, OSError)))
-                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise TrainerError(
-                    f"this trainer cannot load the run's {describe_spec(spec)}: {reason.rstrip('.')}; it keeps serving "
-                    f"{describe_spec(held)}. Make that model and data available on this site (model folder, --data "
-                    "with those labels) or start a trainer for the run's model."
+                    f"this site's trainer cannot load the run's {describe_spec(spec)} (the reason is in the site's "
+                    "trainer log) and keeps serving its current model; the site's operator makes that model and "
+                    "data available there, or starts a trainer for the run."
                 ) from None
             old = self.model
             self._install(model, data)

@@ -31,8 +31,8 @@ log = logging.getLogger("corolla.trainer")
 def build_trainer(args: argparse.Namespace) -> Trainer:
     """Load the base model once and the silo; raise SiloError/TrainerError with a clear message.
 
-    The trainer keeps a loader for its silo, so a run of another TaskSpec reloads it
-    (`Trainer.ensure`) unless `--pin-model`.
+    With `--follow-run` the trainer keeps a loader for its silo, so a run of another TaskSpec
+    reloads it (`Trainer.ensure`); by default it is pinned to what it was started with.
     """
     import torch
 
@@ -47,7 +47,7 @@ def build_trainer(args: argparse.Namespace) -> Trainer:
                              quantize=getattr(args, "quantize", "none"))
     loader = functools.partial(load_silo, args, device, compute)
     model, data = loader(spec)
-    pinned = bool(getattr(args, "pin_model", False))
+    pinned = not getattr(args, "follow_run", False)
     return Trainer(model, data, parse_rank(args.rank, str(device)), args.slowdown, spec=spec,
                    loader=None if pinned else loader, pinned=pinned)
 
@@ -94,8 +94,30 @@ def start_trainer(args: argparse.Namespace, address: str, prog: str) -> tuple[gr
     return server, bound
 
 
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost: addresses only this machine reaches."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def run_trainer(args: argparse.Namespace, host: str, port: int) -> int:
-    """Build the trainer, serve it, block until a signal; return an exit code."""
+    """Build the trainer, serve it, block until a signal; return an exit code.
+
+    The trainer's service trains on the whole silo and evaluates any adapter on it, over
+    plaintext without authentication, so it binds loopback only: beside the site's
+    SuperNode, as `corolla client` starts it.
+    """
+    if not is_loopback(host):
+        sys.stderr.write(f"corolla trainer: --host {host} is not a loopback address; the trainer's service has no TLS "
+                         "and no authentication, and anyone who reaches it can train or evaluate on the whole silo. "
+                         "Keep it on 127.0.0.1 beside the site's SuperNode (`corolla client` does).\n")
+        return 2
     started = start_trainer(args, f"{host}:{port}", "corolla trainer")
     if started is None:
         return 2

@@ -200,8 +200,11 @@ def flwr_run(connection: str, run_config: Mapping[str, Any], env: Mapping[str, s
 def start_superlink(flwr_home: Path, *, simulation: bool, log_path: Path, fleet_address: str | None = None,
                     http_port: int | None = None, tls: Mapping[str, str] | None = None,
                     extra: Sequence[str] = (), database: Path | None = None,
-                    env: Mapping[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+                    env: Mapping[str, str] | None = None, only_corolla: bool = True) -> tuple[subprocess.Popen, str]:
     """Start `flower-superlink`; return the process and the address `flwr` connects to (its HTTP API).
+
+    `only_corolla`: through `corolla.launch.superlink_guard`, which starts only corolla's app
+    bundles (False: Flower's plain SuperLink, for tests that play a coordinator taken over).
 
     The HTTP API (Runtime and Control, one port in Flower 1.39) listens on 127.0.0.1 only:
     `flwr` commands run on the server host. State lives in `database` (default
@@ -210,7 +213,8 @@ def start_superlink(flwr_home: Path, *, simulation: bool, log_path: Path, fleet_
     host = "127.0.0.1"
     http_port = http_port or free_port()
     flwr_home.mkdir(parents=True, exist_ok=True)
-    cmd = [str(BIN / "flower-superlink"), "--host", host, "--port", str(http_port),
+    exe = [sys.executable, "-m", "corolla.launch.superlink_guard"] if only_corolla else [str(BIN / "flower-superlink")]
+    cmd = [*exe, "--host", host, "--port", str(http_port),
            "--database", str(database or flwr_home / "state.db")]
     if tls:
         cmd += ["--ssl-ca-certfile", tls["ca"], "--ssl-certfile", tls["cert"], "--ssl-keyfile", tls["key"]]

@@ -123,7 +123,8 @@ class Home:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             return None
-        return int(pid) if b"flower-superlink" in cmdline and str(self.database).encode() in cmdline else None
+        is_link = b"flower-superlink" in cmdline or b"corolla.launch.superlink_guard" in cmdline
+        return int(pid) if is_link and str(self.database).encode() in cmdline else None
 
 
 def transport(fleet_address: str, *, tls: dict[str, str | None] | None, insecure: bool,
