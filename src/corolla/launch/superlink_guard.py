@@ -18,8 +18,8 @@ from typing import Any
 
 def install() -> None:
     """Wrap the Control API's StartRun handler with corolla's bundle check."""
-    from flwr.superlink.servicer.control import control_handlers
     from flwr.supercore.error.base import ApiErrorCode, FlowerError
+    from flwr.superlink.servicer.control import control_handlers
 
     from corolla.launch.app_bundle import BundleRefused, check_bundle
 
