@@ -129,7 +129,11 @@ class Federation:
                               "or start a new run with --overwrite")
 
     def checkpoint(self, **extra: Any) -> None:
-        """Write everything needed to continue from here (atomically): model, optimizer, selector, records."""
+        """Write everything needed to continue from here (atomically): model, optimizer, selector, records.
+
+        A global state that is not finite is never written: the run stops here (NonFiniteModelError).
+        """
+        self.aggregator.check_finite_state()
         state = {"config": self.cfg.to_mapping(), "version": self.aggregator.version, "aggregator": self.aggregator,
                  "selector": self.selector, "recorder": self.recorder.state(),
                  "offsets": checkpoint.line_counts(self.recorder.dir, RECORDS),

@@ -113,6 +113,34 @@ def example_weights(updates: Sequence[ClientUpdate]) -> NDArray[np.float64]:
     return counts / counts.sum()
 
 
+#: the largest value an update may hold when it reaches a step: products of two such LoRA factors summed over a
+#: rank up to 65,536 stay below 10³⁵, far inside float32 (3.4·10³⁸); no trainer returns values near it
+MAX_STEP_VALUE = 1e15
+
+
+class NonFiniteModelError(RuntimeError):
+    """The global state holds NaN or Inf after a step: the run stops before it is checkpointed."""
+
+
+def check_finite_step(updates: Sequence[ClientUpdate], weights: Weights) -> None:
+    """Refuse a step (AggregationError, nothing changed yet) whose values or weights could overflow float32.
+
+    Replies holding NaN or Inf are rejected earlier; this bounds the finite ones: every
+    weight finite and every returned value within MAX_STEP_VALUE, so that no sum or LoRA
+    product of the step can leave float32's range.
+    """
+    for w in (weights.lora, weights.dense):
+        if not np.all(np.isfinite(np.asarray(w, np.float64))):
+            raise AggregationError("the step's weights are not all finite; the step is refused and the model kept")
+    for u in updates:
+        for k, a in u.arrays.items():
+            peak = float(np.max(np.abs(np.asarray(a, np.float64)))) if np.size(a) else 0.0
+            if not peak <= MAX_STEP_VALUE:
+                raise AggregationError(
+                    f"node {u.node_id}: `{k}` holds values up to {peak:.3g}, beyond {MAX_STEP_VALUE:.0e} where sums and "
+                    "LoRA products could leave float32's range; the step is refused and the model kept")
+
+
 class StepGuard(Protocol):
     """What an aggregation step asks of the server's guard (strategies/guard.py): bounded updates and weights."""
 
@@ -222,6 +250,7 @@ class Aggregator(ABC):
         """
         if self.guard is not None:
             updates, weights = self.guard(updates, weights)
+        check_finite_step(updates, weights)
         opt = self.optimizer
         if isinstance(opt, ServerSGD):
             self.apply(updates, weights, opt.config.lr)
@@ -239,6 +268,22 @@ class Aggregator(ABC):
 
                 v.copy_(torch.from_numpy(live))
         return weights
+
+    def check_finite_state(self) -> None:
+        """Raise NonFiniteModelError when the global state holds NaN or Inf after a step.
+
+        `check_finite_step` makes this unreachable for well-formed steps; it is the last line,
+        run before each checkpoint (it settles a pending background fold): the run stops before
+        the corrupt version is written, so the run directory keeps the last good version and
+        `--resume` continues from it.
+        """
+        self.settle()
+        for k, v in self.state().items():
+            finite = bool(np.isfinite(v).all()) if isinstance(v, np.ndarray) else bool(v.isfinite().all())
+            if not finite:
+                raise NonFiniteModelError(
+                    f"the global model's `{k}` became non-finite at version {self.version}; the run stops before "
+                    "checkpointing it, so its directory keeps the last good version (resume with --resume)")
 
     def aggregate(self, updates: Sequence[ClientUpdate]) -> Weights:
         """Validate, weight and apply a set of updates as one synchronous step (through the server optimizer)."""
