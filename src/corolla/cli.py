@@ -296,6 +296,22 @@ def cmd_options(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    """List or remove the site's cached silo copies (Arrow files of large or database silos)."""
+    from corolla.data.cache import cached_silos, clear_cache, silo_cache_dir
+
+    folder = silo_cache_dir(args.cache_dir)
+    if args.action == "clear":
+        n, size = clear_cache(args.cache_dir)
+        print(f"removed {n} cached silo cop{'y' if n == 1 else 'ies'} ({size / 2**20:.1f} MiB) from {folder}")
+        return 0
+    files = cached_silos(args.cache_dir)
+    for f in files:
+        print(f"{f.stat().st_size / 2**20:10.1f} MiB  {f.name}")
+    print(f"{len(files)} cached silo cop{'y' if len(files) == 1 else 'ies'} in {folder}")
+    return 0
+
+
 def cmd_make_silos(args: argparse.Namespace) -> int:
     """Write the built-in corpus's Dirichlet partitions as silo files."""
     from corolla.data.silo import write_silos
@@ -454,6 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("options", help="list run-configuration keys and component choices")
     s.set_defaults(fn=cmd_options)
+
+    s = sub.add_parser("cache", help="list or clear this site's cached silo copies (Arrow files, private to the user)")
+    s.add_argument("action", choices=["list", "clear"])
+    s.add_argument("--cache-dir", default=None, help="the cache folder a trainer was given (default: $COROLLA_CACHE_DIR, "
+                   "else the Hugging Face datasets cache's corolla-silos)")
+    s.set_defaults(fn=cmd_cache)
 
     s = sub.add_parser("make-silos", help="write built-in Dirichlet partitions as silo files")
     s.add_argument("--out", required=True)

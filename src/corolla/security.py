@@ -66,8 +66,19 @@ def _now() -> dt.datetime:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    path.write_bytes(data)
-    os.chmod(path, 0o600)
+    """Write a private key readable by its owner alone from its first byte, then move it into place.
+
+    The bytes go to a new file created with O_EXCL and mode 0600 (never a moment with wider
+    permissions, never through a link planted at the name) and are renamed over `path`.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _san_entries(hosts: list[str]) -> list[Any]:

@@ -50,6 +50,33 @@ def silo_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     return Path(datasets.config.HF_DATASETS_CACHE) / "corolla-silos"
 
 
+def private_dir(folder: Path) -> Path:
+    """Create `folder` (and parents) and make it 0700: cached silo copies are readable by their owner alone."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if folder.stat().st_uid == os.getuid():
+        os.chmod(folder, 0o700)
+    return folder
+
+
+def cached_silos(cache_dir: str | os.PathLike[str] | None = None) -> list[Path]:
+    """The cached silo copies (Arrow files) in the cache folder, oldest first."""
+    folder = silo_cache_dir(cache_dir)
+    if not folder.is_dir():
+        return []
+    return sorted(folder.glob("*.arrow"), key=lambda p: p.stat().st_mtime)
+
+
+def clear_cache(cache_dir: str | os.PathLike[str] | None = None) -> tuple[int, int]:
+    """Remove every cached silo copy (and leftovers of interrupted conversions); return (files, bytes) removed."""
+    folder = silo_cache_dir(cache_dir)
+    files = [*cached_silos(cache_dir), *(folder.glob(".*.tmp") if folder.is_dir() else [])]
+    size = 0
+    for f in files:
+        size += f.stat().st_size
+        f.unlink(missing_ok=True)
+    return len(files), size
+
+
 def cache_hash(*parts: object) -> str:
     """A short stable hash of `parts` (cache file names)."""
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:10]
@@ -98,7 +125,7 @@ def _write(batches: Iterator[pa.RecordBatch], schema: pa.Schema, target: Path, s
     """Write `batches` into `target` (a temporary name first, renamed once `finish` passed)."""
     folder = target.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        private_dir(folder)
         free = shutil.disk_usage(folder).free
     except OSError as e:
         raise SiloError(f"cannot use the silo cache folder {str(folder)!r} ({e}); pass --cache-dir (or set "
@@ -112,6 +139,7 @@ def _write(batches: Iterator[pa.RecordBatch], schema: pa.Schema, target: Path, s
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     rows = 0
     try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # a copy of the silo: its owner's alone
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
             for batch in batches:
                 writer.write_batch(batch)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ def run_server(cfg: RunConfig, fleet_address: str, flwr_home: Path | None = None
     files, auth_on = superlink.transport(fleet_address, tls=tls, insecure=insecure, auth=auth)
     out = Path(cfg.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    os.chmod(out, 0o700)  # the run directory: its owner's alone
     home = Home((flwr_home or out / ".flwr").resolve())
     log_path = out / "superlink.log"
     saved = home.saved().get("control_port") if flwr_home else None  # a kept home keeps its Control API port

@@ -110,6 +110,7 @@ def run_simulation(cfg: RunConfig, num_supernodes: int, cpus_per_client: int = 1
     """
     out = Path(cfg.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    os.chmod(out, 0o700)  # the run directory: its owner's alone
     flwr_home = out / ".flwr"
     total = total_cpus or os.cpu_count() or 1
     # the SuperLink starts the simulation process (Ray's driver), so Ray's settings go into the SuperLink's environment

@@ -155,7 +155,8 @@ def transport(fleet_address: str, *, tls: dict[str, str | None] | None, insecure
 
 def write_settings(home: Home, settings: LinkSettings, pid: int | None) -> None:
     """Save the settings (and the pid of the SuperLink now running) in superlink.json; write the `flwr` connection."""
-    home.root.mkdir(parents=True, exist_ok=True)
+    home.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(home.root, 0o700)  # its state (registered keys, runs) and settings: the operator's alone
     data = {**dataclasses.asdict(settings), "pid": pid, "database": str(home.database)}
     home.settings_path.write_text(json.dumps(data, indent=2) + "\n")
     launch.write_connection(home.root, CONNECTION, settings.control_address,
@@ -164,7 +165,8 @@ def write_settings(home: Home, settings: LinkSettings, pid: int | None) -> None:
 
 def start(home: Home, settings: LinkSettings, log_path: Path | None = None) -> subprocess.Popen:
     """Start this home's SuperLink (state in home/state.db) and wait until both APIs listen."""
-    home.root.mkdir(parents=True, exist_ok=True)
+    home.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(home.root, 0o700)  # its state (registered keys, runs) and settings: the operator's alone
     if (pid := home.running_pid()) is not None:
         raise LinkError(f"a SuperLink already runs in {home.root} (pid {pid}); submit runs to it with `corolla run "
                         f"--home {home.root}`, or stop it first.")

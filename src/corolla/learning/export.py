@@ -67,8 +67,16 @@ def factorize(dw: np.ndarray, rank: int, scale: float) -> tuple[np.ndarray, np.n
     return a.astype(np.float32), b.astype(np.float32), err
 
 
+def refuse_foreign(out: Path) -> None:
+    """Raise ExportError when `out` exists but is not an earlier export: an export replaces only its own folders."""
+    if out.exists() and not (out / "corolla_export.json").is_file():
+        raise ExportError(f"{out} exists and was not written by `corolla export` (it holds no corolla_export.json); "
+                          "choose another --out, or move that folder away yourself.")
+
+
 def export_adapter(run_dir: str | Path, out: str | Path, rank: int | None = None) -> dict:
     """Write the run's global model as a peft adapter folder at `rank` (default: the run's max-rank); return a report."""
+    refuse_foreign(Path(out))
     cfg, deltas, dense = load_run(run_dir)
     return write_adapter(cfg, deltas, dense, out, rank)
 
@@ -108,6 +116,7 @@ def write_adapter(cfg: RunConfig, deltas: dict[str, np.ndarray], dense: dict[str
         raise ExportError(f"global.npz holds arrays this model lacks ({result.unexpected_keys[:3]}); was the run "
                           "made with another model?")
     out = Path(out)
+    refuse_foreign(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {"rank": rank, "layers": len(deltas), "relative_error": math.sqrt(num / den) if den else 0.0,
               "max_layer_error": max(errors.values(), default=0.0), "model": cfg.task_spec().model, "task": cfg.task,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ class RunRecorder:
         self.clock = clock or _Monotonic()
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o700)  # metrics, updates and the global model of a run: its owner's alone
         earlier = any((self.dir / n).exists() for n in (*RECORDS, "summary.json", "checkpoint.json"))
         if existing == "refuse" and earlier:
             raise RunDirError(f"{self.dir} holds an earlier run; continue it with --resume (existing-run=resume) or "
