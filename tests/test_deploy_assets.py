@@ -10,6 +10,9 @@
 - every `corolla` invocation in the assets and in the deployment guide (docs/guide/deployment.md) parsed by the real
   argument parser, every `--set` / run-config key through RunConfig, plus structural checks (TLS and
   authentication flags, silo mounts, GPU requests, probes on the ports the commands open);
+- hardening: one key Secret per site pod, default-deny NetworkPolicies with allow rules on the Fleet and DNS
+  ports only, no capabilities / read-only root / memory limit for every container (Kubernetes and compose),
+  Ray token authentication from a token file, never a token in the recipe;
 - each validator is shown to reject a broken copy, so a validator that checks nothing fails here.
 
 No Docker daemon, cluster or Ray cluster is needed; images are not built here (docs/guide/deployment.md).
@@ -265,9 +268,9 @@ def _k8s_validate(resources: list[dict[str, Any]]) -> list[str]:
 def test_kubernetes_manifests_validate() -> None:
     resources = _resources()
     assert {r["kind"] for r in resources} >= {"Namespace", "ConfigMap", "PersistentVolumeClaim", "Deployment",
-                                              "Service", "StatefulSet"}
+                                              "Service", "NetworkPolicy"}
     assert not _k8s_validate(resources)
-    broken = copy.deepcopy(_find("StatefulSet", "corolla-site"))
+    broken = copy.deepcopy(_find("Deployment", "corolla-site-0"))
     broken["spec"]["template"]["spec"]["containers"][0]["resource"] = {}  # a typo the API server would drop
     broken2 = copy.deepcopy(_find("Deployment", "corolla-server"))
     broken2["spec"]["replicas"] = "one"
@@ -347,27 +350,180 @@ def test_kubernetes_server() -> None:
     assert dep["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
 
 
+def _workloads() -> list[dict[str, Any]]:
+    return [r for r in _resources() if r["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob")]
+
+
+def _pod_spec(workload: dict[str, Any]) -> dict[str, Any]:
+    spec = workload["spec"]
+    if workload["kind"] == "CronJob":
+        spec = spec["jobTemplate"]["spec"]
+    return spec["template"]["spec"]
+
+
+def _site_workloads() -> list[dict[str, Any]]:
+    """The site workloads (pod label app.kubernetes.io/component=site), by name."""
+    sites = [w for w in _workloads()
+             if w["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") == "site"]
+    return sorted(sites, key=lambda w: w["metadata"]["name"])
+
+
 def test_kubernetes_clients() -> None:
-    sts = _find("StatefulSet", "corolla-site")
-    c = _container(sts)
-    args = c["args"]
-    assert c["image"].startswith("corolla-client-cuda:")
-    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1 and c["resources"]["requests"]["nvidia.com/gpu"] == 1
-    assert _flag(args, "--superlink") == f"corolla-server:{FLEET_PORT}"
-    assert _flag(args, "--node-port") == str(NODE_PORT)
-    for probe in ("startupProbe", "livenessProbe"):
-        assert c[probe]["exec"]["command"][-1] == f"127.0.0.1:{NODE_PORT}", probe
-    ca = _flag(args, "--root-certificates")
-    vol = _volume(sts, _mount_for(c, ca)["name"])
-    assert vol["secret"]["secretName"] == "corolla-tls" and _secret_items(vol) == {"ca.crt"}, \
-        "sites get the CA certificate only, never the server key"
-    key = _flag(args, "--auth-key")
-    assert key.endswith("/$(POD_NAME)") and {"name": "POD_NAME", "valueFrom": {"fieldRef": {
-        "fieldPath": "metadata.name"}}} in c["env"]
-    assert _volume(sts, _mount_for(c, key)["name"])["secret"]["secretName"] == "corolla-node-keys"
-    silo = _mount_for(c, _flag(args, "--data"))
-    assert silo["readOnly"] is True and "claimTemplate" in _volume(sts, silo["name"])
-    assert sts["spec"]["serviceName"] == "corolla-site" and _find("Service", "corolla-site")["spec"]["clusterIP"] == "None"
+    sites = _site_workloads()
+    assert [w["metadata"]["name"] for w in sites] == [f"corolla-site-{i}" for i in range(len(sites))] and sites
+    for w in sites:
+        name = w["metadata"]["name"]
+        assert w["kind"] == "Deployment" and w["spec"]["replicas"] == 1, f"{name}: one pod per site key"
+        c = _container(w)
+        args = c["args"]
+        assert c["image"].startswith("corolla-client-cuda:")
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == 1 and c["resources"]["requests"]["nvidia.com/gpu"] == 1
+        assert _flag(args, "--superlink") == f"corolla-server:{FLEET_PORT}"
+        assert _flag(args, "--node-port") == str(NODE_PORT)
+        for probe in ("startupProbe", "livenessProbe"):
+            assert c[probe]["exec"]["command"][-1] == f"127.0.0.1:{NODE_PORT}", probe
+        ca = _flag(args, "--root-certificates")
+        vol = _volume(w, _mount_for(c, ca)["name"])
+        assert vol["secret"]["secretName"] == "corolla-tls" and _secret_items(vol) == {"ca.crt"}, \
+            "sites get the CA certificate only, never the server key"
+        silo = _mount_for(c, _flag(args, "--data"))
+        claim = _volume(w, silo["name"])["persistentVolumeClaim"]
+        assert silo["readOnly"] is True and claim == {"claimName": f"silo-{name}", "readOnly": True}
+        assert "ports" not in c, f"{name} listens on nothing outside the pod (trainer and SuperNode API on loopback)"
+    # sites accept no connections: no Service selects a site pod
+    for svc in (r for r in _resources() if r["kind"] == "Service"):
+        for w in sites:
+            labels = w["spec"]["template"]["metadata"]["labels"]
+            assert not _selects({"matchLabels": svc["spec"].get("selector", {})}, labels), \
+                f"Service {svc['metadata']['name']} selects {w['metadata']['name']}"
+
+
+def test_kubernetes_each_site_pod_mounts_only_its_own_key() -> None:
+    sites = _site_workloads()
+    names = {w["metadata"]["name"] for w in sites}
+    for w in sites:
+        name = w["metadata"]["name"]
+        c = _container(w)
+        key = _flag(c["args"], "--auth-key")
+        mount = _mount_for(c, key)
+        vol = _volume(w, mount["name"])
+        assert vol["secret"]["secretName"] == f"{name}-key", f"{name} signs in with its own Secret"
+        assert _secret_items(vol) == {Path(key).name} == {name}, f"{name}: only its own key, under its own name"
+        assert mount["readOnly"] is True and vol["secret"]["defaultMode"] == 0o400
+        secrets = {v["secret"]["secretName"] for v in _pod_spec(w).get("volumes", []) if "secret" in v}
+        projected = [v for v in _pod_spec(w).get("volumes", []) if "projected" in v]
+        assert secrets == {"corolla-tls", f"{name}-key"} and not projected, f"{name} mounts {sorted(secrets)}"
+        env_secrets = {e["valueFrom"]["secretKeyRef"]["name"] for e in c.get("env", [])
+                       if "secretKeyRef" in e.get("valueFrom", {})}
+        env_secrets |= {e["secretRef"]["name"] for e in c.get("envFrom", []) if "secretRef" in e}
+        assert not env_secrets, f"{name} takes Secrets through its environment: {env_secrets}"
+        others = {n for n in names - {name} if re.search(rf"\b{re.escape(n)}\b", json.dumps(w))}
+        assert not others, f"{name} refers to other sites: {others}"
+    # the per-site workloads are one template: they differ in the site name only
+    first = json.dumps(sites[0], sort_keys=True)
+    for w in sites[1:]:
+        assert json.dumps(w, sort_keys=True).replace(w["metadata"]["name"], sites[0]["metadata"]["name"]) == first, \
+            f"{w['metadata']['name']} differs from {sites[0]['metadata']['name']} in more than its name"
+
+
+def test_kubernetes_pods_are_hardened() -> None:
+    """Every container: non-root, no privilege escalation, no capabilities, read-only root, a memory limit."""
+    workloads = _workloads()
+    assert "corolla-server" in {w["metadata"]["name"] for w in workloads} and _site_workloads()
+    for w in workloads:
+        name = w["metadata"]["name"]
+        pod = _pod_spec(w)
+        psc = pod["securityContext"]
+        assert psc["runAsNonRoot"] is True and psc["runAsUser"] != 0, name
+        assert psc["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        assert pod.get("automountServiceAccountToken") is False, f"{name}: no API token in the pod"
+        assert not pod.get("hostNetwork") and not pod.get("hostPID") and not pod.get("hostIPC"), name
+        for c in [*pod.get("initContainers", []), *pod["containers"]]:
+            where = f"{name}/{c['name']}"
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and not sc.get("privileged"), where
+            assert sc["readOnlyRootFilesystem"] is True, where
+            assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add"), where
+            assert sc.get("seccompProfile", psc["seccompProfile"]) == {"type": "RuntimeDefault"}, where
+            assert c["resources"]["limits"]["memory"], f"{where}: no memory limit"
+            # the read-only root leaves /tmp and $HOME writable through volumes
+            for path in ("/tmp", "/home/corolla"):
+                m = _mount_for(c, path)
+                assert not m.get("readOnly") and "emptyDir" in _volume(w, m["name"]), f"{where}: {path}"
+        for v in pod.get("volumes", []):
+            if "secret" in v:
+                assert v["secret"]["defaultMode"] == 0o400, f"{name}: Secret {v['secret']['secretName']} not 0400"
+                for c in pod["containers"]:
+                    for m in c.get("volumeMounts", []):
+                        assert m["name"] != v["name"] or m.get("readOnly") is True, f"{name}: {m['mountPath']}"
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a label selector (matchLabels only, as in these manifests) selects a pod with `labels`."""
+    assert set(selector) <= {"matchLabels"}, f"selector form not handled here: {selector}"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def _policies() -> list[dict[str, Any]]:
+    return [r for r in _resources() if r["kind"] == "NetworkPolicy"]
+
+
+def _rule_ports(rule: dict[str, Any]) -> set[tuple[str, int]]:
+    return {(p.get("protocol", "TCP"), p["port"]) for p in rule.get("ports", [])}
+
+
+def _allowed(direction: str, labels: dict[str, str]) -> list[dict[str, Any]]:
+    """Every ingress/egress rule of every policy that selects a pod with `labels`."""
+    return [rule for pol in _policies() if _selects(pol["spec"]["podSelector"], labels)
+            for rule in pol["spec"].get(direction, [])]
+
+
+def test_kubernetes_network_policies() -> None:
+    policies = _policies()
+    deny = [p for p in policies if p["spec"]["podSelector"] == {}]
+    assert len(deny) == 1, "one default-deny policy selecting every pod in the namespace"
+    assert sorted(deny[0]["spec"]["policyTypes"]) == ["Egress", "Ingress"]
+    assert not deny[0]["spec"].get("ingress") and not deny[0]["spec"].get("egress"), "default-deny allows nothing"
+    server = _find("Deployment", "corolla-server")
+    server_labels = server["spec"]["template"]["metadata"]["labels"]
+    site_labels = [w["spec"]["template"]["metadata"]["labels"] for w in _site_workloads()]
+    fleet = {(p.get("protocol", "TCP"), p["containerPort"]) for p in _container(server)["ports"]}
+    assert fleet == {("TCP", FLEET_PORT)}
+    # the server: ingress on the Fleet API from site pods only; no egress at all
+    ingress = _allowed("ingress", server_labels)
+    assert ingress, "nothing may reach the server"
+    for rule in ingress:
+        assert _rule_ports(rule) == fleet, f"the server admits only the Fleet API port: {rule}"
+        sources = rule.get("from")
+        assert sources, f"a rule admitting every source: {rule}"
+        for peer in sources:
+            assert set(peer) == {"podSelector"}, f"only pods of this namespace: {peer}"
+            assert all(_selects(peer["podSelector"], lab) for lab in site_labels), peer
+            assert not _selects(peer["podSelector"], server_labels) and peer["podSelector"], peer
+    assert not _allowed("egress", server_labels), "the server dials nothing"
+    # the sites: no ingress; egress to the server's Fleet port and to kube-dns on 53 only
+    for labels in site_labels:
+        assert not _allowed("ingress", labels), f"{labels['app.kubernetes.io/instance']} accepts no connections"
+        egress = _allowed("egress", labels)
+        seen = set()
+        for rule in egress:
+            assert rule.get("to"), f"a rule allowing every destination: {rule}"
+            for peer in rule["to"]:
+                if "namespaceSelector" in peer:
+                    assert peer == {"namespaceSelector": {"matchLabels": {
+                        "kubernetes.io/metadata.name": "kube-system"}},
+                        "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}, peer
+                    assert _rule_ports(rule) == {("UDP", 53), ("TCP", 53)}, rule
+                    seen.add("dns")
+                else:
+                    assert set(peer) == {"podSelector"} and _selects(peer["podSelector"], server_labels), peer
+                    assert _rule_ports(rule) == fleet, rule
+                    seen.add("fleet")
+        assert seen == {"dns", "fleet"}, f"sites need the Fleet API and DNS, found {seen}"
+    # every policy applies to pods that exist (a selector typo would leave pods unprotected by its rules)
+    for pol in policies:
+        sel = pol["spec"]["podSelector"]
+        assert sel == {} or any(_selects(sel, lab) for lab in [server_labels, *site_labels]), pol["metadata"]["name"]
 
 
 def test_kubernetes_run_config_is_a_valid_deployment_configuration() -> None:
@@ -377,7 +533,7 @@ def test_kubernetes_run_config_is_a_valid_deployment_configuration() -> None:
     lines = [ln for ln in cm["data"]["run-config"].splitlines() if ln.strip() and not ln.startswith("#")]
     values = dict(ln.split("=", 1) for ln in lines)
     RunConfig.from_mapping(values).check_deployment()
-    assert int(values["min-nodes"]) <= _find("StatefulSet", "corolla-site")["spec"]["replicas"]
+    assert int(values["min-nodes"]) <= len(_site_workloads())
     assert "/etc/corolla/run/run-config" in cm["data"]["submit-run.sh"]
 
 
@@ -388,15 +544,15 @@ def test_kubernetes_objects_made_by_hand_are_the_readme_commands() -> None:
     refs = set()
     for r in _resources():
         if r["kind"] in ("Deployment", "StatefulSet"):
-            for v in r["spec"]["template"]["spec"].get("volumes", []):
+            for v in _pod_spec(r).get("volumes", []):
                 if "secret" in v:
                     refs.add(v["secret"]["secretName"])
                 if "configMap" in v and v["configMap"]["name"] != "corolla-run":
                     refs.add(v["configMap"]["name"])
     assert refs == made, f"referenced {sorted(refs)}, the deployment guide creates {sorted(made)}"
-    sts = _find("StatefulSet", "corolla-site")
-    keys = {f"corolla-site-{i}" for i in range(sts["spec"]["replicas"])}
-    assert keys <= set(re.findall(r"corolla-site-\d", readme)), "the deployment guide makes one key per StatefulSet pod"
+    sites = {w["metadata"]["name"] for w in _site_workloads()}
+    assert {f"{s}-key" for s in sites} <= made, "the deployment guide makes one key Secret per site"
+    assert sites <= set(re.findall(r"corolla-site-\d+", readme)), "the deployment guide makes one key per site"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -427,14 +583,14 @@ def test_compose_files_follow_the_compose_spec() -> None:
 
 
 def _volume_mounts(service: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """target → {source, read_only, subpath} for short and long volume syntax."""
+    """target → {source, read_only, subpath} for short and long volume syntax (source None: anonymous)."""
     out = {}
     for v in service.get("volumes", []):
         if isinstance(v, str):
             source, target, *mode = v.split(":")
             out[target] = {"source": source, "read_only": mode == ["ro"], "subpath": None}
         else:
-            out[v["target"]] = {"source": v["source"], "read_only": bool(v.get("read_only")),
+            out[v["target"]] = {"source": v.get("source"), "read_only": bool(v.get("read_only")),
                                 "subpath": v.get("volume", {}).get("subpath")}
     return out
 
@@ -497,6 +653,91 @@ def test_compose_gpu_override() -> None:
         assert dev["driver"] == "nvidia" and dev["capabilities"] == ["gpu"]
 
 
+_REPLACED_ON_MERGE = {"command", "entrypoint", "test"}
+
+
+def _compose_merge(base: Any, override: Any, key: str = "") -> Any:
+    """An override file merged onto a base as Compose merges them: mappings key by key, sequences appended
+    (command, entrypoint and healthcheck test replaced), scalars replaced. Volumes and ports, which Compose
+    merges by target, are not overridden in these files."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        return {k: _compose_merge(base[k], override[k], k) if k in base and k in override else
+                copy.deepcopy(override.get(k, base.get(k))) for k in {**base, **override}}
+    if isinstance(base, list) and isinstance(override, list) and key not in _REPLACED_ON_MERGE:
+        return [*base, *override]
+    return copy.deepcopy(override)
+
+
+def _compose_deployments() -> dict[str, dict[str, Any]]:
+    """The two ways the compose files are used: compose.yaml alone, and with the GPU override."""
+    gpu = yaml.safe_load((DEPLOY / "compose.gpu.yaml").read_text())
+    return {"compose.yaml": _compose(), "compose.yaml + compose.gpu.yaml": _compose_merge(_compose(), gpu)}
+
+
+def _compose_bytes(value: str | int) -> int:
+    """A compose byte value (`512m`, `8g`, `1073741824`) in bytes."""
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"(\d+)([bkmg]?)b?", str(value).lower())
+    assert m, f"not a byte value: {value!r}"
+    return int(m[1]) * 1024 ** "bkmg".index(m[2] or "b")
+
+
+def _memory_limit(svc: dict[str, Any]) -> int | None:
+    limits = [svc.get("mem_limit"), svc.get("deploy", {}).get("resources", {}).get("limits", {}).get("memory")]
+    values = {_compose_bytes(v) for v in limits if v is not None}
+    assert len(values) <= 1, f"mem_limit and deploy.resources.limits.memory disagree: {limits}"
+    return values.pop() if values else None
+
+
+def _tmpfs_targets(svc: dict[str, Any]) -> list[str]:
+    tmpfs = svc.get("tmpfs", [])
+    return [entry.split(":", 1)[0] for entry in ([tmpfs] if isinstance(tmpfs, str) else tmpfs)]
+
+
+def _writable(svc: dict[str, Any], path: str) -> bool:
+    """Whether `path` is writable in a read-only-root container: on a tmpfs or a read-write volume."""
+    if any(path == t or path.startswith(t + "/") for t in _tmpfs_targets(svc)):
+        return True
+    mounts = _volume_mounts(svc)
+    hits = [t for t in mounts if path == t or path.startswith(t + "/")]
+    return bool(hits) and not mounts[max(hits, key=len)]["read_only"]
+
+
+def test_compose_services_are_hardened() -> None:
+    """Every service, alone and with the GPU override: no capabilities, no-new-privileges, a read-only root with
+    tmpfs where the programs write, and a memory limit."""
+    for deployment, doc in _compose_deployments().items():
+        assert not _compose_errors(doc), f"{deployment}: {_compose_errors(doc)}"
+        for name, svc in doc["services"].items():
+            where = f"{deployment}: {name}"
+            assert svc.get("cap_drop") and set(svc["cap_drop"]) == {"ALL"}, f"{where}: cap_drop [ALL]"
+            assert not svc.get("cap_add") and not svc.get("privileged"), where
+            assert "no-new-privileges:true" in svc.get("security_opt", []), f"{where}: no-new-privileges"
+            assert not any(o.endswith(":unconfined") for o in svc.get("security_opt", [])), where
+            assert svc.get("read_only") is True, f"{where}: read-only root filesystem"
+            targets = _tmpfs_targets(svc)
+            assert len(targets) == len(set(targets)), f"{where}: a tmpfs mounted twice {targets}"
+            for path in ("/tmp", "/home/corolla"):
+                assert _writable(svc, path), f"{where}: {path} is not writable"
+            for var in ("COROLLA_CACHE_DIR", "COROLLA_MODEL_CACHE"):
+                path = svc.get("environment", {}).get(var)
+                assert path is None or _writable(svc, path), f"{where}: {var}={path} is not writable"
+            limit = _memory_limit(svc)
+            assert limit and limit >= 256 * 2**20, f"{where}: no memory limit"
+            assert not svc.get("network_mode", "").startswith("host") and not svc.get("pid"), where
+        for site in SITES:
+            assert _writable(doc["services"][site], "/var/lib/corolla/cache"), f"{deployment}: {site} cache"
+    # the override repeats no list (Compose would append it: a tmpfs twice, for one) and weakens nothing
+    gpu = yaml.safe_load((DEPLOY / "compose.gpu.yaml").read_text())
+    for name, svc in gpu["services"].items():
+        assert _memory_limit(svc), f"compose.gpu.yaml: {name} sets its own memory limit"
+        assert svc.get("read_only", True) is True and not {"cap_add", "privileged", "tmpfs", "cap_drop"} & set(svc)
+    # the merge helper is Compose's: lists appended, scalars replaced, commands replaced
+    assert _compose_merge({"a": [1], "b": 1, "command": ["x"]}, {"a": [2], "b": 2, "command": ["y"]}) == \
+        {"a": [1, 2], "b": 2, "command": ["y"]}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Ray
 
@@ -523,6 +764,58 @@ def test_ray_cluster_config() -> None:
     assert any("ray start --head --port=6379" in c for c in cfg["head_start_ray_commands"])
     assert any("ray start --address=$RAY_HEAD_IP:6379" in c for c in cfg["worker_start_ray_commands"])
     assert cfg["setup_commands"] == ["cd ~/corolla && bash deploy/setup.sh"]
+
+
+def _ray_start_env(command: str) -> dict[str, str] | None:
+    """The environment `ray start` gets in a shell command line (its `VAR=value` prefixes and earlier
+    `export`s); None when the line starts no Ray node."""
+    env: dict[str, str] = {}
+    for segment in re.split(r";|&&|\|\|", command):
+        tokens = shlex.split(segment)
+        if tokens[:1] == ["export"]:
+            env.update(tok.split("=", 1) for tok in tokens[1:] if "=" in tok)
+            continue
+        prefix = {}
+        while tokens and re.fullmatch(r"[A-Za-z_]\w*=.*", tokens[0]):
+            prefix.update([tokens.pop(0).split("=", 1)])
+        if len(tokens) >= 2 and Path(tokens[0]).name == "ray" and tokens[1] == "start":
+            return {**env, **prefix}
+    return None
+
+
+def test_ray_cluster_token_authentication() -> None:
+    """Head and workers start with Ray's token authentication, the token read from a file outside the synced
+    checkout; the dashboard is bound to loopback; no token value is in the recipe."""
+    text = (DEPLOY / "ray" / "cluster.yaml").read_text()
+    cfg = yaml.safe_load(text)
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        envs = [e for e in map(_ray_start_env, cfg[key]) if e is not None]
+        assert len(envs) == 1, f"{key}: one `ray start`"
+        (env,) = envs
+        assert env.get("RAY_AUTH_MODE") == "token", f"{key}: RAY_AUTH_MODE=token"
+        path = env.get("RAY_AUTH_TOKEN_PATH", "")
+        assert re.fullmatch(r"(~|\$HOME|\$\{HOME\})/\S+", path), f"{key}: the token file, in the user's home: {path!r}"
+        synced = [re.sub(r"^(~|\$HOME|\$\{HOME\})", "~", target) for target in cfg["file_mounts"]]
+        tail = re.sub(r"^(~|\$HOME|\$\{HOME\})", "~", path)
+        assert not any(tail == t or tail.startswith(t.rstrip("/") + "/") for t in synced), \
+            f"{key}: the token file must not be in a synced folder {synced}"
+        assert "RAY_AUTH_TOKEN" not in env, f"{key}: the token value never goes on a command line"
+    (head,) = [c for c in cfg["head_start_ray_commands"] if _ray_start_env(c) is not None]
+    assert re.search(r"--dashboard-host[= ](127\.0\.0\.1|localhost)(\s|$)", head), "the dashboard on loopback only"
+    # no token anywhere in the file: no RAY_AUTH_TOKEN= value, nothing shaped like Ray's tokens (64 hex digits)
+    assert not re.search(r"RAY_AUTH_TOKEN\s*[=:]", text)
+    assert not re.search(r"[0-9A-Fa-f]{32,}|[A-Za-z0-9+/_-]{40,}", text), "a secret-looking string in cluster.yaml"
+    # the variables are the installed Ray's (token authentication: Ray >= 2.52)
+    import ray
+
+    assert tuple(int(x) for x in ray.__version__.split(".")[:2]) >= (2, 52), ray.__version__
+    raylet = Path(importlib.util.find_spec("ray").origin).parent / "_raylet.so"
+    names = raylet.read_bytes()
+    assert b"RAY_AUTH_MODE" in names and b"RAY_AUTH_TOKEN_PATH" in names
+    # the parser sees what it should
+    assert _ray_start_env("ulimit -n 1; ray start --head") == {}
+    assert _ray_start_env("export A=1; B=2 ~/x/ray start --head") == {"A": "1", "B": "2"}
+    assert _ray_start_env("ray stop") is None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
