@@ -43,9 +43,7 @@ class FileSource(DataSource):
     @classmethod
     def open(cls, location: str, options: SourceOptions) -> FileSource:
         """Check the file exists and has a known format; refuse database/dataset flags, which do not apply."""
-        if options.given():
-            raise SiloError(f"{', '.join(options.given())} apply to a database URL or a saved dataset, but --data "
-                            f"{location!r} is a file; drop them.")
+        options.refuse_any(location, "a file")
         return cls(location)
 
     def __init__(self, path: str | Path) -> None:

@@ -52,9 +52,7 @@ class FolderSource(DataSource):
     @classmethod
     def open(cls, location: str, options: SourceOptions) -> FolderSource:
         """Check the folder holds silo files of one schema."""
-        if options.given():
-            raise SiloError(f"{', '.join(options.given())} apply to a database URL or a saved dataset, but --data "
-                            f"{location!r} is a folder of files; drop them.")
+        options.refuse_any(location, "a folder of files")
         return cls(location)
 
     def __init__(self, folder: str | Path) -> None:

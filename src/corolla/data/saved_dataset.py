@@ -94,10 +94,7 @@ class SavedDatasetSource(DataSource):
     def iter_batches(self, columns: Sequence[str] | None = None,
                      batch_size: int = DEFAULT_BATCH_ROWS) -> Iterator[pa.RecordBatch]:
         """Batches of the memory-mapped table (ClassLabel ids turned into their names)."""
-        cols = list(dict.fromkeys(columns or self.columns))
-        missing = [c for c in cols if c not in self.columns]
-        if missing:
-            raise SiloError(f"{self.what} has no column(s) {missing}; its columns are {self.columns}.")
+        cols = self.selected(columns)
         names = {c: pa.array(n, pa.string()) for c in cols if (n := self._class_names(c)) is not None}
         for table in self.ds.select_columns(cols).with_format("arrow").iter(batch_size=batch_size):
             for batch in table.to_batches(max_chunksize=batch_size):

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from corolla.data.errors import SiloError
+
 if TYPE_CHECKING:
     import pyarrow as pa
 
@@ -56,6 +58,12 @@ class SourceOptions:
         """The flags set, as the user typed them (for "does not apply" messages)."""
         names = {"table": "--table", "query": "--query", "split": "--split", "password_file": "--db-password-file"}
         return [flag for attr, flag in names.items() if getattr(self, attr)]
+
+    def refuse_any(self, location: str, kind: str) -> None:
+        """Raise SiloError when any flag is set: a `kind` (a file, a folder of files) takes none of them."""
+        if self.given():
+            raise SiloError(f"{', '.join(self.given())} apply to a database URL or a saved dataset, but --data "
+                            f"{location!r} is {kind}; drop them.")
 
 
 class DataSource(ABC):
@@ -114,6 +122,14 @@ class DataSource(ABC):
     def cache_stem(self) -> str:
         """A short, filesystem-safe name for this source's files in the silo cache."""
         return re.sub(r"[^A-Za-z0-9_.-]+", "_", self.what)[:40] or "source"
+
+    def selected(self, columns: Sequence[str] | None) -> list[str]:
+        """`columns` (default: all) without repeats; SiloError naming the ones this source lacks."""
+        cols = list(dict.fromkeys(columns or self.columns))
+        missing = [c for c in cols if c not in self.columns]
+        if missing:
+            raise SiloError(f"{self.what} has no column(s) {missing}; its columns are {self.columns}.")
+        return cols
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.describe()}>"

@@ -203,10 +203,7 @@ class SqlSource(DataSource):
         """Rows through a server-side cursor, `batch_size` at a time; the transaction is rolled back at the end."""
         from sqlalchemy.exc import DBAPIError
 
-        cols = list(dict.fromkeys(columns or self.columns))
-        missing = [c for c in cols if c not in self.columns]
-        if missing:
-            raise SiloError(f"{self.what} has no column(s) {missing}; its columns are {self.columns}.")
+        cols = self.selected(columns)
         with self._connect() as conn:
             result = self._execute(conn, self._statement(cols), batch_size)
             try:
