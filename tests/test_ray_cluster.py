@@ -83,7 +83,7 @@ def test_unreachable_or_malformed_ray_address_stops_with_one_line(tmp_path):
 # ---- GPUs in simulation: plumbing and refusals (no test needs a GPU) ----------------------------------------------
 def test_gpu_share_and_attach_options_reach_flowers_backend(tmp_path, monkeypatch):
     from corolla.config import RunConfig
-    from corolla.server import simulate
+    from corolla.launch import simulate
 
     assert launch.simulation_options(4, 1, 2, 0.25) == {"num-supernodes": 4, "client-resources-num-cpus": 1,
                                                         "client-resources-num-gpus": 0.25, "init-args-num-cpus": 2}

@@ -122,7 +122,7 @@ def _run_virtual(cfg: RunConfig, args: argparse.Namespace) -> dict:
     from corolla.logs import setup_logging
 
     setup_logging()
-    for name in ("corolla.client", "corolla.corolla.client"):  # one line per evaluation, not one per job
+    for name in ("corolla.client",):  # one line per evaluation, not one per job
         logging.getLogger(name).setLevel(logging.WARNING)
     torch.set_num_threads(args.cpus_per_client)
     return run_virtual(cfg, args.nodes, client_app)

@@ -61,7 +61,8 @@ def load_silo(args: argparse.Namespace, device: Any, compute: Any, spec: TaskSpe
     if args.data:
         cache = {"cache_dir": args.cache_dir} if getattr(args, "cache_dir", None) else {}
         source = open_source(args.data, source_options(args))
-        log.info("silo: %s", source.describe())
+        # always shown, whatever the log level: the one line telling a site's operator what the trainer reads
+        print(f"corolla-trainer silo: {source.describe()}", file=sys.stderr, flush=True)
         ds = task.load_silo(source, args.text_column, args.label_column, **cache)
     else:
         ds = task.builtin_partition(args.partition_id, args.num_partitions, args.dirichlet_alpha)

@@ -68,8 +68,11 @@ def factorize(dw: np.ndarray, rank: int, scale: float) -> tuple[np.ndarray, np.n
 
 
 def refuse_foreign(out: Path) -> None:
-    """Raise ExportError when `out` exists but is not an earlier export: an export replaces only its own folders."""
-    if out.exists() and not (out / "corolla_export.json").is_file():
+    """Raise ExportError when `out` exists, holds something and is not an earlier export.
+
+    An export replaces only its own folders; an empty folder (a fresh temporary one) is taken.
+    """
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not (out / "corolla_export.json").is_file():
         raise ExportError(f"{out} exists and was not written by `corolla export` (it holds no corolla_export.json); "
                           "choose another --out, or move that folder away yourself.")
 
