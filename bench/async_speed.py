@@ -57,7 +57,7 @@ VARIANTS = {
     "fedfix-dt1": {**_FEDFIX, **_PAPER, "interval": 1.0},
     "fedfix-lr2": {**_FEDFIX, **_PAPER, "interval": 2.0, "server-lr": 2.0},
     "fedfix-dt4-lr2": {**_FEDFIX, **_PAPER, "interval": 4.0, "server-lr": 2.0},
-    # the paper's weights with the previous benchmark setting: what collapsed on the text task (#10)
+    # the paper's weights with the previous benchmark setting: what collapsed on the text task
     "fedfix-paper": {**_FEDFIX, **_PAPER, "interval": 4.0, "server-lr": 2.0},
 }
 #: FedFix's default weighting (`normalized`: each step the weighted mean of the interval's changes) at the same

@@ -29,8 +29,8 @@ METHODS = {
     "fedhl-examples": {"aggregation": "fedhl", "fedhl-weighting": "examples"},
     "fedhl-relative": {"aggregation": "fedhl", "fedhl-weighting": "relative"},
     "fedhl-relative-examples": {"aggregation": "fedhl", "fedhl-weighting": "relative-examples"},
-    # the default weighting with each version's SVD warm-started from the previous one (2 products, the default
-    # since stop 18) or from a Gaussian draw with 2 power iterations (6 products): bench/results/fedhl_svd_start.md
+    # the default weighting with each version's SVD warm-started from the previous one (2 products, the default)
+    # or from a Gaussian draw with 2 power iterations (6 products): bench/results/fedhl_svd_start.md
     "fedhl-relative-warm": {"aggregation": "fedhl", "fedhl-weighting": "relative", "fedhl-svd-start": "warm"},
     "fedhl-relative-random": {"aggregation": "fedhl", "fedhl-weighting": "relative", "fedhl-svd-start": "random"},
     "hetlora": {"aggregation": "hetlora"},

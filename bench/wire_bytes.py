@@ -12,7 +12,7 @@ bit arithmetic, corolla's own).
 
     .venv/bin/python bench/wire_bytes.py [--ranks 4 8 16 32] [--models minilm smollm2]
 
-Target (#11): bytes per update ≤ 1.05 × the raw adapter bytes at that dtype.
+Target: bytes per update ≤ 1.05 × the raw adapter bytes at that dtype.
 """
 
 from __future__ import annotations

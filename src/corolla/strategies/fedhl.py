@@ -62,7 +62,7 @@ class FedHLConfig:
     device: str = option("cpu", key="aggregation-device",
                          help="where FedHL keeps its dense W and runs its SVDs and folds: cpu, auto (the server's GPU "
                               "when it has one), cuda or cuda:N")
-    # default `warm` (stop 18, bench/results/fedhl_svd_start.md): on real federations (MiniLM, WordNet and BBC, 3 seeds)
+    # default `warm` (bench/results/fedhl_svd_start.md): on real federations (MiniLM, WordNet and BBC, 3 seeds)
     # the same accuracy and truncation errors within 1 % of `random`'s, at a third of the SVD's products (7B layout:
     # 19.3 → 7.3 s before the next dispatch); it tracks W's subspace (one subspace-iteration step per version) and
     # loses only where W's spectrum is flat (a synthetic case: aggregation_speed.md)
