@@ -47,7 +47,7 @@ def _svd() -> str:
 class FedHLConfig:
     """FedHL's options."""
 
-    # default `relative` (#10, bench/results/fedhl_weighting.md): best final accuracy on both corpora over 3 seeds
+    # default `relative` (bench/results/fedhl_weighting.md): best final accuracy on both corpora over 3 seeds
     # (beats `examples` in all 6 paired seeds), and no one-class collapse in the 3-site ranks-2/4/8 label-skew case,
     # where the paper's `truncation` rule collapsed onto the rank-8 silo before the weight-share guard existed
     weighting: str = option("relative", key="fedhl-weighting", choices=FEDHL_WEIGHTINGS,
