@@ -59,6 +59,17 @@ JOBS = {
 }
 #: profile behaviours: answer, answer with an Error, never answer, answer without a fingerprint
 QUERIES = ("ok", "error", "silent", "malformed")
+#: evaluate behaviours (site evaluation): what a node answers when asked to evaluate the global model
+EVALS = {
+    "ok": "accuracy = skill × ‖ΔW‖/(1 + ‖ΔW‖) of the model it was sent, loss = 1 − that, on eval_examples rows",
+    "error": "reply with a flwr Error (code 2), as the shim does when the trainer fails",
+    "silent": "never answer",
+    "accuracy": "claim accuracy 1.5",
+    "loss-nan": "claim loss NaN",
+    "examples": "claim 10^12 held-out examples",
+    "fingerprint": "report another base-model fingerprint",
+    "version": "report the version one above the one it was sent",
+}
 
 
 def delta_norm(deltas: dict[str, np.ndarray]) -> float:
@@ -123,10 +134,16 @@ class FakeNode:
     joins_at: float = 0.0
     leaves_at: float = math.inf
     trainer_down: tuple[float, float] | None = None
+    #: site evaluation: how well the global model does here (accuracy = skill × the fake's curve), its held-out
+    #: rows, how long an evaluation takes, and one behaviour per evaluation (`EVALS`; the last repeats)
+    skill: float = 1.0
+    eval_examples: int = 5
+    eval_delay: float = 0.0
+    evals: Sequence[str] = ("ok",)
 
     def __post_init__(self) -> None:
-        unknown = [j for j in self.jobs if j not in JOBS]
-        if unknown or not self.jobs or self.query not in QUERIES:
+        unknown = [j for j in self.jobs if j not in JOBS] + [e for e in self.evals if e not in EVALS]
+        if unknown or not self.jobs or not self.evals or self.query not in QUERIES:
             raise ValueError(f"node {self.node_id}: unknown behaviour {unknown or self.query!r}")
 
     def trainer_dead(self, start: float, end: float) -> bool:
@@ -175,6 +192,7 @@ class FakeGrid(LocalGrid):
         super().__init__(run_id)
         self.pushed: list[Pushed] = []
         self.jobs_received = dict.fromkeys(self.nodes, 0)
+        self.evals_received = dict.fromkeys(self.nodes, 0)
         self._seq = itertools.count()
         self._waiting: dict[str, list[tuple[float, int, Message]]] = {}
 
@@ -226,6 +244,11 @@ class FakeGrid(LocalGrid):
         return [p for p in self.pushed if p.message.metadata.message_type == MessageType.TRAIN
                 and (node_id is None or p.node_id == node_id)]
 
+    def evaluations(self, node_id: int | None = None) -> list[Pushed]:
+        """The evaluate messages pushed (to one node, or to all), in push order."""
+        return [p for p in self.pushed if p.message.metadata.message_type == MessageType.EVALUATE
+                and (node_id is None or p.node_id == node_id)]
+
     def queried(self) -> list[int]:
         """The node ids of every profile query pushed, in order."""
         return [p.node_id for p in self.pushed if p.message.metadata.message_type == MessageType.QUERY]
@@ -238,23 +261,28 @@ class FakeGrid(LocalGrid):
     def _schedule(self, mid: str, msg: Message) -> list[tuple[float, int, Message]]:
         node = self.nodes.get(msg.metadata.dst_node_id)
         is_train = msg.metadata.message_type == MessageType.TRAIN
+        is_eval = msg.metadata.message_type == MessageType.EVALUATE
         behaviour = "-"
         if node is not None and is_train:
             behaviour = node.behaviour(self.jobs_received[node.node_id])
             self.jobs_received[node.node_id] += 1
+        elif node is not None and is_eval:
+            behaviour = node.evals[min(self.evals_received[node.node_id], len(node.evals) - 1)]
+            self.evals_received[node.node_id] += 1
         elif node is not None:
             behaviour = node.query
         self.pushed.append(Pushed(self.clock.monotonic(), mid, msg, behaviour))
         if node is None or not self._present(node, self.elapsed()):
             return []  # a node that is not there never answers
-        delay = node.delay if is_train else 0.0
+        delay = node.delay if is_train else node.eval_delay if is_eval else 0.0
         if not self._present(node, self.elapsed() + delay):
             return []  # it leaves before it finishes
         if node.trainer_dead(self.elapsed(), self.elapsed() + delay):
             replies = [Message(Error(code=CLIENT_ERROR, reason=TRAINER_DOWN.format(port=9000 + node.node_id)),
                                reply_to=msg)]
         else:
-            replies = train_replies(node, msg, behaviour) if is_train else query_replies(node, msg)
+            replies = (train_replies(node, msg, behaviour) if is_train else eval_replies(node, msg, behaviour)
+                       if is_eval else query_replies(node, msg))
         due = self.clock.monotonic() + delay
         return [(due, next(self._seq), r) for r in replies]
 
@@ -279,6 +307,40 @@ def query_replies(node: FakeNode, msg: Message) -> list[Message]:
                                     wire.MEMORY_BYTES: 1 << 20, wire.MODEL_LOADS: 1}),
         wire.CONFIG: ConfigRecord(config),
     })
+    return [Message(content, reply_to=msg)]
+
+
+def site_accuracy(node: FakeNode, msg: Message) -> float:
+    """What an honest fake site reports for the model in an evaluate message: skill × accuracy_of(‖s·B·A‖)."""
+    arrays = flower_arrays.from_record(msg.content[wire.ARRAYS])
+    rank = int(msg.content[wire.CONFIG][wire.LORA_RANK])
+    s = LoraSpec().alpha / rank
+    deltas = {layer: s * arrays[f"{layer}.lora_B.weight"] @ arrays[f"{layer}.lora_A.weight"] for layer in LAYERS}
+    return node.skill * accuracy_of(delta_norm(deltas))
+
+
+def eval_replies(node: FakeNode, msg: Message, behaviour: str) -> list[Message]:
+    """The node's answer to one evaluate message under `behaviour` (see `EVALS`)."""
+    if behaviour == "silent":
+        return []
+    if behaviour == "error":
+        return [Message(Error(code=CLIENT_ERROR, reason=f"evaluation failed on node {node.node_id}"), reply_to=msg)]
+    cfg = msg.content[wire.CONFIG]
+    acc = site_accuracy(node, msg)
+    metrics: dict[str, int | float] = {wire.ACCURACY: acc, wire.LOSS: 1.0 - acc, wire.NUM_EXAMPLES: node.eval_examples,
+                                       wire.MODEL_VERSION: int(cfg[wire.MODEL_VERSION])}
+    fingerprint = node.fingerprint
+    if behaviour == "accuracy":
+        metrics[wire.ACCURACY] = 1.5
+    elif behaviour == "loss-nan":
+        metrics[wire.LOSS] = math.nan
+    elif behaviour == "examples":
+        metrics[wire.NUM_EXAMPLES] = LIE_EXAMPLES
+    elif behaviour == "fingerprint":
+        fingerprint = "another-model"
+    elif behaviour == "version":
+        metrics[wire.MODEL_VERSION] += 1
+    content = RecordDict({wire.METRICS: MetricRecord(metrics), wire.CONFIG: ConfigRecord({wire.FINGERPRINT: fingerprint})})
     return [Message(content, reply_to=msg)]
 
 

@@ -44,7 +44,19 @@ def _train_request(msg: Message) -> trainer_pb2.TrainRequest:
         prox_mu=float(cfg[wire.PROX_MU]), seed=int(cfg[wire.SEED]), pushed_at=float(cfg[wire.PUSHED_AT]),
         software_version=str(cfg[wire.SOFTWARE]), arrays=wire.encode_tensors(arrays),
         frozen=wire.encode_tensors(frozen), lora=_lora(LoraSpec.from_record(cfg)),
-        task_spec=wire.task_spec_proto(cfg),
+        task_spec=wire.task_spec_proto(cfg), eval_fraction=float(cfg.get(wire.EVAL_FRACTION, 0.0)),
+    )
+
+
+def _evaluate_request(msg: Message) -> trainer_pb2.EvaluateRequest:
+    cfg = msg.content[wire.CONFIG]
+    arrays = flower_arrays.from_record(msg.content[wire.ARRAYS])
+    frozen = flower_arrays.from_record(msg.content[wire.FROZEN]) if wire.FROZEN in msg.content else {}
+    return trainer_pb2.EvaluateRequest(
+        base_version=int(cfg[wire.MODEL_VERSION]), rank=int(cfg[wire.LORA_RANK]),
+        software_version=str(cfg[wire.SOFTWARE]), arrays=wire.encode_tensors(arrays),
+        frozen=wire.encode_tensors(frozen), lora=_lora(LoraSpec.from_record(cfg)),
+        task_spec=wire.task_spec_proto(cfg), eval_fraction=float(cfg[wire.EVAL_FRACTION]),
     )
 
 
@@ -116,6 +128,24 @@ def train(msg: Message, context: Context) -> Message:
         wire.ARRAYS: record,
         wire.METRICS: metrics,
         wire.CONFIG: ConfigRecord({wire.FINGERPRINT: reply.metadata.model_fingerprint}),
+    })
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Forward an evaluation of the global model to the trainer; reply with its metrics on the site's held-out data."""
+    try:
+        reply: trainer_pb2.EvaluateReply = _dispatch(context, "Evaluate", _evaluate_request(msg))  # type: ignore[assignment]
+    except (ClientJobError, wire.WireError, KeyError, ValueError) as e:
+        return _error(msg, e)
+    cfg = msg.content[wire.CONFIG]
+    metrics = {wire.LOSS: float(reply.loss), wire.ACCURACY: float(reply.accuracy),
+               wire.NUM_EXAMPLES: int(reply.num_examples), wire.MODEL_VERSION: int(cfg[wire.MODEL_VERSION]),
+               **{k: float(v) for k, v in reply.extra.items()}}
+    content = RecordDict({
+        wire.METRICS: MetricRecord(metrics),
+        wire.CONFIG: ConfigRecord({wire.FINGERPRINT: reply.model_fingerprint}),
     })
     return Message(content, reply_to=msg)
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from corolla.learning import train_loop as training
 from corolla.learning.tasks import Task
-from corolla.learning.tasks.base import EncodedData
+from corolla.learning.tasks.base import EncodedData, Rows, holdout_split
 from corolla.learning.train_loop import AdapterModel, EvalStats, TrainStats
 from corolla.proto import wire
 from corolla.spec import LoraSpec, TaskSpec
@@ -50,6 +50,8 @@ class TrainJob:
     software_version: str = wire.SOFTWARE_VERSION
     frozen: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
     lora: LoraSpec = dataclasses.field(default_factory=LoraSpec)
+    #: the share of the silo the run holds out for site evaluation: never trained on (0: train on all of it)
+    eval_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,8 @@ class Trainer:
     """
 
     def __init__(self, model: AdapterModel, data: EncodedData, rank: int, slowdown: float = 1.0, *,
-                 spec: TaskSpec | None = None, loader: Loader | None = None, pinned: bool = False) -> None:
+                 spec: TaskSpec | None = None, loader: Loader | None = None, pinned: bool = False,
+                 eval_data: EncodedData | None = None) -> None:
         if slowdown < 1:
             raise TrainerError(f"--slowdown must be >= 1 (a factor of the real duration), got {slowdown}.")
         if model.task.uses_lora and rank < 1:
@@ -168,6 +171,8 @@ class Trainer:
         self.pinned = pinned
         self._rank = rank
         self._lock = threading.Lock()
+        #: the site's own evaluation set (`--eval-data`): it then trains on its whole silo and evaluates on this
+        self.eval_data = eval_data
         self._install(model, data)
 
     def _install(self, model: AdapterModel, data: EncodedData) -> None:
@@ -177,6 +182,28 @@ class Trainer:
         self.data = data
         self.rank = self._rank if model.task.uses_lora else 0  # full-model task: no adapter
         self.digest = data_digest(data)
+        self._splits: dict[float, tuple[EncodedData, EncodedData | None]] = {}
+
+    def split(self, eval_fraction: float) -> tuple[EncodedData, EncodedData | None]:
+        """(what this site trains on, what it evaluates on) under the run's `eval-fraction`.
+
+        With the site's own `--eval-data` the whole silo trains and that set evaluates;
+        otherwise a seeded `eval_fraction` of the silo (the same rows every round: the seed
+        is the silo's digest) is held out and never trained on. Fraction 0: no held-out set.
+        """
+        if self.eval_data is not None:
+            return self.data, self.eval_data
+        if eval_fraction <= 0:
+            return self.data, None
+        cached = self._splits.get(eval_fraction)
+        if cached is None:
+            try:
+                train, held = holdout_split(len(self.data), eval_fraction, self.digest)
+            except ValueError as e:
+                raise TrainerError(str(e)) from None
+            cached = (Rows(self.data, train), Rows(self.data, held) if len(held) else None)
+            self._splits[eval_fraction] = cached
+        return cached
 
     def ensure(self, spec: TaskSpec | None, fingerprint: str = "") -> bool:
         """Hold `spec`'s model and silo; return True when this call reloaded them.
@@ -253,7 +280,7 @@ class Trainer:
         """Run one local job; raise TrainerError when the job does not fit this trainer."""
         self._check_version(job.software_version)
         with self._lock:  # a consistent model/silo pair even if a reload were to run beside this job
-            model, data, rank, digest = self.model, self.data, self.rank, self.digest
+            model, (data, _), rank, digest = self.model, self.split(job.eval_fraction), self.rank, self.digest
         if job.rank != rank:
             raise TrainerError(f"the server sent a rank-{job.rank} adapter to a rank-{rank} trainer.")
         try:
@@ -272,13 +299,22 @@ class Trainer:
         return TrainResult(arrays, stats, job.base_version, job.rank, model.fingerprint, queue_s)
 
     def evaluate(self, arrays: Mapping[str, np.ndarray], rank: int, software_version: str,
-                 lora: LoraSpec | None = None) -> EvalStats:
-        """Evaluate an adapter on this silo."""
+                 lora: LoraSpec | None = None, *, frozen: Mapping[str, np.ndarray] | None = None,
+                 eval_fraction: float = 0.0) -> EvalStats:
+        """Evaluate a global model on this site's held-out data (`split`); raise TrainerError when it has none."""
         self._check_version(software_version)
         with self._lock:
-            model, data = self.model, self.data
+            model, (_, held) = self.model, self.split(eval_fraction)
+        if held is None:
+            raise TrainerError("this site holds out no data to evaluate on: the run's eval-fraction is 0 and the "
+                               "site gave no --eval-data, or its silo has a single example; set eval-fraction > 0 "
+                               "or start the site with --eval-data.")
+        t0 = time.perf_counter()
         try:
-            return model.evaluate(arrays, rank, data, lora or LoraSpec())
+            stats = model.evaluate(arrays, rank, held, lora or LoraSpec(), frozen=frozen)
         except (ValueError, RuntimeError) as e:
             raise TrainerError(f"evaluation failed: {e}") from e
+        log.info("evaluate: rank %d on %d held-out examples: accuracy %.4f, loss %.4f (%.2fs)", rank,
+                 stats.num_examples, stats.accuracy, stats.loss, time.perf_counter() - t0)
+        return stats
 

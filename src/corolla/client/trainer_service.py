@@ -44,6 +44,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
                 prox_mu=request.prox_mu, seed=request.seed, pushed_at=request.pushed_at,
                 frozen=wire.decode_tensors(request.frozen),
                 software_version=request.software_version, lora=lora_from_proto(request.lora),
+                eval_fraction=request.eval_fraction,
             )
             r = self.trainer.train(job)
         except (wire.WireError, ValueError) as e:
@@ -63,7 +64,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
         try:
             self.trainer.ensure(*wire.task_spec_from_proto(request.task_spec))
             s = self.trainer.evaluate(wire.decode_tensors(request.arrays), request.rank, request.software_version,
-                                      lora_from_proto(request.lora))
+                                      lora_from_proto(request.lora), frozen=wire.decode_tensors(request.frozen),
+                                      eval_fraction=request.eval_fraction)
         except (wire.WireError, ValueError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except TrainerError as e:

@@ -32,6 +32,8 @@ EXISTING_RUN = ("refuse", "overwrite", "resume")
 SPEED_PROFILES = ("none", "tiers", "lognormal")
 RANK_ASSIGNMENTS = ("tier", "random")
 CLOCKS = ("real", "virtual")
+#: where the global model is evaluated: the server's test data, each site's held-out rows, or both
+EVALUATIONS = ("auto", "server", "sites", "both")
 #: how one file of simulated silos (or the built-in corpus) is cut (flwr-datasets partitioners; data/silo.py)
 PARTITIONERS = ("dirichlet", "iid", "pathological")
 #: keys that describe the simulated fleet: a deployment's nodes bring their own rank, data and speed
@@ -193,6 +195,16 @@ class RunConfig:
     virtual_jitter: float = field(default=0.0, metadata=_h(
         "σ of a seeded lognormal factor on every simulated job duration (0: none)", low=0.0, when="clock=virtual",
         scope=SIMULATION_ONLY))
+    evaluation: str = field(default="auto", metadata=_h(
+        "where the global model is evaluated: server (on test-data or the built-in test split; the server loads "
+        "the model), sites (each site on its held-out rows; the server never loads the model), both; auto: "
+        "server when the run has server test data (test-data, or a built-in corpus), sites with your own labels "
+        "and no test-data", EVALUATIONS))
+    eval_fraction: float = field(default=0.1, metadata=_h(
+        "share of each site's silo held out for site evaluation and never trained on (seeded by the silo's "
+        "content: the same rows every round; a site's own --eval-data replaces it)", low=0.0))
+    eval_sites: int = field(default=0, metadata=_h(
+        "sites asked per evaluation, drawn (seeded) from the usable ones (0: every usable site)", low=0))
     eval_every: int = field(default=1, metadata=_h("evaluate the global model every N versions", low=1))
     eval_examples: int = field(default=0, metadata=_h("evaluate on the first N test examples (0: all)", low=0))
     eval_interval: float = field(default=0.0, metadata=_h("evaluate at most every N seconds (0: every eval-every)",
@@ -217,9 +229,7 @@ class RunConfig:
             raise ConfigError(f"`lr` = {self.lr!r} must be > 0.")
         self._refuse_async_aggregation()
         self._check_sim_data()
-        if self.labels and not self.test_data:
-            raise ConfigError("`labels` names your own classes, which have no built-in test split; set `test-data` to "
-                              "a CSV/JSONL/Parquet file the server evaluates on.")
+        self._check_evaluation()
         if len(self.label_tuple()) == 1:
             raise ConfigError(f"`labels` = {self.labels!r} holds one class; a classifier needs at least two.")
         self._check_ranks()
@@ -241,6 +251,33 @@ class RunConfig:
                     self.component_config(kind, name)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+    def _check_evaluation(self) -> None:
+        """Server evaluation needs test data; site evaluation needs rows to hold out (or each site's own)."""
+        if self.eval_fraction >= 1:
+            raise ConfigError(f"`eval-fraction` = {self.eval_fraction!r} would hold out the whole silo; choose a share "
+                              "below 1 (e.g. 0.1).")
+        if self.evaluation in ("server", "both") and self.labels and not self.test_data:
+            raise ConfigError(f"`evaluation` = {self.evaluation!r} evaluates on the server, but `labels` names your "
+                              "own classes, which have no built-in test split; set `test-data` to a CSV/JSONL/Parquet "
+                              "file the server evaluates on, or use evaluation=sites.")
+        if self.test_data and not self.evaluates_on_server():
+            raise ConfigError(f"`test-data` is read only by server evaluation, and `evaluation` = {self.evaluation!r}; "
+                              "drop test-data or use evaluation=both.")
+
+    def resolved_evaluation(self) -> str:
+        """`evaluation` with `auto` resolved: server when the run has server test data, else sites."""
+        if self.evaluation != "auto":
+            return self.evaluation
+        return "server" if self.test_data or not self.labels else "sites"
+
+    def evaluates_on_server(self) -> bool:
+        """True when the server evaluates the global model itself (and so must load the base model)."""
+        return self.resolved_evaluation() in ("server", "both")
+
+    def evaluates_on_sites(self) -> bool:
+        """True when sites evaluate the global model on their held-out rows (which they then never train on)."""
+        return self.resolved_evaluation() in ("sites", "both")
 
     def _check_ranks(self) -> None:
         """Every simulated rank (`lora-rank`, `ranks`) within 1..`max-rank`."""
@@ -320,6 +357,10 @@ class RunConfig:
             k, v = when.split("=")
             if str(getattr(self, k.replace("-", "_"))) != v:
                 return f"it applies only with {when} (this run has {k}={getattr(self, k.replace('-', '_'))})"
+        if key in ("eval-fraction", "eval-sites") and not self.evaluates_on_sites():
+            return f"sites evaluate only with evaluation=sites or both (this run evaluates on the {self.resolved_evaluation()})"
+        if key == "eval-examples" and not self.evaluates_on_server():
+            return "it limits the server's test data, and this run evaluates on the sites only"
         if key in ("staleness", "staleness-exponent") and self.mode == "async":
             rule = ASYNC_RULES[self.async_rule].cls
             if not rule.uses_staleness:

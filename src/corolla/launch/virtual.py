@@ -216,9 +216,9 @@ def run_virtual(cfg: RunConfig, num_nodes: int, client_app: ClientAppFn, evaluat
     from corolla.server.sync_driver import run_sync
 
     if evaluator is None:
-        from corolla.server.evaluation import TaskEvaluator
+        from corolla.server.evaluation import run_evaluator
 
-        evaluator = TaskEvaluator(cfg)
+        evaluator = run_evaluator(cfg)
     clock = VirtualClock()
     grid = VirtualGrid(num_nodes, cfg, client_app, clock)
     fed = Federation(cfg, grid, evaluator, clock=clock)

@@ -344,8 +344,11 @@ class AdapterModel:
         )
         return self.state(rank, lora), stats
 
-    def evaluate(self, arrays: Mapping[str, np.ndarray], rank: int, data: EncodedData, lora: LoraSpec) -> EvalStats:
-        """Evaluate the adapter `arrays` at `rank` on `data`."""
+    def evaluate(self, arrays: Mapping[str, np.ndarray], rank: int, data: EncodedData, lora: LoraSpec,
+                 frozen: Mapping[str, np.ndarray] | None = None) -> EvalStats:
+        """Evaluate the adapter `arrays` at `rank` on `data` (`frozen`: FLoRA's merged update on the base)."""
+        if self.task.uses_lora:
+            self.set_base_deltas(frozen or {})
         return evaluate_model(self.load(arrays, rank, lora), data, self.device, self.task)
 
 

@@ -99,7 +99,7 @@ class LoraSpec(_message.Message):
     def __init__(self, alpha: _Optional[float] = ..., rslora: _Optional[bool] = ..., target_modules: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("base_version", "rank", "local_steps", "batch_size", "lr", "prox_mu", "seed", "pushed_at", "software_version", "arrays", "frozen", "lora", "task_spec")
+    __slots__ = ("base_version", "rank", "local_steps", "batch_size", "lr", "prox_mu", "seed", "pushed_at", "software_version", "arrays", "frozen", "lora", "task_spec", "eval_fraction")
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +113,7 @@ class TrainRequest(_message.Message):
     FROZEN_FIELD_NUMBER: _ClassVar[int]
     LORA_FIELD_NUMBER: _ClassVar[int]
     TASK_SPEC_FIELD_NUMBER: _ClassVar[int]
+    EVAL_FRACTION_FIELD_NUMBER: _ClassVar[int]
     base_version: int
     rank: int
     local_steps: int
@@ -126,7 +127,8 @@ class TrainRequest(_message.Message):
     frozen: _containers.RepeatedCompositeFieldContainer[Tensor]
     lora: LoraSpec
     task_spec: TaskSpec
-    def __init__(self, base_version: _Optional[int] = ..., rank: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., prox_mu: _Optional[float] = ..., seed: _Optional[int] = ..., pushed_at: _Optional[float] = ..., software_version: _Optional[str] = ..., arrays: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., frozen: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ..., task_spec: _Optional[_Union[TaskSpec, _Mapping]] = ...) -> None: ...
+    eval_fraction: float
+    def __init__(self, base_version: _Optional[int] = ..., rank: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., prox_mu: _Optional[float] = ..., seed: _Optional[int] = ..., pushed_at: _Optional[float] = ..., software_version: _Optional[str] = ..., arrays: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., frozen: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ..., task_spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., eval_fraction: _Optional[float] = ...) -> None: ...
 
 class TrainReply(_message.Message):
     __slots__ = ("metadata", "arrays")
@@ -137,32 +139,45 @@ class TrainReply(_message.Message):
     def __init__(self, metadata: _Optional[_Union[UpdateMetadata, _Mapping]] = ..., arrays: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("base_version", "rank", "software_version", "arrays", "lora", "task_spec")
+    __slots__ = ("base_version", "rank", "software_version", "arrays", "lora", "task_spec", "frozen", "eval_fraction")
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
     ARRAYS_FIELD_NUMBER: _ClassVar[int]
     LORA_FIELD_NUMBER: _ClassVar[int]
     TASK_SPEC_FIELD_NUMBER: _ClassVar[int]
+    FROZEN_FIELD_NUMBER: _ClassVar[int]
+    EVAL_FRACTION_FIELD_NUMBER: _ClassVar[int]
     base_version: int
     rank: int
     software_version: str
     arrays: _containers.RepeatedCompositeFieldContainer[Tensor]
     lora: LoraSpec
     task_spec: TaskSpec
-    def __init__(self, base_version: _Optional[int] = ..., rank: _Optional[int] = ..., software_version: _Optional[str] = ..., arrays: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ..., task_spec: _Optional[_Union[TaskSpec, _Mapping]] = ...) -> None: ...
+    frozen: _containers.RepeatedCompositeFieldContainer[Tensor]
+    eval_fraction: float
+    def __init__(self, base_version: _Optional[int] = ..., rank: _Optional[int] = ..., software_version: _Optional[str] = ..., arrays: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ..., task_spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., frozen: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., eval_fraction: _Optional[float] = ...) -> None: ...
 
 class EvaluateReply(_message.Message):
-    __slots__ = ("loss", "accuracy", "num_examples", "model_fingerprint")
+    __slots__ = ("loss", "accuracy", "num_examples", "model_fingerprint", "extra")
+    class ExtraEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     LOSS_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_FIELD_NUMBER: _ClassVar[int]
     loss: float
     accuracy: float
     num_examples: int
     model_fingerprint: str
-    def __init__(self, loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., num_examples: _Optional[int] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+    extra: _containers.ScalarMap[str, float]
+    def __init__(self, loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., num_examples: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., extra: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
     __slots__ = ("task_spec",)

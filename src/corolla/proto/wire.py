@@ -58,6 +58,7 @@ LABELS = "labels"
 MAX_LENGTH = "max-length"
 BASE_FINGERPRINT = "base-fingerprint"
 ACCURACY = "accuracy"
+EVAL_FRACTION = "eval-fraction"
 LOSS = "loss"
 
 # Node-config keys a SuperNode is started with (flower-supernode --node-config).

@@ -95,7 +95,9 @@ class AsyncLoop:
             self.expire_silent_jobs(now)
             self.timer.lap("validate_s")
             self.aggregate_ready()
+            fed.evals.collect()  # the sites' evaluations that came in (a row per version, in order)
             self.wait()
+        fed.evals.collect(wait=True)
         if fed.recorder.evals[-1]["version"] != fed.aggregator.version:
             fed.evaluate(clients=0, in_flight=len(self.in_flight))  # the final version is always evaluated
         return fed.finish()
@@ -202,13 +204,16 @@ class AsyncLoop:
         self.timer = RoundTimer(registered=len(fed.nodes.nodes))
 
     def _evaluate_if_due(self, step: AsyncStep) -> None:
-        """Evaluate every `eval-every` versions, at most every `eval-interval` seconds, and always the last version."""
+        """Start evaluating every `eval-every` versions, at most every `eval-interval` s, and always the last version.
+
+        Sites answer while clients train (`EvalRounds.collect` at every poll): nobody waits for an evaluation.
+        """
         now = self.clock.monotonic()
         due = step.version % self.cfg.eval_every == 0 and now - self.last_eval >= self.cfg.eval_interval
         if due or step.version >= self.cfg.num_rounds:
             self.last_eval = now
-            self.fed.evaluate(clients=len(step.updates), in_flight=len(self.in_flight),
-                              mean_staleness=sum(step.staleness) / len(step.staleness))
+            self.fed.begin_evaluation(clients=len(step.updates), in_flight=len(self.in_flight),
+                                      mean_staleness=sum(step.staleness) / len(step.staleness))
             self.timer.lap("evaluate_s")
 
     def wait(self) -> None:

@@ -36,6 +36,8 @@ class JobConfig:
     lora: LoraSpec
     #: the run's TaskSpec as `wire.task_record` fields: a trainer holding another model reloads it
     task: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    #: the share of each silo held out for site evaluation, never trained on (0: sites do not evaluate)
+    eval_fraction: float = 0.0
 
 
 def nbytes(arrays: Mapping[str, Any], dtype: str = "float32") -> int:
@@ -59,13 +61,28 @@ def train_message(node_id: int, dispatch: Dispatch, job: JobConfig, seed: int, p
         wire.SERVER_ROUND: dispatch.version + 1, wire.MODEL_VERSION: dispatch.version,
         wire.LORA_RANK: dispatch.rank, wire.LOCAL_STEPS: job.local_steps, wire.BATCH_SIZE: job.batch_size,
         wire.LR: job.lr, wire.PROX_MU: job.prox_mu, wire.SEED: seed, wire.PUSHED_AT: pushed_at,
-        wire.SOFTWARE: wire.SOFTWARE_VERSION, **job.lora.to_record(), **job.task,
+        wire.SOFTWARE: wire.SOFTWARE_VERSION, wire.EVAL_FRACTION: job.eval_fraction, **job.lora.to_record(),
+        **job.task,
     })
-    dtype = job.lora.wire_dtype
+    return Message(_model_content(dispatch, config, job.lora.wire_dtype), dst_node_id=node_id,
+                   message_type=MessageType.TRAIN, ttl=ttl)
+
+
+def evaluate_message(node_id: int, dispatch: Dispatch, job: JobConfig, ttl: float | None = None) -> Message:
+    """Ask a node to evaluate the global model (`dispatch`) on its held-out share of the silo."""
+    config = ConfigRecord({
+        wire.MODEL_VERSION: dispatch.version, wire.LORA_RANK: dispatch.rank, wire.SOFTWARE: wire.SOFTWARE_VERSION,
+        wire.EVAL_FRACTION: job.eval_fraction, **job.lora.to_record(), **job.task,
+    })
+    return Message(_model_content(dispatch, config, job.lora.wire_dtype), dst_node_id=node_id,
+                   message_type=MessageType.EVALUATE, ttl=ttl)
+
+
+def _model_content(dispatch: Dispatch, config: ConfigRecord, dtype: str) -> RecordDict:
     content = RecordDict({wire.ARRAYS: flower_arrays.to_record(dispatch.arrays, dtype), wire.CONFIG: config})
     if dispatch.frozen:
         content[wire.FROZEN] = flower_arrays.to_record(dispatch.frozen, dtype)
-    return Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN, ttl=ttl)
+    return content
 
 
 def reply_node(reply: Message, sent_to: Mapping[str, int]) -> int:

@@ -104,6 +104,34 @@ class TaskEvaluator:
         return EvalResult(accuracy=s.accuracy, loss=s.loss, num_examples=s.num_examples, extra=extra)
 
 
+class ModelCard:
+    """What a coordinator that does not evaluate needs of the model: its fingerprint and a first adapter.
+
+    Used when only the sites evaluate (`evaluation=sites`): the server then never holds the
+    base model's weights in memory (`corolla.learning.base_files` reads the weight files'
+    headers and streams their bytes through a hash).
+    """
+
+    def __init__(self, cfg: RunConfig) -> None:
+        from corolla.learning.base_files import BaseFiles
+
+        self._files = BaseFiles(cfg.task_spec())
+        self.fingerprint = self._files.fingerprint
+
+    def initial_adapter(self, rank: int, lora: LoraSpec, seed: int) -> dict[str, np.ndarray]:
+        """The seeded first adapter, built from the model's shapes alone."""
+        return self._files.initial_adapter(rank, lora, seed)
+
+    def evaluate(self, merged: MergedModel) -> EvalResult:
+        """Never called: this run evaluates on the sites (`EvalRounds` asks only them)."""
+        raise RuntimeError("this coordinator holds no model to evaluate: the run evaluates on the sites")
+
+
+def run_evaluator(cfg: RunConfig, device: str = "auto") -> Evaluator:
+    """The server's evaluator: the model and test data when it evaluates, else only the model's card."""
+    return TaskEvaluator(cfg, device) if cfg.evaluates_on_server() else ModelCard(cfg)
+
+
 def merged_from_npz(arrays: Mapping[str, np.ndarray]) -> MergedModel:
     """Inverse of the run directory's global.npz layout (`delta/…`, `dense/…`)."""
     return MergedModel(deltas={k.removeprefix("delta/"): v for k, v in arrays.items() if k.startswith("delta/")},

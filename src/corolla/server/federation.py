@@ -23,12 +23,13 @@ from corolla.proto import wire
 from corolla.server import checkpoint, codec
 from corolla.server.clock import Clock, SystemClock
 from corolla.server.codec import JobConfig, RejectedReply
+from corolla.server.eval_rounds import EvalRounds, write_global
 from corolla.server.evaluation import Evaluator
 from corolla.server.factory import build_aggregator, build_selector, resolve_aggregation
 from corolla.server.nodes import NodeInfo, NodeRegistry
 from corolla.server.records import RECORDS, RunRecorder
 from corolla.spec import TASKS
-from corolla.strategies import Aggregator, Candidate, ClientUpdate, Dispatch
+from corolla.strategies import Aggregator, Candidate, ClientUpdate, Dispatch, MergedModel
 from corolla.strategies.exceptions import StrategyError
 from corolla.strategies.guard import GuardNote, adam_change_bound, excess_change
 
@@ -83,6 +84,7 @@ class Federation:
         self.nodes = NodeRegistry(grid, self.recorder, self.clock, self._refusal, cfg.round_timeout,
                                   task=wire.task_record(cfg.task_spec(), evaluator.fingerprint))
         self.selector = build_selector(cfg)
+        self.evals = EvalRounds(cfg, grid, self.clock, self.recorder, self.nodes, evaluator, self.job_config)
         self._aggregator: Aggregator | None = None
         self.train_start = self.clock.monotonic()
 
@@ -143,14 +145,14 @@ class Federation:
         if every and version > 0 and version % every == 0:
             self.write_adapter(self.recorder.dir / "adapters" / f"v{version}")
 
-    def write_adapter(self, out: Path) -> None:
-        """The global model as a peft adapter folder at max-rank (`checkpoint-every`), logged with its truncation error."""
+    def write_adapter(self, out: Path, merged: MergedModel | None = None, version: int | None = None) -> None:
+        """A global model (default: the current one) as a peft adapter folder at max-rank, logged with its truncation error."""
         from corolla.learning.export import write_adapter
 
-        merged = self.aggregator.merged()
+        merged = merged or self.aggregator.merged()
         report = write_adapter(self.cfg, merged.deltas, merged.dense, out)
-        log.info("version %d: peft adapter at rank %d in %s (relative truncation error %.2e)", self.aggregator.version,
-                 report["rank"], out, report["relative_error"])
+        log.info("version %d: peft adapter at rank %d in %s (relative truncation error %.2e)",
+                 self.aggregator.version if version is None else version, report["rank"], out, report["relative_error"])
 
     def _resume(self, state: dict[str, Any]) -> list[int]:
         dropped = checkpoint.truncate_records(self.recorder.dir, state["offsets"])
@@ -209,7 +211,8 @@ class Federation:
         """The instructions of every job started from `version`."""
         c = self.cfg
         return JobConfig(local_steps=c.local_steps, batch_size=c.batch_size, lr=c.lr * c.lr_decay**version,
-                         prox_mu=c.prox_mu, lora=c.lora_spec(), task=self.nodes.task)
+                         prox_mu=c.prox_mu, lora=c.lora_spec(), task=self.nodes.task,
+                         eval_fraction=c.eval_fraction if c.evaluates_on_sites() else 0.0)
 
     def job_seed(self, version: int) -> int:
         """The seed of every job of `version`; each trainer mixes in a digest of its own silo.
@@ -316,11 +319,15 @@ class Federation:
 
     # ---- evaluation and the end ---------------------------------------------------------
     def evaluate(self, clients: int, **extra: float) -> dict:
-        """Evaluate the exact global model on the held-out test split and record it."""
-        r = self.evaluator.evaluate(self.aggregator.merged())
-        row = self.recorder.evaluation(self.aggregator.version, r.accuracy, r.loss, clients, **r.extra, **extra)
-        log.info("version %d: accuracy %.4f, loss %.4f (%.1fs)", row["version"], r.accuracy, r.loss, row["wall_s"])
-        return row
+        """Evaluate the exact global model (server and/or sites: `evaluation`), wait for it, and record it."""
+        self.evals.begin(self.aggregator, clients, **extra)
+        self.evals.collect(wait=True)
+        return self.recorder.evals[-1]
+
+    def begin_evaluation(self, clients: int, **extra: float) -> None:
+        """Start evaluating the current version; its row is written by a later `evals.collect()` (asynchronous runs)."""
+        self.evals.begin(self.aggregator, clients, **extra)
+        self.evals.collect()
 
     def out_of_time(self) -> bool:
         """True once `time-budget` seconds have passed since training started."""
@@ -330,13 +337,34 @@ class Federation:
         """Write global.npz, summary.json and the report."""
         from corolla.server.report import write_report
 
+        self.evals.collect(wait=True)
         merged = self.aggregator.merged()
-        np.savez(self.recorder.dir / "global.npz", **{f"delta/{k}": v for k, v in merged.deltas.items()},
-                 **{f"dense/{k}": v for k, v in merged.dense.items()})
+        write_global(self.recorder.dir / "global.npz", merged)
         if self.cfg.checkpoint_every:
             self.write_adapter(self.recorder.dir / "adapter")
-        summary = self.recorder.finish(aggregation=self.aggregator.name, mode=self.cfg.mode)
+            self._write_best_adapter()
+        summary = self.recorder.finish(**self.what_ran())
         write_report(self.recorder.dir)
         log.info("run finished: final accuracy %s, peak %s, %.1fs; report in %s",
                  summary["final_accuracy"], summary["peak_accuracy"], summary["wall_s"], self.recorder.dir)
         return summary
+
+    def what_ran(self) -> dict[str, Any]:
+        """What this run resolved its `auto` choices to, for the summary and the report's headline."""
+        spec = self.cfg.task_spec()  # `auto` model and dataset resolved to the task's built-in ones
+        return {"aggregation": self.aggregator.name, "mode": self.cfg.mode, "selector": self.cfg.selector,
+                "model": spec.model, "dataset": spec.dataset, "task": self.cfg.task,
+                "evaluation": self.cfg.resolved_evaluation(),
+                "rank": getattr(self.aggregator, "rank", None) or getattr(self.aggregator, "max_rank", None)}
+
+    def _write_best_adapter(self) -> None:
+        """The best version's model as a peft adapter in RUN/adapter-best (from best.npz), beside RUN/adapter."""
+        from corolla.server.evaluation import merged_from_npz
+
+        best = self.recorder.best
+        path = self.recorder.dir / "best.npz"
+        if best is None or not path.exists():
+            return
+        with np.load(path) as arrays:
+            merged = merged_from_npz(dict(arrays))
+        self.write_adapter(self.recorder.dir / "adapter-best", merged, version=best["version"])

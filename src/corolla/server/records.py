@@ -58,7 +58,7 @@ class RunRecorder:
             raise RunDirError(f"{self.dir} holds an earlier run; continue it with --resume (existing-run=resume) or "
                               "replace it with --overwrite (existing-run=overwrite)")
         if existing != "resume":
-            for name in (*RECORDS, "summary.json", "checkpoint.pkl", "checkpoint.json", "global.npz"):
+            for name in (*RECORDS, "summary.json", "checkpoint.pkl", "checkpoint.json", "global.npz", "best.npz"):
                 (self.dir / name).unlink(missing_ok=True)
             (self.dir / "config.json").write_text(config_json + "\n")
         self.t0 = self.clock.monotonic()
@@ -67,6 +67,8 @@ class RunRecorder:
         self.rejected = 0
         self.failed = 0
         self.evals: list[dict[str, Any]] = []
+        #: the best version so far: {"version", "score", "on": "sites" | "server"} (its model is best.npz)
+        self.best: dict[str, Any] | None = None
 
     def wall_s(self) -> float:
         """Seconds since the run started (across resumes: the time before a crash counts)."""
@@ -75,7 +77,7 @@ class RunRecorder:
     def state(self) -> dict[str, Any]:
         """The counters a checkpoint keeps."""
         return {"wall_s": self.wall_s(), "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
-                "rejected": self.rejected, "failed": self.failed, "evals": list(self.evals)}
+                "rejected": self.rejected, "failed": self.failed, "evals": list(self.evals), "best": self.best}
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue the counters (and the wall clock) of a checkpointed run."""
@@ -83,6 +85,7 @@ class RunRecorder:
         self.bytes_up, self.bytes_down = int(state["bytes_up"]), int(state["bytes_down"])
         self.rejected, self.failed = int(state["rejected"]), int(state["failed"])
         self.evals = list(state["evals"])
+        self.best = state.get("best")
 
     def _append(self, name: str, row: dict[str, Any]) -> None:
         with (self.dir / name).open("a") as f:
@@ -107,8 +110,9 @@ class RunRecorder:
         self.failed += status == "failed"
         self._append("updates.jsonl", {"wall_s": round(self.wall_s(), 3), **row})
 
-    def evaluation(self, version: int, accuracy: float, loss: float, clients: int, **extra: Any) -> dict[str, Any]:
-        """Record an evaluation of global version `version`."""
+    def evaluation(self, version: int, accuracy: float | None, loss: float | None, clients: int,
+                   **extra: Any) -> dict[str, Any]:
+        """Record an evaluation of global version `version` (accuracy None: nobody could evaluate it)."""
         row = {"version": version, "wall_s": round(self.wall_s(), 3), "accuracy": accuracy, "loss": loss,
                "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "clients": clients, **extra}
         self.evals.append(row)
@@ -118,6 +122,8 @@ class RunRecorder:
     def finish(self, **extra: Any) -> dict[str, Any]:
         """Write summary.json and return it."""
         summary = summarize(self.evals)
+        if self.best is not None:
+            summary.update(best_version=self.best["version"], best_score=self.best["score"], best_on=self.best["on"])
         summary.update(wall_s=round(self.wall_s(), 3), rejected_updates=self.rejected, failed_replies=self.failed,
                        bytes_up=self.bytes_up, bytes_down=self.bytes_down, **extra)
         (self.dir / "summary.json").write_text(json.dumps(_clean(summary), indent=2, sort_keys=True) + "\n")
@@ -126,12 +132,21 @@ class RunRecorder:
 
 def summarize(evals: list[dict[str, Any]]) -> dict[str, Any]:
     """Return final/peak accuracy and the stability drop (peak − final) of an evaluation series."""
-    if not evals:
-        return {"final_accuracy": None, "peak_accuracy": None, "stability_drop": None, "versions": 0}
-    accs = [e["accuracy"] for e in evals]
+    scored = [e for e in evals if e.get("accuracy") is not None]
+    if not scored:
+        return {"final_accuracy": None, "peak_accuracy": None, "stability_drop": None,
+                "versions": evals[-1]["version"] if evals else 0}
+    accs = [e["accuracy"] for e in scored]
     final, peak = accs[-1], max(accs)
-    return {"final_accuracy": final, "peak_accuracy": peak, "stability_drop": peak - final,
-            "versions": evals[-1]["version"], "peak_version": evals[accs.index(peak)]["version"]}
+    out = {"final_accuracy": final, "peak_accuracy": peak, "stability_drop": peak - final,
+           "versions": evals[-1]["version"], "peak_version": scored[accs.index(peak)]["version"]}
+    sites = [e for e in evals if "site_accuracy" in e]
+    if sites:  # how the final global model serves each site: the mean, the worst one, the spread and Jain's index
+        last = sites[-1]
+        out.update(final_site_accuracy=last["site_accuracy"], final_worst_site_accuracy=last["site_worst_accuracy"],
+                   final_worst_site=last["site_worst_node"], final_site_spread=last["site_spread"],
+                   final_site_jain=last["site_jain"], sites_evaluated=len(last["sites"]))
+    return out
 
 
 def aggregation_of(config: dict[str, Any], summary: dict[str, Any] | None = None) -> str:

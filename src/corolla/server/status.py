@@ -37,10 +37,18 @@ def run_status(run_dir: str | Path, reasons: int = 3) -> str:
              f"aggregation {aggregation_of(cfg, summary)} · selector {cfg.get('selector')}"]
     if evals:
         last = evals[-1]
-        best = max(evals, key=lambda e: e["accuracy"])
-        lines.append(f"version {last['version']} of {cfg.get('num-rounds')} · accuracy {last['accuracy']:.4f} "
-                     f"(best {best['accuracy']:.4f} at version {best['version']}) · loss {last['loss']:.4f} · "
+        scored = [e for e in evals if e.get("accuracy") is not None] or [last]
+        best = max(scored, key=lambda e: e.get("accuracy") or 0.0)
+        lines.append(f"version {last['version']} of {cfg.get('num-rounds')} · accuracy {_f(last.get('accuracy'))} "
+                     f"(best {_f(best.get('accuracy'))} at version {best['version']}) · loss {_f(last.get('loss'))} · "
                      f"{last['wall_s']:.0f}s")
+        sites = [e for e in evals if e.get("sites")]
+        if sites:
+            s = sites[-1]
+            lines.append(f"sites: mean {s['site_accuracy']:.4f} at version {s['version']} · worst {s['site_worst_accuracy']:.4f} "
+                         f"(node {s['site_worst_node']}) · spread {s['site_spread']:.4f} · Jain {s['site_jain']:.3f} · "
+                         f"{len(s['sites'])} evaluated" + (f", {len(s['site_failures'])} missing" if s.get("site_failures")
+                                                           else ""))
         lines.append(f"traffic: {last['bytes_down'] / 1e6:.1f} MB to clients, {last['bytes_up'] / 1e6:.1f} MB back"
                      + (f" · {last['in_flight']} jobs in flight" if "in_flight" in last else ""))
     else:
@@ -61,3 +69,7 @@ def run_status(run_dir: str | Path, reasons: int = 3) -> str:
     refused = [u for u in updates if u["status"] != "accepted"][-reasons:]
     lines += [f"  {u['status']} (node {u['node']}): {u['reason']}" for u in refused]
     return "\n".join(lines)
+
+
+def _f(x: float | None) -> str:
+    return "—" if x is None else f"{x:.4f}"

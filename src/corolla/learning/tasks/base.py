@@ -117,8 +117,54 @@ class LazyEncoded:
             yield t.column(0).to_numpy().astype(np.int64, copy=False)
 
 
-#: what the training loop reads: a set held as tensors, or one encoded per batch
-EncodedData = Encoded | LazyEncoded
+class Rows:
+    """A view of some rows of an `Encoded`/`LazyEncoded` set, in their order: a site's training or held-out share.
+
+    Nothing is copied: `batch` maps positions in the view to rows of the whole set, so
+    holding out part of a memory-mapped silo costs one index array.
+    """
+
+    def __init__(self, data: Encoded | LazyEncoded, rows: np.ndarray) -> None:
+        self.data = data
+        self.rows = torch.as_tensor(np.asarray(rows, np.int64))
+
+    def __len__(self) -> int:
+        return int(self.rows.shape[0])
+
+    def batch(self, idx: torch.Tensor, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The view's rows `idx` (positions in the view), as the whole set returns them."""
+        return self.data.batch(self.rows[idx], device)
+
+    def head(self, n: int) -> dict[str, torch.Tensor]:
+        """The inputs of the view's first `n` rows."""
+        idx = self.rows[:n]
+        return {k: v.cpu() for k, v in self.data.batch(idx, torch.device("cpu"))[0].items()}
+
+    def label_blocks(self) -> Iterator[np.ndarray]:
+        """The view's labels, in view order (one block)."""
+        labels = np.concatenate(list(self.data.label_blocks()) or [np.zeros(0, np.int64)])
+        yield labels[self.rows.numpy()] if labels.size else labels
+
+
+#: what the training loop reads: a set held as tensors, one encoded per batch, or a view of some rows of either
+EncodedData = Encoded | LazyEncoded | Rows
+
+
+def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, held-out rows) of a set of `n` rows: a seeded `fraction` held out, both in row order.
+
+    The seed is the silo's content digest, so a site holds out the same rows in every
+    round, in every process and after a restart, and never trains on what it evaluates
+    on. At least one row is held out when `fraction` > 0 and at least one is left to
+    train on (a one-row silo holds out nothing).
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"eval-fraction must be in [0, 1), got {fraction}")
+    if fraction == 0.0 or n < 2:
+        return np.arange(n), np.arange(0)
+    k = min(n - 1, max(1, round(fraction * n)))
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[k:]), np.sort(perm[:k])
 
 
 class Task(ABC):
