@@ -35,6 +35,9 @@ def add_trainer_args(p: argparse.ArgumentParser) -> None:
                         "saved with `save_to_disk`, or a database URL (postgresql://user@host:port/db, "
                         "sqlite:///path.db) with --table or --query; omit to use a built-in partition")
     add_source_args(p)
+    p.add_argument("--eval-data", default="", metavar="FILE|DIR",
+                   help="this site's own evaluation set (same columns as --data): the run's site evaluation reads it, "
+                        "and the whole silo trains; omitted: the run's eval-fraction of the silo is held out")
     p.add_argument("--text-column", default="text", help="name of the text column in --data (default: text)")
     p.add_argument("--label-column", default="label", help="name of the label column in --data (default: label)")
     p.add_argument("--cache-dir", default=None,

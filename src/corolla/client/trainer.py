@@ -160,7 +160,7 @@ class Trainer:
 
     def __init__(self, model: AdapterModel, data: EncodedData, rank: int, slowdown: float = 1.0, *,
                  spec: TaskSpec | None = None, loader: Loader | None = None, pinned: bool = False,
-                 eval_data: EncodedData | None = None) -> None:
+                 eval_loader: Callable[[Task], EncodedData] | None = None) -> None:
         if slowdown < 1:
             raise TrainerError(f"--slowdown must be >= 1 (a factor of the real duration), got {slowdown}.")
         if model.task.uses_lora and rank < 1:
@@ -171,8 +171,9 @@ class Trainer:
         self.pinned = pinned
         self._rank = rank
         self._lock = threading.Lock()
-        #: the site's own evaluation set (`--eval-data`): it then trains on its whole silo and evaluates on this
-        self.eval_data = eval_data
+        #: encodes the site's own evaluation set (`--eval-data`) for a task: the whole silo then trains
+        self.eval_loader = eval_loader
+        self.eval_data: EncodedData | None = None
         self._install(model, data)
 
     def _install(self, model: AdapterModel, data: EncodedData) -> None:
@@ -182,6 +183,8 @@ class Trainer:
         self.data = data
         self.rank = self._rank if model.task.uses_lora else 0  # full-model task: no adapter
         self.digest = data_digest(data)
+        if self.eval_loader is not None:  # encoded for the model it serves (again after a reload)
+            self.eval_data = self.eval_loader(model.task)
         self._splits: dict[float, tuple[EncodedData, EncodedData | None]] = {}
 
     def split(self, eval_fraction: float) -> tuple[EncodedData, EncodedData | None]:

@@ -48,8 +48,16 @@ def build_trainer(args: argparse.Namespace) -> Trainer:
     loader = functools.partial(load_silo, args, device, compute)
     model, data = loader(spec)
     pinned = not getattr(args, "follow_run", False)
+    eval_loader = functools.partial(load_eval_set, args) if getattr(args, "eval_data", "") else None
     return Trainer(model, data, parse_rank(args.rank, str(device)), args.slowdown, spec=spec,
-                   loader=None if pinned else loader, pinned=pinned)
+                   loader=None if pinned else loader, pinned=pinned, eval_loader=eval_loader)
+
+
+def load_eval_set(args: argparse.Namespace, task: Any) -> Any:
+    """Encode this site's own evaluation set (`--eval-data`, the columns of --data) for `task`."""
+    source = open_source(args.eval_data)
+    print(f"corolla-trainer evaluation set: {source.describe()}", file=sys.stderr, flush=True)
+    return task.encode(task.load_silo(source, args.text_column, args.label_column))
 
 
 def load_silo(args: argparse.Namespace, device: Any, compute: Any, spec: TaskSpec) -> tuple[Any, Any]:
