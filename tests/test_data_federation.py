@@ -1,8 +1,10 @@
 """Real federations over loopback whose silos are not files: PostgreSQL tables, and saved Hugging Face datasets.
 
 Each client is a `corolla client` process (trainer + SuperNode) reading its silo through
-the data-source seam; the server evaluates on its own test file. The tiny BERT, one
-round: about a minute each on two cores.
+the data-source seam. Over PostgreSQL the server evaluates on its own test file; over saved
+datasets it holds no test data and never loads the model: the sites evaluate on their
+held-out rows (or, for one site, its own --eval-data). The tiny BERT, about a minute each
+on two cores.
 """
 
 from __future__ import annotations
@@ -31,15 +33,15 @@ def rows(n: int, site: str, offset: int) -> pd.DataFrame:
     return pd.DataFrame({"note": [f"{WORDS[lb]} case {i} at {site}" for i, lb in enumerate(labels)], "label": labels})
 
 
-def run(tmp_path, silos: list[list[str]], sizes: list[int]) -> None:
+def run(tmp_path, silos: list[list[str]], sizes: list[int], server_test_data: bool = True) -> None:
     """A one-round FedAvg federation of `corolla client --data ...` processes; checks every silo trained."""
-    test = tmp_path / "test.csv"
-    rows(12, "server", 0).to_csv(test, index=False)
     out, fleet = tmp_path / "run", f"127.0.0.1:{launch.free_port()}"
     n = len(silos)
     sets = {"model": "tiny-bert", "num-rounds": 1, "clients-per-round": n, "min-nodes": n, "local-steps": 1,
-            "max-length": 16, "labels": ",".join(LABELS), "test-data": test, "text-column": "note",
-            "round-timeout": 240}
+            "max-length": 16, "labels": ",".join(LABELS), "text-column": "note", "round-timeout": 240}
+    if server_test_data:
+        sets["test-data"] = tmp_path / "test.csv"
+        rows(12, "server", 0).to_csv(sets["test-data"], index=False)
     with processes() as procs:
         server = start_server(procs, tmp_path, out, fleet, sets)
         for i, data in enumerate(silos):
@@ -80,5 +82,18 @@ def test_silos_are_saved_hugging_face_datasets(tmp_path):
     datasets.DatasetDict({"train": datasets.Dataset.from_pandas(b, features=feats, preserve_index=False),
                           "validation": datasets.Dataset.from_pandas(b[:4], features=feats, preserve_index=False)}
                          ).save_to_disk(str(tmp_path / "site_b"))
-    run(tmp_path, [["--data", str(tmp_path / "site_a")], ["--data", str(tmp_path / "site_b"), "--split", "train"]],
-        [20, 16])
+    rows(6, "b-eval", 2).to_csv(tmp_path / "b_eval.csv", index=False)
+    run(tmp_path, [["--data", str(tmp_path / "site_a")],
+                   ["--data", str(tmp_path / "site_b"), "--split", "train", "--eval-data", str(tmp_path / "b_eval.csv")]],
+        [20, 16], server_test_data=False)
+    out = tmp_path / "run"
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["version"] for m in metrics] == [0, 1]
+    for m in metrics:  # site a holds out 10 % of its 20 rows; site b evaluates on its own 6-row file
+        assert sorted(r["examples"] for r in m["sites"].values()) == [2, 6]
+        assert m["accuracy"] == m["site_accuracy"]
+    trained = sorted(u["num_examples"] for u in read_jsonl(out / "updates.jsonl"))
+    assert trained == [16, 18]  # b trains on its whole silo, a on what it did not hold out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["evaluation"] == "sites" and summary["sites_evaluated"] == 2
+    assert "## Per site" in (out / "report.md").read_text()

@@ -168,23 +168,37 @@ def test_sim_data_keys_are_checked():
 
 
 def test_simulation_on_a_folder_of_own_label_silos(tmp_path):
-    """A real `corolla sim` (Ray, Flower's engine) on three silo files of a custom label set, one node per file."""
+    """A real `corolla sim` (Ray, Flower's engine) on three silo files of a custom label set, one node per file.
+
+    No server test data: the sites evaluate the global model on their held-out rows
+    (evaluation auto → sites), and the server never loads the model.
+    """
     write_silo_folder(tmp_path / "silos")
-    test = tmp_path / "test.csv"
-    _rows(12, "t").to_csv(test, index=False)
     out = tmp_path / "run"
-    sets = {"model": "tiny-bert", "labels": ",".join(LABELS), "test-data": test, "text-column": "note",
-            "num-rounds": 1, "clients-per-round": 3, "local-steps": 2, "max-length": 16, "min-nodes": 3}
+    sets = {"model": "tiny-bert", "labels": ",".join(LABELS), "text-column": "note", "eval-fraction": 0.2,
+            "num-rounds": 2, "clients-per-round": 3, "local-steps": 2, "max-length": 16, "min-nodes": 3}
     code, log = run_sim(tmp_path, out, 3, sets, "--data", str(tmp_path / "silos"), "--cpus", "2")
     assert code == 0, log[-3000:]
     assert "3 simulated silos from" in log and "72 rows" in log
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["versions"] == 1 and summary["rejected_updates"] == 0
+    assert summary["versions"] == 2 and summary["rejected_updates"] == 0 and summary["evaluation"] == "sites"
     nodes = [n for n in map(json.loads, (out / "nodes.jsonl").read_text().splitlines()) if n["status"] == "ok"]
     assert sorted(n["num_examples"] for n in nodes) == [18, 24, 30]  # one node per file, each its file's rows
     assert all("ray-node=" in n["device"] for n in nodes)
     updates = [json.loads(ln) for ln in (out / "updates.jsonl").read_text().splitlines()]
-    assert len(updates) == 3 and all(u["status"] == "accepted" for u in updates)
+    assert len(updates) == 6 and all(u["status"] == "accepted" for u in updates)
+    assert sorted({u["num_examples"] for u in updates}) == [14, 19, 24]  # 20 % of each silo held out, never trained
+    metrics = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["version"] for m in metrics] == [0, 1, 2]
+    for m in metrics:  # every site evaluated every version on its held-out rows
+        assert sorted(r["examples"] for r in m["sites"].values()) == [4, 5, 6]
+        assert m["accuracy"] == pytest.approx(m["site_accuracy"])
+        assert 0 <= m["site_worst_accuracy"] <= m["site_accuracy"] <= 1
+    assert summary["final_site_accuracy"] == metrics[-1]["site_accuracy"]
+    report = (out / "report.md").read_text()
+    assert "## Per site" in report and (out / "sites.png").stat().st_size > 0 and (out / "best.npz").exists()
+    status = subprocess.run([*COROLLA, "status", str(out)], capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0 and "sites: mean" in status.stdout and "3 evaluated" in status.stdout
     silos = json.loads((out / "silos.json").read_text())
     assert [s["silo"] for s in silos["silos"]] == ["a_site.csv", "b_site.jsonl", "c_site.parquet"]
     assert json.loads((out / "config.json").read_text())["sim-data"] == str((tmp_path / "silos").resolve())

@@ -249,7 +249,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Write a run's global model as a peft adapter folder at a chosen rank."""
     from corolla.learning.export import export_adapter
 
-    report = export_adapter(args.run_dir, args.out, args.rank)
+    report = export_adapter(args.run_dir, args.out, args.rank, "best" if args.best else "final")
     print(json.dumps(report, indent=2))
     print(f"load it with: PeftModel.from_pretrained(base_model, {args.out!r})")
     return 0
@@ -454,6 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="folder to write the adapter into")
     s.add_argument("--rank", type=int, default=None,
                    help="adapter rank; FedHL's full-rank update is cut to it by SVD (default: the run's max-rank)")
+    s.add_argument("--best", action="store_true",
+                   help="export the best version (best.npz: chosen on the sites' held-out data, else the server's) "
+                        "instead of the final one")
     s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("generate", help="answer prompts with a causal-LM run's global model")

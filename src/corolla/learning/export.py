@@ -43,12 +43,19 @@ def run_config(run_dir: str | Path) -> RunConfig:
     return RunConfig.from_mapping(values)
 
 
-def load_run(run_dir: str | Path, cfg: RunConfig | None = None,
+#: the global models a run directory keeps: the last version, and the best one on held-out data
+MODELS = {"final": "global.npz", "best": "best.npz"}
+
+
+def load_run(run_dir: str | Path, cfg: RunConfig | None = None, which: str = "final",
              ) -> tuple[RunConfig, dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(configuration, ΔW per layer, dense parameters) of a finished run directory (`cfg`: its configuration, if read)."""
+    """(configuration, ΔW per layer, dense parameters) of a finished run's `which` model (final or best)."""
     d = Path(run_dir)
     cfg = cfg or run_config(d)
-    with np.load(d / "global.npz") as g:
+    if not (d / MODELS[which]).is_file():
+        raise ExportError(f"{d} has no {MODELS[which]}: no version of this run was evaluated with a score; export "
+                          "the final model instead (drop --best).")
+    with np.load(d / MODELS[which]) as g:
         deltas = {k.removeprefix("delta/"): g[k] for k in g.files if k.startswith("delta/")}
         dense = {k.removeprefix("dense/"): g[k] for k in g.files if k.startswith("dense/")}
     return cfg, deltas, dense
@@ -77,10 +84,10 @@ def refuse_foreign(out: Path) -> None:
                           "choose another --out, or move that folder away yourself.")
 
 
-def export_adapter(run_dir: str | Path, out: str | Path, rank: int | None = None) -> dict:
-    """Write the run's global model as a peft adapter folder at `rank` (default: the run's max-rank); return a report."""
+def export_adapter(run_dir: str | Path, out: str | Path, rank: int | None = None, which: str = "final") -> dict:
+    """Write the run's `which` global model (final, best) as a peft adapter folder at `rank`; return a report."""
     refuse_foreign(Path(out))
-    cfg, deltas, dense = load_run(run_dir)
+    cfg, deltas, dense = load_run(run_dir, which=which)
     return write_adapter(cfg, deltas, dense, out, rank)
 
 
