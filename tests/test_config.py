@@ -47,7 +47,7 @@ def test_from_mapping_coerces_strings():
         ({"num-rounds": 2.5}, "`num-rounds` = 2.5 is not a valid int"),
         ({"num-rounds": 0}, "`num-rounds` = 0 is too small; it must be >= 1"),
         ({"lr": 0}, "`lr` = 0.0 must be > 0"),
-        ({"labels": "cat,dog", "evaluation": "server"}, "but `labels` names your own classes, which have no built-in test split; set `test-data`"),
+        ({"labels": "cat,dog", "evaluation": "server"}, "own classes, which have no built-in test split; set `test-data`"),
         ({"labels": "cat", "test-data": "t.csv"}, "holds one class; a classifier needs at least two"),
         ({"server-optimizer": "fedavgm", "server-momentum": 1}, r"`server-momentum` must be in \[0, 1\), got 1.0"),
         ({"server-optimizer": "adam"}, r"`server-optimizer` = 'adam' is not valid; choose one of \['sgd', 'fedavgm', "
