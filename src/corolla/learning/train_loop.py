@@ -189,9 +189,9 @@ class AdapterModel:
         self.device = device
         self.compute = compute or ComputeOptions()
         if self.compute.quantize == "4bit":
-            # The fingerprint proves the server and this trainer share one base: take it from the full-precision
-            # weights (a quantized copy differs in every weight), then load the 4-bit copy that trains.
-            self.fingerprint = task.fingerprint(load_base(task))
+            # The fingerprint proves the server and this trainer share one base: it is read from the model folder's
+            # full-precision files (a quantized copy differs in every weight), so the 4-bit copy never enters it.
+            self.fingerprint = task.fingerprint() if task.weight_folder else task.fingerprint(load_base(task))
             self.base = _quantized_base(task, device, self.compute)
         else:
             self.base = load_base(task).to(device)

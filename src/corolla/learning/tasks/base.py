@@ -21,6 +21,8 @@ from peft import LoraConfig
 from torch import nn
 
 from corolla.data.source import DataSource
+from corolla.learning import weight_files
+from corolla.modelinfo import ModelError
 from corolla.spec import TASKS, LoraSpec, TaskInfo, TaskSpec
 
 
@@ -254,12 +256,52 @@ class Task(ABC):
     #: its own per instance once it knows the model's layout
     trained_modules: tuple[str, ...] = ()
 
-    def fingerprint(self, model: nn.Module) -> str:
+    @property
+    def excluded_from_fingerprint(self) -> tuple[str, ...]:
+        """Top-level modules the fingerprint leaves out: the trained modules and every head the task may train.
+
+        Read before the model is built (a model-free server never builds it), so it
+        names every head the task could pick (`HEADS`), not only the one it picked.
+        """
+        return tuple(dict.fromkeys((*self.trained_modules, *getattr(self, "HEADS", ()))))
+
+    @property
+    def weight_folder(self) -> str | None:
+        """The model folder whose safetensors files the fingerprint is read from.
+
+        None for a model built in code (the tiny test models, the CNN) or a folder
+        without safetensors weights (`.bin` only): their fingerprint needs the loaded model.
+        """
+        source = getattr(self, "source", None)  # the tasks that read a model folder resolve it as `source`
+        if source is None:
+            return None
+        return source.path if weight_files.has_weight_files(source.path) else None
+
+    def fingerprint(self, model: nn.Module | None = None) -> str:
         """Hash the frozen base weights and the label set, so server and clients prove they share one model.
 
         The label names are part of it: a silo labelled with another class set would
-        train a head the server cannot use, so it is refused when it joins.
+        train a head the server cannot use, so it is refused when it joins. A model
+        read from safetensors files is fingerprinted from the files
+        (`corolla.learning.weight_files`), so a coordinator that never loads the model
+        and a trainer that holds it in 4-bit compute the same value; a loaded `model`
+        given with it is checked to hold the files' weights (none drawn at random for
+        a weight the folder lacks). A model built in code is fingerprinted from its
+        state dict, so `model` is required.
         """
+        folder = self.weight_folder
+        if folder is not None:
+            if model is not None:
+                strays = weight_files.weights_not_in_files(model, folder, self.excluded_from_fingerprint)
+                if strays:
+                    raise ModelError(
+                        f"the model folder {folder} lacks weights the model needs ({', '.join(strays[:3])}"
+                        f"{', ...' if len(strays) > 3 else ''}): transformers draws them at random, so every host "
+                        "would train a different base model. Save the complete model into the folder.")
+            return weight_files.files_fingerprint(folder, self.label_names, self.excluded_from_fingerprint)
+        if model is None:
+            raise ValueError(f"the {self.name} model {self.spec.model!r} is built in code or has no safetensors "
+                             "weights, so its fingerprint needs the loaded model")
         h = hashlib.sha256("|".join(self.label_names).encode())
         for name, p in sorted(model.state_dict().items()):
             if p.is_floating_point() and not name.startswith(self.trained_modules):
