@@ -228,3 +228,31 @@ def test_report_and_status_show_the_sites(tmp_path):
     assert "sites: mean" in status and "worst" in status and "node 2" in status
     assert read_jsonl(run.dir / "metrics.jsonl")[-1]["site_jain"] <= 1.0
     assert math.isfinite(read_jsonl(run.dir / "metrics.jsonl")[-1]["site_std"])
+
+
+# ---- the coordinator of a sites-only run holds no model -------------------------------------------
+def test_a_sites_only_coordinator_never_loads_the_model(monkeypatch):
+    """run_evaluator for evaluation=sites on a model folder: fingerprint and first adapter without loading the weights.
+
+    (tests/test_base_files.py bounds the memory of the files path on a 300 MB folder.)
+    """
+    from corolla.learning import models, train_loop
+    from corolla.learning.tasks import build_task
+    from corolla.learning.train_loop import initial_adapter, load_base
+    from corolla.server.evaluation import ModelCard, run_evaluator
+    from corolla.spec import LoraSpec
+
+    cfg = RunConfig(model=models.minilm_path(), labels="neg,pos", max_length=16)
+    task = build_task(cfg.task_spec())
+    expected_fp, expected_init = task.fingerprint(load_base(task)), initial_adapter(task, 4, LoraSpec(), seed=3)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the coordinator loaded the model")
+
+    monkeypatch.setattr(train_loop, "load_base", refuse)  # how TaskEvaluator and a trainer load the weights
+    card = run_evaluator(cfg)
+    assert isinstance(card, ModelCard) and card.fingerprint == expected_fp
+    init = card.initial_adapter(4, LoraSpec(), seed=3)
+    assert set(init) == set(expected_init) and all(np.array_equal(init[k], expected_init[k]) for k in init)
+    with pytest.raises(RuntimeError, match="evaluates on the sites"):
+        card.evaluate(None)  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ and run a model) and evaluates base + ΔW on the server's test split.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     import torch
 
 BASE_PREFIX = "base_model.model."
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -113,14 +115,28 @@ class ModelCard:
     """
 
     def __init__(self, cfg: RunConfig) -> None:
-        from corolla.learning.base_files import BaseFiles
+        from corolla.learning.base_files import BaseFiles, NeedsModel
 
-        self._files = BaseFiles(cfg.task_spec())
-        self.fingerprint = self._files.fingerprint
+        self.spec = cfg.task_spec()
+        try:
+            self._files: BaseFiles | None = BaseFiles(self.spec)
+            self.fingerprint = self._files.fingerprint
+        except NeedsModel as e:  # a model built in code (the tiny test models, the CNN): small, so loaded once here
+            log.info("the coordinator loads the model once for its fingerprint: %s", e)
+            from corolla.learning.tasks import build_task
+            from corolla.learning.train_loop import load_base
+
+            self._files = None
+            self._task = build_task(self.spec)
+            self.fingerprint = self._task.fingerprint(load_base(self._task))
 
     def initial_adapter(self, rank: int, lora: LoraSpec, seed: int) -> dict[str, np.ndarray]:
-        """The seeded first adapter, built from the model's shapes alone."""
-        return self._files.initial_adapter(rank, lora, seed)
+        """The seeded first adapter, built from the model's shapes alone (or peft's, for a model built in code)."""
+        if self._files is not None:
+            return self._files.initial_adapter(rank, lora, seed)
+        from corolla.learning.train_loop import initial_adapter
+
+        return initial_adapter(self._task, rank, lora, seed)
 
     def evaluate(self, merged: MergedModel) -> EvalResult:
         """Never called: this run evaluates on the sites (`EvalRounds` asks only them)."""
