@@ -43,10 +43,14 @@ def check_lm_run(out, versions: int, ranks: set[int]) -> None:
 
 def test_causal_lm_simulation_with_mixed_ranks_and_generate(tmp_path):
     out = tmp_path / "run"
-    sets = {**LM, "ranks": "2,4,8", "num-rounds": 2, "clients-per-round": 3, "min-nodes": 3}
+    sets = {**LM, "ranks": "2,4,8", "num-rounds": 2, "clients-per-round": 3, "min-nodes": 3, "evaluation": "both"}
     code, log = run_sim(tmp_path, out, 3, sets)
     assert code == 0, log[-3000:]
     check_lm_run(out, 2, {2, 4, 8})
+    for m in read_jsonl(out / "metrics.jsonl"):  # the sites too: next-token accuracy, loss, ROUGE-L of their answers
+        assert len(m["sites"]) == 3 and all(0 <= r["rouge_l"] <= 1 for r in m["sites"].values())
+        assert math.isclose(m["site_perplexity"], math.exp(m["site_loss"]), rel_tol=1e-6)
+        assert 0 <= m["site_rouge_l"] <= 1 and 0 <= m["site_accuracy"] <= 1
     gen = subprocess.run([*COROLLA, "generate", str(out), "Define the noun 'dog'.", "--max-new-tokens", "5"],
                          capture_output=True, timeout=300)
     assert gen.returncode == 0, gen.stderr.decode()[-2000:]

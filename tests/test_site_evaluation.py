@@ -63,7 +63,6 @@ def test_own_labels_without_test_data_evaluate_on_the_sites():
     ({"labels": "a,b", "evaluation": "sites", "test-data": "t.csv"}, "drop test-data or use evaluation=both"),
     ({"evaluation": "sites", "eval-fraction": 1.0}, "hold out the whole silo"),
     ({"evaluation": "server", "eval-fraction": 0.2}, "sites evaluate only with evaluation=sites or both"),
-    ({"evaluation": "sites", "eval-examples": 10}, "evaluates on the sites only"),
 ])
 def test_evaluation_settings_that_cannot_work_are_refused(keys, words):
     with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):

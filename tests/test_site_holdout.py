@@ -114,3 +114,13 @@ def test_evaluate_over_grpc(trainer, task):
     finally:
         channel.close()
         server.stop(None)
+
+
+def test_max_examples_evaluates_the_first_held_out_rows(trainer, task):
+    init = initial_adapter(task, 4, LORA, seed=0)
+    _, held = trainer.split(0.2)
+    stats = trainer.evaluate(init, 4, wire.SOFTWARE_VERSION, LORA, eval_fraction=0.2, max_examples=3)
+    first = Rows(held, np.arange(3))
+    assert first.rows.tolist() == held.rows[:3].tolist()  # a view of a view reads the whole set's rows
+    direct = evaluate_model(trainer.model.load(init, 4, LORA), first, trainer.model.device, task)
+    assert stats.num_examples == 3 and stats.loss == pytest.approx(direct.loss)

@@ -57,6 +57,7 @@ def _evaluate_request(msg: Message) -> trainer_pb2.EvaluateRequest:
         software_version=str(cfg[wire.SOFTWARE]), arrays=wire.encode_tensors(arrays),
         frozen=wire.encode_tensors(frozen), lora=_lora(LoraSpec.from_record(cfg)),
         task_spec=wire.task_spec_proto(cfg), eval_fraction=float(cfg[wire.EVAL_FRACTION]),
+        max_examples=int(cfg.get(wire.EVAL_EXAMPLES, 0)),
     )
 
 

@@ -67,6 +67,8 @@ class TrainResult:
 
 
 GIB = 1024**3
+#: held-out prompts a generating task answers at each site evaluation (ROUGE-L): bounds its time
+SITE_GENERATIONS = 8
 
 
 def memory_bytes(device: str) -> int:
@@ -303,8 +305,11 @@ class Trainer:
 
     def evaluate(self, arrays: Mapping[str, np.ndarray], rank: int, software_version: str,
                  lora: LoraSpec | None = None, *, frozen: Mapping[str, np.ndarray] | None = None,
-                 eval_fraction: float = 0.0) -> EvalStats:
-        """Evaluate a global model on this site's held-out data (`split`); raise TrainerError when it has none."""
+                 eval_fraction: float = 0.0, max_examples: int = 0) -> EvalStats:
+        """Evaluate a global model on this site's held-out data (`split`; its first `max_examples` rows when > 0).
+
+        Raise TrainerError when the site holds nothing out.
+        """
         self._check_version(software_version)
         with self._lock:
             model, (_, held) = self.model, self.split(eval_fraction)
@@ -312,9 +317,11 @@ class Trainer:
             raise TrainerError("this site holds out no data to evaluate on: the run's eval-fraction is 0 and the "
                                "site gave no --eval-data, or its silo has a single example; set eval-fraction > 0 "
                                "or start the site with --eval-data.")
+        if 0 < max_examples < len(held):
+            held = Rows(held, np.arange(max_examples))
         t0 = time.perf_counter()
         try:
-            stats = model.evaluate(arrays, rank, held, lora or LoraSpec(), frozen=frozen)
+            stats = model.evaluate(arrays, rank, held, lora or LoraSpec(), frozen=frozen, generate=SITE_GENERATIONS)
         except (ValueError, RuntimeError) as e:
             raise TrainerError(f"evaluation failed: {e}") from e
         log.info("evaluate: rank %d on %d held-out examples: accuracy %.4f, loss %.4f (%.2fs)", rank,

@@ -65,13 +65,14 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
             self.trainer.ensure(*wire.task_spec_from_proto(request.task_spec))
             s = self.trainer.evaluate(wire.decode_tensors(request.arrays), request.rank, request.software_version,
                                       lora_from_proto(request.lora), frozen=wire.decode_tensors(request.frozen),
-                                      eval_fraction=request.eval_fraction)
+                                      eval_fraction=request.eval_fraction, max_examples=request.max_examples)
         except (wire.WireError, ValueError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except TrainerError as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         return trainer_pb2.EvaluateReply(
-            loss=s.loss, accuracy=s.accuracy, num_examples=s.num_examples, model_fingerprint=self.trainer.model.fingerprint
+            loss=s.loss, accuracy=s.accuracy, num_examples=s.num_examples,
+            model_fingerprint=self.trainer.model.fingerprint, extra=s.extra,
         )
 
 

@@ -206,7 +206,8 @@ class RunConfig:
     eval_sites: int = field(default=0, metadata=_h(
         "sites asked per evaluation, drawn (seeded) from the usable ones (0: every usable site)", low=0))
     eval_every: int = field(default=1, metadata=_h("evaluate the global model every N versions", low=1))
-    eval_examples: int = field(default=0, metadata=_h("evaluate on the first N test examples (0: all)", low=0))
+    eval_examples: int = field(default=0, metadata=_h(
+        "evaluate on the first N examples of the server's test data and of each site's held-out rows (0: all)", low=0))
     eval_interval: float = field(default=0.0, metadata=_h("evaluate at most every N seconds (0: every eval-every)",
                                                           low=0.0, when="mode=async"))
     checkpoint_every: int = field(default=0, metadata=_h(
@@ -359,8 +360,6 @@ class RunConfig:
                 return f"it applies only with {when} (this run has {k}={getattr(self, k.replace('-', '_'))})"
         if key in ("eval-fraction", "eval-sites") and not self.evaluates_on_sites():
             return f"sites evaluate only with evaluation=sites or both (this run evaluates on the {self.resolved_evaluation()})"
-        if key == "eval-examples" and not self.evaluates_on_server():
-            return "it limits the server's test data, and this run evaluates on the sites only"
         if key in ("staleness", "staleness-exponent") and self.mode == "async":
             rule = ASYNC_RULES[self.async_rule].cls
             if not rule.uses_staleness:

@@ -9,6 +9,7 @@ peft's `get_/set_peft_model_state_dict`, keyed by peft's names.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import math
@@ -159,6 +160,8 @@ class EvalStats:
     loss: float
     accuracy: float
     num_examples: int
+    #: the task's further metrics (a causal LM: perplexity, ROUGE-L of generated answers)
+    extra: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def _batches(n: int, batch_size: int) -> Iterator[torch.Tensor]:
@@ -345,11 +348,20 @@ class AdapterModel:
         return self.state(rank, lora), stats
 
     def evaluate(self, arrays: Mapping[str, np.ndarray], rank: int, data: EncodedData, lora: LoraSpec,
-                 frozen: Mapping[str, np.ndarray] | None = None) -> EvalStats:
-        """Evaluate the adapter `arrays` at `rank` on `data` (`frozen`: FLoRA's merged update on the base)."""
+                 frozen: Mapping[str, np.ndarray] | None = None, generate: int = 0) -> EvalStats:
+        """Evaluate the adapter `arrays` at `rank` on `data` (`frozen`: FLoRA's merged update on the base).
+
+        `generate`: a task that generates also answers the first `generate` prompts of `data`
+        greedily and scores them (`Task.extra_metrics`), when `data` kept its source rows.
+        """
         if self.task.uses_lora:
             self.set_base_deltas(frozen or {})
-        return evaluate_model(self.load(arrays, rank, lora), data, self.device, self.task)
+        model = self.load(arrays, rank, lora)
+        stats = evaluate_model(model, data, self.device, self.task)
+        rows = data.source_rows(generate) if generate and self.task.info.generates else None
+        if rows is not None and len(rows):
+            stats = dataclasses.replace(stats, extra=self.task.extra_metrics(stats.loss, model, rows, self.device))
+        return stats
 
 
 def initial_adapter(task: Task, rank: int, lora: LoraSpec, seed: int) -> dict[str, np.ndarray]:

@@ -139,7 +139,7 @@ class TrainReply(_message.Message):
     def __init__(self, metadata: _Optional[_Union[UpdateMetadata, _Mapping]] = ..., arrays: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("base_version", "rank", "software_version", "arrays", "lora", "task_spec", "frozen", "eval_fraction")
+    __slots__ = ("base_version", "rank", "software_version", "arrays", "lora", "task_spec", "frozen", "eval_fraction", "max_examples")
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +148,7 @@ class EvaluateRequest(_message.Message):
     TASK_SPEC_FIELD_NUMBER: _ClassVar[int]
     FROZEN_FIELD_NUMBER: _ClassVar[int]
     EVAL_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    MAX_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     base_version: int
     rank: int
     software_version: str
@@ -156,7 +157,8 @@ class EvaluateRequest(_message.Message):
     task_spec: TaskSpec
     frozen: _containers.RepeatedCompositeFieldContainer[Tensor]
     eval_fraction: float
-    def __init__(self, base_version: _Optional[int] = ..., rank: _Optional[int] = ..., software_version: _Optional[str] = ..., arrays: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ..., task_spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., frozen: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., eval_fraction: _Optional[float] = ...) -> None: ...
+    max_examples: int
+    def __init__(self, base_version: _Optional[int] = ..., rank: _Optional[int] = ..., software_version: _Optional[str] = ..., arrays: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ..., task_spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., frozen: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., eval_fraction: _Optional[float] = ..., max_examples: _Optional[int] = ...) -> None: ...
 
 class EvaluateReply(_message.Message):
     __slots__ = ("loss", "accuracy", "num_examples", "model_fingerprint", "extra")

@@ -59,6 +59,7 @@ MAX_LENGTH = "max-length"
 BASE_FINGERPRINT = "base-fingerprint"
 ACCURACY = "accuracy"
 EVAL_FRACTION = "eval-fraction"
+EVAL_EXAMPLES = "eval-examples"
 LOSS = "loss"
 
 # Node-config keys a SuperNode is started with (flower-supernode --node-config).

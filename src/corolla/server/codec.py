@@ -38,6 +38,8 @@ class JobConfig:
     task: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     #: the share of each silo held out for site evaluation, never trained on (0: sites do not evaluate)
     eval_fraction: float = 0.0
+    #: each site evaluates on at most this many of its held-out rows (0: all)
+    eval_examples: int = 0
 
 
 def nbytes(arrays: Mapping[str, Any], dtype: str = "float32") -> int:
@@ -72,7 +74,8 @@ def evaluate_message(node_id: int, dispatch: Dispatch, job: JobConfig, ttl: floa
     """Ask a node to evaluate the global model (`dispatch`) on its held-out share of the silo."""
     config = ConfigRecord({
         wire.MODEL_VERSION: dispatch.version, wire.LORA_RANK: dispatch.rank, wire.SOFTWARE: wire.SOFTWARE_VERSION,
-        wire.EVAL_FRACTION: job.eval_fraction, **job.lora.to_record(), **job.task,
+        wire.EVAL_FRACTION: job.eval_fraction, wire.EVAL_EXAMPLES: job.eval_examples, **job.lora.to_record(),
+        **job.task,
     })
     return Message(_model_content(dispatch, config, job.lora.wire_dtype), dst_node_id=node_id,
                    message_type=MessageType.EVALUATE, ttl=ttl)

@@ -53,9 +53,15 @@ class Encoded:
 
     inputs: dict[str, torch.Tensor]
     labels: torch.Tensor
+    #: the rows it was encoded from, when a task needs them again (a causal LM generates answers to held-out prompts)
+    source: datasets.Dataset | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    def source_rows(self, n: int) -> datasets.Dataset | None:
+        """The first `n` source rows (None: not kept)."""
+        return None if self.source is None else self.source.select(range(min(n, len(self.source))))
 
     def batch(self, idx: torch.Tensor, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Return the rows `idx` on `device`, without the columns that are padding in all of them."""
@@ -111,6 +117,10 @@ class LazyEncoded:
         """The inputs of the first `n` rows (on the CPU)."""
         return self._rows(list(range(min(n, len(self)))))[0]
 
+    def source_rows(self, n: int) -> datasets.Dataset:
+        """The first `n` rows of the Dataset it reads."""
+        return self.ds.select(range(min(n, len(self.ds))))
+
     def label_blocks(self, block: int = 1 << 16) -> Iterator[np.ndarray]:
         """Every label as int64, in row order, read `block` rows at a time from the Arrow column (none: nothing)."""
         if "label" not in self.ds.column_names:
@@ -126,9 +136,12 @@ class Rows:
     holding out part of a memory-mapped silo costs one index array.
     """
 
-    def __init__(self, data: Encoded | LazyEncoded, rows: np.ndarray) -> None:
-        self.data = data
-        self.rows = torch.as_tensor(np.asarray(rows, np.int64))
+    def __init__(self, data: Encoded | LazyEncoded | Rows, rows: np.ndarray) -> None:
+        rows = np.asarray(rows, np.int64)
+        if isinstance(data, Rows):  # a view of a view reads the whole set directly
+            data, rows = data.data, data.rows.numpy()[rows]
+        self.data: Encoded | LazyEncoded = data
+        self.rows = torch.as_tensor(rows)
 
     def __len__(self) -> int:
         return int(self.rows.shape[0])
@@ -141,6 +154,14 @@ class Rows:
         """The inputs of the view's first `n` rows."""
         idx = self.rows[:n]
         return {k: v.cpu() for k, v in self.data.batch(idx, torch.device("cpu"))[0].items()}
+
+    def source_rows(self, n: int) -> datasets.Dataset | None:
+        """The source rows of the view's first `n` rows (None: the set keeps no source rows)."""
+        if isinstance(self.data, LazyEncoded):
+            return self.data.ds.select(self.rows[:n].tolist())
+        if self.data.source is None:
+            return None
+        return self.data.source.select(self.rows[:n].tolist())
 
     def label_blocks(self) -> Iterator[np.ndarray]:
         """The view's labels, in view order (one block)."""

@@ -159,7 +159,7 @@ class CausalLM(Task):
                         "partly or wholly unscored); raise max-length to keep them whole",
                         self.truncated, len(ds), self.spec.max_length)
         labels = enc.pop("labels")
-        return Encoded(inputs=enc, labels=labels)
+        return Encoded(inputs=enc, labels=labels, source=ds)  # the prompts, for ROUGE-L of a site's evaluation
 
     # ---- loss and metrics -------------------------------------------------------------------
     @staticmethod
