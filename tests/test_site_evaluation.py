@@ -255,3 +255,22 @@ def test_a_sites_only_coordinator_never_loads_the_model(monkeypatch):
     assert set(init) == set(expected_init) and all(np.array_equal(init[k], expected_init[k]) for k in init)
     with pytest.raises(RuntimeError, match="evaluates on the sites"):
         card.evaluate(None)  # type: ignore[arg-type]
+
+
+def test_personalization_gap_at_the_end(tmp_path):
+    import json
+
+    run = federation(tmp_path, _nodes(), SYNC, **{"personalize-steps": 4}, **SITES)
+    summary = run.run()
+    row = json.loads((run.dir / "personalization.json").read_text())
+    per = row["sites"]
+    assert row["version"] == 3 and set(per) == {"1", "2", "3"}
+    w = {k: v["examples"] for k, v in per.items()}
+    personal = sum(v["personal_accuracy"] * w[k] for k, v in per.items()) / sum(w.values())
+    glob = sum(v["accuracy"] * w[k] for k, v in per.items()) / sum(w.values())
+    assert row["personalization_gap"] == pytest.approx(personal - glob) and row["personalization_gap"] > 0
+    assert summary["personalization_gap"] == row["personalization_gap"]
+    asked = [p for p in run.grid.evaluations() if wire.PERSONALIZE_STEPS in p.config]
+    assert len(asked) == 3 and {int(p.config[wire.PERSONALIZE_STEPS]) for p in asked} == {4}
+    assert len(run.metrics()) == 4  # the personalization round is not a metrics row
+    assert "## Personalization gap" in (run.dir / "report.md").read_text()

@@ -124,3 +124,12 @@ def test_max_examples_evaluates_the_first_held_out_rows(trainer, task):
     assert first.rows.tolist() == held.rows[:3].tolist()  # a view of a view reads the whole set's rows
     direct = evaluate_model(trainer.model.load(init, 4, LORA), first, trainer.model.device, task)
     assert stats.num_examples == 3 and stats.loss == pytest.approx(direct.loss)
+
+
+def test_personalization_fine_tunes_on_the_training_rows_and_scores_the_held_out_ones(trainer, task):
+    init = initial_adapter(task, 4, LORA, seed=0)
+    job = TrainJob(arrays=init, rank=4, base_version=0, local_steps=3, batch_size=4, lr=5e-2, eval_fraction=0.2)
+    personal = trainer.personalize(job)
+    base = trainer.evaluate(init, 4, wire.SOFTWARE_VERSION, LORA, eval_fraction=0.2)
+    assert personal.num_examples == base.num_examples == len(trainer.split(0.2)[1])
+    assert personal.loss != pytest.approx(base.loss)  # a different model (the fine-tuned copy) on the same rows

@@ -57,7 +57,8 @@ def _evaluate_request(msg: Message) -> trainer_pb2.EvaluateRequest:
         software_version=str(cfg[wire.SOFTWARE]), arrays=wire.encode_tensors(arrays),
         frozen=wire.encode_tensors(frozen), lora=_lora(LoraSpec.from_record(cfg)),
         task_spec=wire.task_spec_proto(cfg), eval_fraction=float(cfg[wire.EVAL_FRACTION]),
-        max_examples=int(cfg.get(wire.EVAL_EXAMPLES, 0)),
+        max_examples=int(cfg.get(wire.EVAL_EXAMPLES, 0)), personalize_steps=int(cfg.get(wire.PERSONALIZE_STEPS, 0)),
+        batch_size=int(cfg.get(wire.BATCH_SIZE, 0)), lr=float(cfg.get(wire.LR, 0.0)), seed=int(cfg.get(wire.SEED, 0)),
     )
 
 
@@ -144,6 +145,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics = {wire.LOSS: float(reply.loss), wire.ACCURACY: float(reply.accuracy),
                wire.NUM_EXAMPLES: int(reply.num_examples), wire.MODEL_VERSION: int(cfg[wire.MODEL_VERSION]),
                **{k: float(v) for k, v in reply.extra.items()}}
+    if int(cfg.get(wire.PERSONALIZE_STEPS, 0)) > 0:
+        metrics.update({wire.PERSONAL_ACCURACY: float(reply.personal_accuracy),
+                        wire.PERSONAL_LOSS: float(reply.personal_loss)})
     content = RecordDict({
         wire.METRICS: MetricRecord(metrics),
         wire.CONFIG: ConfigRecord({wire.FINGERPRINT: reply.model_fingerprint}),

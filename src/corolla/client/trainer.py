@@ -303,6 +303,16 @@ class Trainer:
                  job.base_version, job.rank, stats.steps, stats.loss_mean, stats.duration_s, queue_s)
         return TrainResult(arrays, stats, job.base_version, job.rank, model.fingerprint, queue_s)
 
+    def personalize(self, job: TrainJob, max_examples: int = 0) -> EvalStats:
+        """Fine-tune the job's model on this site's training rows alone, then evaluate it on the held-out rows.
+
+        The personalization gap: how much better a site's own copy of the global model would
+        serve it than the global model does. Nothing of it leaves the site but the two numbers.
+        """
+        result = self.train(job)
+        return self.evaluate(result.arrays, job.rank, job.software_version, job.lora, frozen=job.frozen,
+                             eval_fraction=job.eval_fraction, max_examples=max_examples)
+
     def evaluate(self, arrays: Mapping[str, np.ndarray], rank: int, software_version: str,
                  lora: LoraSpec | None = None, *, frozen: Mapping[str, np.ndarray] | None = None,
                  eval_fraction: float = 0.0, max_examples: int = 0) -> EvalStats:

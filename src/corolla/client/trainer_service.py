@@ -61,11 +61,19 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
 
     def Evaluate(self, request: trainer_pb2.EvaluateRequest, context: grpc.ServicerContext) -> trainer_pb2.EvaluateReply:  # noqa: N802
         """Evaluate an adapter on the silo."""
+        personal = None
         try:
             self.trainer.ensure(*wire.task_spec_from_proto(request.task_spec))
-            s = self.trainer.evaluate(wire.decode_tensors(request.arrays), request.rank, request.software_version,
-                                      lora_from_proto(request.lora), frozen=wire.decode_tensors(request.frozen),
+            arrays, lora, frozen = (wire.decode_tensors(request.arrays), lora_from_proto(request.lora),
+                                    wire.decode_tensors(request.frozen))
+            s = self.trainer.evaluate(arrays, request.rank, request.software_version, lora, frozen=frozen,
                                       eval_fraction=request.eval_fraction, max_examples=request.max_examples)
+            if request.personalize_steps > 0:
+                job = TrainJob(arrays=arrays, rank=request.rank, base_version=request.base_version,
+                               local_steps=request.personalize_steps, batch_size=request.batch_size, lr=request.lr,
+                               seed=request.seed, frozen=frozen, lora=lora, eval_fraction=request.eval_fraction,
+                               software_version=request.software_version)
+                personal = self.trainer.personalize(job, max_examples=request.max_examples)
         except (wire.WireError, ValueError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except TrainerError as e:
@@ -73,6 +81,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
         return trainer_pb2.EvaluateReply(
             loss=s.loss, accuracy=s.accuracy, num_examples=s.num_examples,
             model_fingerprint=self.trainer.model.fingerprint, extra=s.extra,
+            personal_loss=personal.loss if personal else 0.0, personal_accuracy=personal.accuracy if personal else 0.0,
         )
 
 

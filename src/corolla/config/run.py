@@ -205,6 +205,9 @@ class RunConfig:
         "content: the same rows every round; a site's own --eval-data replaces it)", low=0.0))
     eval_sites: int = field(default=0, metadata=_h(
         "sites asked per evaluation, drawn (seeded) from the usable ones (0: every usable site)", low=0))
+    personalize_steps: int = field(default=0, metadata=_h(
+        "at the end, each site also fine-tunes the final model for N steps on its own training rows and evaluates "
+        "that copy on the same held-out rows: the personalization gap (0: not measured)", low=0))
     eval_every: int = field(default=1, metadata=_h("evaluate the global model every N versions", low=1))
     eval_examples: int = field(default=0, metadata=_h(
         "evaluate on the first N examples of the server's test data and of each site's held-out rows (0: all)", low=0))
@@ -358,7 +361,7 @@ class RunConfig:
             k, v = when.split("=")
             if str(getattr(self, k.replace("-", "_"))) != v:
                 return f"it applies only with {when} (this run has {k}={getattr(self, k.replace('-', '_'))})"
-        if key in ("eval-fraction", "eval-sites") and not self.evaluates_on_sites():
+        if key in ("eval-fraction", "eval-sites", "personalize-steps") and not self.evaluates_on_sites():
             return f"sites evaluate only with evaluation=sites or both (this run evaluates on the {self.resolved_evaluation()})"
         if key in ("staleness", "staleness-exponent") and self.mode == "async":
             rule = ASYNC_RULES[self.async_rule].cls

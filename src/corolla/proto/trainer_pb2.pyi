@@ -139,7 +139,7 @@ class TrainReply(_message.Message):
     def __init__(self, metadata: _Optional[_Union[UpdateMetadata, _Mapping]] = ..., arrays: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("base_version", "rank", "software_version", "arrays", "lora", "task_spec", "frozen", "eval_fraction", "max_examples")
+    __slots__ = ("base_version", "rank", "software_version", "arrays", "lora", "task_spec", "frozen", "eval_fraction", "max_examples", "personalize_steps", "batch_size", "lr", "seed")
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +149,10 @@ class EvaluateRequest(_message.Message):
     FROZEN_FIELD_NUMBER: _ClassVar[int]
     EVAL_FRACTION_FIELD_NUMBER: _ClassVar[int]
     MAX_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    PERSONALIZE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
     base_version: int
     rank: int
     software_version: str
@@ -158,10 +162,14 @@ class EvaluateRequest(_message.Message):
     frozen: _containers.RepeatedCompositeFieldContainer[Tensor]
     eval_fraction: float
     max_examples: int
-    def __init__(self, base_version: _Optional[int] = ..., rank: _Optional[int] = ..., software_version: _Optional[str] = ..., arrays: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ..., task_spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., frozen: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., eval_fraction: _Optional[float] = ..., max_examples: _Optional[int] = ...) -> None: ...
+    personalize_steps: int
+    batch_size: int
+    lr: float
+    seed: int
+    def __init__(self, base_version: _Optional[int] = ..., rank: _Optional[int] = ..., software_version: _Optional[str] = ..., arrays: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ..., task_spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., frozen: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., eval_fraction: _Optional[float] = ..., max_examples: _Optional[int] = ..., personalize_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class EvaluateReply(_message.Message):
-    __slots__ = ("loss", "accuracy", "num_examples", "model_fingerprint", "extra")
+    __slots__ = ("loss", "accuracy", "num_examples", "model_fingerprint", "extra", "personal_loss", "personal_accuracy")
     class ExtraEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -174,12 +182,16 @@ class EvaluateReply(_message.Message):
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     EXTRA_FIELD_NUMBER: _ClassVar[int]
+    PERSONAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    PERSONAL_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     loss: float
     accuracy: float
     num_examples: int
     model_fingerprint: str
     extra: _containers.ScalarMap[str, float]
-    def __init__(self, loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., num_examples: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., extra: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    personal_loss: float
+    personal_accuracy: float
+    def __init__(self, loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., num_examples: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., extra: _Optional[_Mapping[str, float]] = ..., personal_loss: _Optional[float] = ..., personal_accuracy: _Optional[float] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
     __slots__ = ("task_spec",)

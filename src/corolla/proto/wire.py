@@ -60,6 +60,9 @@ BASE_FINGERPRINT = "base-fingerprint"
 ACCURACY = "accuracy"
 EVAL_FRACTION = "eval-fraction"
 EVAL_EXAMPLES = "eval-examples"
+PERSONALIZE_STEPS = "personalize-steps"
+PERSONAL_ACCURACY = "personal-accuracy"
+PERSONAL_LOSS = "personal-loss"
 LOSS = "loss"
 
 # Node-config keys a SuperNode is started with (flower-supernode --node-config).

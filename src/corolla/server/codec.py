@@ -70,9 +70,16 @@ def train_message(node_id: int, dispatch: Dispatch, job: JobConfig, seed: int, p
                    message_type=MessageType.TRAIN, ttl=ttl)
 
 
-def evaluate_message(node_id: int, dispatch: Dispatch, job: JobConfig, ttl: float | None = None) -> Message:
-    """Ask a node to evaluate the global model (`dispatch`) on its held-out share of the silo."""
-    config = ConfigRecord({
+def evaluate_message(node_id: int, dispatch: Dispatch, job: JobConfig, ttl: float | None = None,
+                     personalize_steps: int = 0, seed: int = 0) -> Message:
+    """Ask a node to evaluate the global model (`dispatch`) on its held-out share of the silo.
+
+    `personalize_steps` > 0: it also fine-tunes the model on its training rows for that many
+    steps (the job's batch size and lr, `seed`) and evaluates that copy too.
+    """
+    personalize = ({wire.PERSONALIZE_STEPS: personalize_steps, wire.BATCH_SIZE: job.batch_size, wire.LR: job.lr,
+                    wire.SEED: seed} if personalize_steps else {})
+    config = ConfigRecord({**personalize,
         wire.MODEL_VERSION: dispatch.version, wire.LORA_RANK: dispatch.rank, wire.SOFTWARE: wire.SOFTWARE_VERSION,
         wire.EVAL_FRACTION: job.eval_fraction, wire.EVAL_EXAMPLES: job.eval_examples, **job.lora.to_record(),
         **job.task,

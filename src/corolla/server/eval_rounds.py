@@ -86,13 +86,42 @@ class EvalRounds:
             self._ask_sites(pending, aggregator)
         self.pending.append(pending)
 
-    def _ask_sites(self, pending: PendingEval, aggregator: Aggregator) -> None:
+    def personalize(self, aggregator: Aggregator) -> dict[str, Any]:
+        """The personalization gap of the current version (`personalize-steps`): wait for every site's two numbers.
+
+        Each site evaluates the global model and its own copy fine-tuned on its training rows,
+        on the same held-out rows; the row is returned (and not added to metrics.jsonl).
+        """
+        self.collect(wait=True)
+        pending = PendingEval(aggregator.version, {}, None, self.clock.monotonic() + self.cfg.round_timeout)
+        self._ask_sites(pending, aggregator, personalize_steps=self.cfg.personalize_steps)
+        self.pending.append(pending)
+        while pending.waiting and self.clock.monotonic() <= pending.deadline:
+            self._pull()
+            if pending.waiting:
+                self.clock.sleep(POLL_S)
+        self.pending.remove(pending)
+        for nid in pending.waiting.values():
+            pending.failures[str(nid)] = f"no evaluation within {self.cfg.round_timeout:.0f}s"
+        row = {"version": pending.version, "personalize_steps": self.cfg.personalize_steps,
+               **site_summary(pending.results)}
+        if pending.failures:
+            row["site_failures"] = pending.failures
+        if "personalization_gap" in row:
+            log.info("version %d personalized on the sites (%d steps): global %.4f, own copies %.4f, gap %+.4f",
+                     pending.version, self.cfg.personalize_steps, row["site_accuracy"], row["site_personal_accuracy"],
+                     row["personalization_gap"])
+        return row
+
+    def _ask_sites(self, pending: PendingEval, aggregator: Aggregator, personalize_steps: int = 0) -> None:
         sites = self._sites(pending.version)
         if not sites:
             return
         dispatch = aggregator.dispatch(eval_rank(aggregator, self.cfg))
         job = self.job_config(pending.version)
-        msgs = [codec.evaluate_message(n, dispatch, job, ttl=self.cfg.round_timeout) for n in sites]
+        seed = self.cfg.seed * 100_003 + pending.version * 1_009 + 1
+        msgs = [codec.evaluate_message(n, dispatch, job, ttl=self.cfg.round_timeout,
+                                       personalize_steps=personalize_steps, seed=seed) for n in sites]
         dtype = self.cfg.wire_dtype
         self.recorder.bytes_down += len(sites) * (codec.nbytes(dispatch.arrays, dtype) + codec.nbytes(dispatch.frozen, dtype))
         pending.waiting = dict(zip(self.grid.push_messages(msgs), sites))

@@ -8,6 +8,7 @@ a fake clock and a fake evaluator run every driver path in milliseconds.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -344,7 +345,12 @@ class Federation:
         if self.cfg.checkpoint_every:
             self.write_adapter(self.recorder.dir / "adapter")
             self._write_best_adapter()
-        summary = self.recorder.finish(**self.what_ran())
+        personal = {}
+        if self.cfg.personalize_steps and self.evals.on_sites:
+            row = self.evals.personalize(self.aggregator)
+            (self.recorder.dir / "personalization.json").write_text(json.dumps(row, indent=2, sort_keys=True) + "\n")
+            personal = {k: row[k] for k in ("site_personal_accuracy", "personalization_gap") if k in row}
+        summary = self.recorder.finish(**self.what_ran(), **personal)
         write_report(self.recorder.dir)
         log.info("run finished: final accuracy %s, peak %s, %.1fs; report in %s",
                  summary["final_accuracy"], summary["peak_accuracy"], summary["wall_s"], self.recorder.dir)

@@ -110,6 +110,8 @@ def write_report(run_dir: str | Path) -> Path:
     lines += ["", "![curves](curves.png)"]
     if site_rows:
         lines += site_section(site_rows)
+    if (d / "personalization.json").exists():
+        lines += personalization_section(json.loads((d / "personalization.json").read_text()))
     lines += ["", "## Evaluations", "",
               "| version | wall s | accuracy | loss | " + "".join(f"{k} | " for k in extra) + "clients | MB up | MB down |",
               "|---|---|---|---|" + "---|" * len(extra) + "---|---|---|"]
@@ -147,4 +149,20 @@ def site_section(rows: list[dict]) -> list[str]:
         lines.append(f"| {node} | {r['accuracy']:.4f} | {r['loss']:.4f} | {r['examples']} |")
     failures = last.get("site_failures") or {}
     lines += [f"- node {n}: {why}" for n, why in failures.items()]
+    return lines
+
+
+def personalization_section(row: dict) -> list[str]:
+    """The personalization gap: each site's accuracy with the global model and with its own fine-tuned copy."""
+    if "personalization_gap" not in row:
+        return ["", "## Personalization gap", "", "No site answered the personalization round."]
+    lines = ["", "## Personalization gap", "",
+             f"At version {row['version']} each site fine-tuned the global model for {row['personalize_steps']} steps "
+             f"on its own training rows and evaluated both on its held-out rows: global "
+             f"{row['site_accuracy']:.4f}, own copies {row['site_personal_accuracy']:.4f}, gap "
+             f"{row['personalization_gap']:+.4f}.", "", "| node | global | own copy | gap |", "|---|---|---|---|"]
+    for node, r in row["sites"].items():
+        if "personal_accuracy" in r:
+            lines.append(f"| {node} | {r['accuracy']:.4f} | {r['personal_accuracy']:.4f} | "
+                         f"{r['personal_accuracy'] - r['accuracy']:+.4f} |")
     return lines

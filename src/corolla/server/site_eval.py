@@ -41,6 +41,9 @@ class SiteEval:
     #: the examples it counts for in the means: its count, capped at the node's declared silo size
     weight: int
     extra: dict[str, float] = field(default_factory=dict)
+    #: the site's own fine-tuned copy of the model on the same rows (`personalize-steps`); None: not asked
+    personal_accuracy: float | None = None
+    personal_loss: float | None = None
 
 
 def decode_site_eval(reply: Message, node_id: int, version: int, fingerprint: str, declared: int) -> SiteEval:
@@ -75,9 +78,16 @@ def decode_site_eval(reply: Message, node_id: int, version: int, fingerprint: st
                 raise RejectedReply(f"node {node_id}: `{key}` = {v!r} is outside [{low:g}, {high:g}]; the evaluation "
                                     "is rejected")
             extra[key] = v
+    personal: dict[str, float] = {}
+    if wire.PERSONAL_ACCURACY in m or wire.PERSONAL_LOSS in m:
+        personal = {"personal_accuracy": _number(m, wire.PERSONAL_ACCURACY, node_id),
+                    "personal_loss": _number(m, wire.PERSONAL_LOSS, node_id)}
+        if not 0.0 <= personal["personal_accuracy"] <= 1.0 or not 0.0 <= personal["personal_loss"] <= MAX_LOSS:
+            raise RejectedReply(f"node {node_id}: its personalized accuracy/loss {personal} is out of range; the "
+                                "evaluation is rejected")
     count = int(n)
     return SiteEval(node_id=node_id, accuracy=accuracy, loss=loss, num_examples=count,
-                    weight=max(1, min(count, declared)), extra=extra)
+                    weight=max(1, min(count, declared)), extra=extra, **personal)
 
 
 def _number(m: Mapping[str, Any], key: str, node_id: int) -> float:
@@ -118,9 +128,16 @@ def site_summary(results: Sequence[SiteEval]) -> dict[str, Any]:
         "site_jain": jain_index(accs),
         "site_examples": total,
         "sites": {str(r.node_id): {"accuracy": r.accuracy, "loss": r.loss, "examples": r.num_examples,
-                                   **({"weight": r.weight} if r.weight != r.num_examples else {}), **r.extra}
+                                   **({"weight": r.weight} if r.weight != r.num_examples else {}), **r.extra,
+                                   **({"personal_accuracy": r.personal_accuracy, "personal_loss": r.personal_loss}
+                                      if r.personal_accuracy is not None else {})}
                   for r in sorted(results, key=lambda r: r.node_id)},
     }
+    personal = [r for r in results if r.personal_accuracy is not None]
+    if personal:  # the same sites' global and own-copy accuracies, example-weighted
+        w = sum(r.weight for r in personal)
+        row["site_personal_accuracy"] = sum(r.personal_accuracy * r.weight for r in personal) / w  # type: ignore[operator]
+        row["personalization_gap"] = row["site_personal_accuracy"] - sum(r.accuracy * r.weight for r in personal) / w
     for key in EXTRA_RANGES:
         have = [r for r in results if key in r.extra]
         if have:
