@@ -33,12 +33,12 @@ def rows(n: int, site: str, offset: int) -> pd.DataFrame:
     return pd.DataFrame({"note": [f"{WORDS[lb]} case {i} at {site}" for i, lb in enumerate(labels)], "label": labels})
 
 
-def run(tmp_path, silos: list[list[str]], sizes: list[int], server_test_data: bool = True) -> None:
+def run(tmp_path, silos: list[list[str]], sizes: list[int], server_test_data: bool = True, **more: object) -> None:
     """A one-round FedAvg federation of `corolla client --data ...` processes; checks every silo trained."""
     out, fleet = tmp_path / "run", f"127.0.0.1:{launch.free_port()}"
     n = len(silos)
     sets = {"model": "tiny-bert", "num-rounds": 1, "clients-per-round": n, "min-nodes": n, "local-steps": 1,
-            "max-length": 16, "labels": ",".join(LABELS), "text-column": "note", "round-timeout": 240}
+            "max-length": 16, "labels": ",".join(LABELS), "text-column": "note", "round-timeout": 240, **more}
     if server_test_data:
         sets["test-data"] = tmp_path / "test.csv"
         rows(12, "server", 0).to_csv(sets["test-data"], index=False)
@@ -85,7 +85,7 @@ def test_silos_are_saved_hugging_face_datasets(tmp_path):
     rows(6, "b-eval", 2).to_csv(tmp_path / "b_eval.csv", index=False)
     run(tmp_path, [["--data", str(tmp_path / "site_a")],
                    ["--data", str(tmp_path / "site_b"), "--split", "train", "--eval-data", str(tmp_path / "b_eval.csv")]],
-        [20, 16], server_test_data=False)
+        [20, 16], server_test_data=False, **{"personalize-steps": 2})
     out = tmp_path / "run"
     metrics = read_jsonl(out / "metrics.jsonl")
     assert [m["version"] for m in metrics] == [0, 1]
@@ -97,3 +97,7 @@ def test_silos_are_saved_hugging_face_datasets(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["evaluation"] == "sites" and summary["sites_evaluated"] == 2
     assert "## Per site" in (out / "report.md").read_text()
+    personal = json.loads((out / "personalization.json").read_text())  # each site fine-tuned its own copy
+    assert sorted(personal["sites"]) == sorted(metrics[-1]["sites"])
+    assert all(0 <= r["personal_accuracy"] <= 1 for r in personal["sites"].values())
+    assert summary["personalization_gap"] == personal["personalization_gap"]
