@@ -17,6 +17,7 @@ from corolla.modelinfo import DECODER_TYPES, ModelError, is_model_path, read_mod
 from corolla.precision import WIRE_DTYPES
 from corolla.spec import AUTO, DEFAULT_TASK, LORA_DTYPES, TASKS, LoraSpec, TaskInfo, TaskSpec, parse_labels, parse_modules
 from corolla.strategies.guard import GuardConfig
+from corolla.strategies.privacy import PrivacyConfig
 from corolla.strategies.registry import (
     ASYNC_RULES,
     AUTO_AGGREGATION,
@@ -64,6 +65,13 @@ def _guard(key: str, when: str | None = None) -> Any:
     """A key of the server's update guard: default, bound and help come from GuardConfig (strategies/guard.py)."""
     f = next(f for f in dataclasses.fields(GuardConfig) if f.metadata.get("key") == key)
     return field(default=f.default, metadata=_h(f.metadata["help"], low=f.metadata.get("low"), when=when))
+
+
+def _privacy(key: str, when: str | None = "dp=central") -> Any:
+    """A key of differential privacy: default, bound and help come from PrivacyConfig (strategies/privacy.py)."""
+    f = next(f for f in dataclasses.fields(PrivacyConfig) if f.metadata.get("key") == key)
+    return field(default=f.default, metadata=_h(f.metadata["help"], f.metadata.get("choices"), low=f.metadata.get("low"),
+                                                when=when))
 
 
 def _choice(kind: str, default: str, text: str, extra: tuple[str, ...] = (), when: str | None = None) -> Any:
@@ -144,6 +152,14 @@ class RunConfig:
     max_weight_share: float = _guard("max-weight-share")
     max_update_norm: float = _guard("max-update-norm")
     update_norm_multiple: float = _guard("update-norm-multiple", when="max-update-norm=0.0")
+    dp: str = _privacy("dp", when=None)
+    dp_noise_multiplier: float = _privacy("dp-noise-multiplier")
+    dp_clip: float = _privacy("dp-clip")
+    dp_adaptive_clip: bool = _privacy("dp-adaptive-clip")
+    dp_target_quantile: float = _privacy("dp-target-quantile", when="dp-adaptive-clip=True")
+    dp_clip_lr: float = _privacy("dp-clip-lr", when="dp-adaptive-clip=True")
+    dp_delta: float = _privacy("dp-delta")
+    target_epsilon: float = _privacy("target-epsilon")
     dirichlet_alpha: float = field(default=0.5, metadata=_h("label skew of simulated silos (<= 0: IID)",
                                                             scope=SIMULATION_ONLY))
     sim_data: str = field(default="", metadata=_h(
@@ -234,6 +250,7 @@ class RunConfig:
         self._refuse_async_aggregation()
         self._check_sim_data()
         self._check_evaluation()
+        self._check_privacy()
         if len(self.label_tuple()) == 1:
             raise ConfigError(f"`labels` = {self.labels!r} holds one class; a classifier needs at least two.")
         self._check_ranks()
@@ -268,6 +285,53 @@ class RunConfig:
         if self.test_data and not self.evaluates_on_server():
             raise ConfigError(f"`test-data` is read only by server evaluation, and `evaluation` = {self.evaluation!r}; "
                               "drop test-data or use evaluation=both.")
+
+    def privacy(self) -> PrivacyConfig:
+        """The run's differential-privacy settings (`dp` off: none)."""
+        return PrivacyConfig.from_mapping(self.to_mapping())
+
+    def _check_privacy(self) -> None:
+        """Client-level DP is sound only where its analysis holds: sync, uniform sampling, a linear aggregator."""
+        try:
+            dp = self.privacy()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if not dp.enabled:
+            return
+        if self.mode != "sync":
+            raise ConfigError("`dp` = central needs mode=sync: an asynchronous buffer's composition depends on which "
+                              "sites are fast, so its sampling rate has no sound accounting here.")
+        if self.selector != "random":
+            raise ConfigError(f"`dp` = central needs selector=random: {self.selector} picks sites by what they sent "
+                              "(losses, durations), so the accountant's uniform subsampling would overstate the privacy.")
+        if self.aggregation not in ("fedavg", AUTO_AGGREGATION):
+            raise ConfigError(f"`dp` = central adds its noise to the average of what sites send, which is the step of "
+                              f"fedavg only; aggregation={self.aggregation} combines them non-linearly (products, "
+                              "medians): use aggregation=fedavg.")
+        if dp.adaptive_clip and dp.noise_multiplier >= 0.1 * self.clients_per_round:
+            raise ConfigError(f"`dp-adaptive-clip` needs clients-per-round > 10 × dp-noise-multiplier "
+                              f"({self.clients_per_round} <= 10 × {dp.noise_multiplier:g}): the noised count of "
+                              "unclipped updates would take all the noise; raise clients-per-round or drop it.")
+        if dp.target_epsilon > 0:
+            self._check_budget(dp)
+
+    def _check_budget(self, dp: PrivacyConfig) -> None:
+        """Refuse a run whose planned versions would spend more than target-epsilon (sampling at its highest rate)."""
+        from corolla.strategies.privacy import Accountant
+
+        q = min(1.0, self.clients_per_round / max(self.min_nodes, 1))
+        planned = Accountant(dp.delta).epsilon_after(self.num_rounds, dp.noise_multiplier, q)
+        if planned <= dp.target_epsilon:
+            return
+        fits, acc = 0, Accountant(dp.delta)
+        while fits < self.num_rounds and acc.epsilon_after(1, dp.noise_multiplier, q) <= dp.target_epsilon:
+            acc.step(dp.noise_multiplier, q)
+            fits += 1
+        lower = f"lower num-rounds to {fits}, " if fits else "not one version fits; "
+        raise ConfigError(f"`target-epsilon` = {dp.target_epsilon:g}: {self.num_rounds} versions at dp-noise-multiplier "
+                          f"{dp.noise_multiplier:g} and sampling rate {q:.3g} (clients-per-round / min-nodes) spend "
+                          f"ε = {planned:.3g} at δ = {dp.delta:g}; {lower}raise dp-noise-multiplier or target-epsilon, "
+                          "or sample fewer sites per round (more min-nodes).")
 
     def resolved_evaluation(self) -> str:
         """`evaluation` with `auto` resolved: server when the run has server test data, else sites."""

@@ -14,6 +14,7 @@ from corolla.strategies.base import Aggregator, Selector
 from corolla.strategies.fedavg import FedAvg
 from corolla.strategies.fedbuff import AsyncRule
 from corolla.strategies.guard import GuardConfig, UpdateGuard
+from corolla.strategies.privacy import GaussianMechanism
 from corolla.strategies.registry import resolve_aggregation as resolve_name
 
 
@@ -28,6 +29,10 @@ def resolve_aggregation(cfg: RunConfig, ranks: list[int]) -> tuple[str, int]:
     start from an adapter at `max-rank`. A task that trains the whole model has rank 0.
     """
     name = resolve_name(cfg.aggregation, ranks)
+    if cfg.privacy().enabled and name != "fedavg":
+        raise ConfigError(f"`dp` = central needs one rank for all sites (fedavg), but the joined nodes declare ranks "
+                          f"{sorted(set(ranks))} (aggregation auto → {name}); start every site at the same --rank or "
+                          "set aggregation=fedavg.")
     if issubclass(AGGREGATORS[name].cls, FedAvg):  # one rank for all (FedAvg, FedMedian, FedTrimmedAvg)
         if not TASKS[cfg.task].uses_lora:
             return name, 0
@@ -45,7 +50,11 @@ def build_aggregator(cfg: RunConfig, name: str, initial: Mapping[str, np.ndarray
     aggregator = reg.cls(initial, cfg.lora_spec(), **kwargs)  # type: ignore[call-arg]
     opt = SERVER_OPTIMIZERS[cfg.server_optimizer]
     aggregator.optimizer = opt.cls(cfg.component_config("server-optimizer"))  # type: ignore[call-arg]
-    aggregator.guard = UpdateGuard(GuardConfig.from_mapping(cfg.to_mapping()))  # clipping and the weight-share bound
+    privacy = cfg.privacy()
+    if privacy.enabled:  # DP clips every change to its own C and weights equally: it is the step's guard
+        aggregator.guard = GaussianMechanism(privacy, cfg.seed)
+    else:
+        aggregator.guard = UpdateGuard(GuardConfig.from_mapping(cfg.to_mapping()))  # clipping and the weight-share bound
     return aggregator
 
 

@@ -33,6 +33,7 @@ from corolla.spec import TASKS
 from corolla.strategies import Aggregator, Candidate, ClientUpdate, Dispatch, MergedModel
 from corolla.strategies.exceptions import StrategyError
 from corolla.strategies.guard import GuardNote, adam_change_bound, excess_change
+from corolla.strategies.privacy import Accountant
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,11 @@ class Federation:
         self.selector = build_selector(cfg)
         self.evals = EvalRounds(cfg, grid, self.clock, self.recorder, self.nodes, evaluator, self.job_config)
         self._aggregator: Aggregator | None = None
+        self.privacy = cfg.privacy()
+        #: ε so far (client-level DP); None when the run is not private
+        self.accountant = Accountant(self.privacy.delta) if self.privacy.enabled else None
+        #: why the run stopped before num-rounds (the privacy budget), None while it goes on
+        self.stopped: str | None = None
         self.train_start = self.clock.monotonic()
 
     @property
@@ -138,7 +144,7 @@ class Federation:
         """
         self.aggregator.check_finite_state()
         state = {"config": self.cfg.to_mapping(), "version": self.aggregator.version, "aggregator": self.aggregator,
-                 "selector": self.selector, "recorder": self.recorder.state(),
+                 "selector": self.selector, "recorder": self.recorder.state(), "accountant": self.accountant,
                  "offsets": checkpoint.line_counts(self.recorder.dir, RECORDS),
                  "train_elapsed": self.clock.monotonic() - self.train_start, "clock": self.clock.monotonic(), **extra}
         checkpoint.save(self.recorder.dir, state)
@@ -159,6 +165,7 @@ class Federation:
         dropped = checkpoint.truncate_records(self.recorder.dir, state["offsets"])
         self.recorder.restore(state["recorder"])
         self._aggregator, self.selector = state["aggregator"], state["selector"]
+        self.accountant = state.get("accountant", self.accountant)
         log.info("resuming %s at version %d (round %s); record lines after the checkpoint dropped: %s",
                  self.recorder.dir, self.aggregator.version, state.get("round"), dropped)
         usable = self.nodes.refresh(wait_for=self.cfg.min_nodes)
@@ -320,8 +327,41 @@ class Federation:
         self.nodes.mark_unavailable(node_id, reason)
 
     # ---- evaluation and the end ---------------------------------------------------------
+    # ---- differential privacy ------------------------------------------------------------
+    def privacy_row(self) -> dict[str, float]:
+        """ε at δ so far (client-level DP); {} when the run is not private."""
+        if self.accountant is None:
+            return {}
+        return {"epsilon": self.accountant.epsilon(), "dp_delta": self.privacy.delta}
+
+    def over_budget(self, picked: int, usable: int) -> bool:
+        """True (and `stopped` set) when one more version sampling `picked` of `usable` sites would pass target-epsilon."""
+        if self.accountant is None or self.privacy.target_epsilon <= 0 or usable == 0:
+            return False
+        eps = self.accountant.epsilon_after(1, self.privacy.noise_multiplier, picked / usable)
+        if eps <= self.privacy.target_epsilon:
+            return False
+        self.stopped = (f"the privacy budget: version {self.aggregator.version + 1} would spend ε = {eps:.4g} > "
+                        f"target-epsilon {self.privacy.target_epsilon:g} at δ = {self.privacy.delta:g}")
+        log.warning("the run stops before %s", self.stopped)
+        return True
+
+    def charge_privacy(self, picked: int, usable: int) -> dict[str, float]:
+        """Charge one applied version to the accountant (`picked` of `usable` sites sampled); its rounds.jsonl keys."""
+        if self.accountant is None:
+            return {}
+        self.accountant.step(self.privacy.noise_multiplier, picked / usable)
+        note = getattr(self.aggregator.guard, "note", None)
+        row = {"epsilon": self.accountant.epsilon(), "dp_sample_rate": picked / usable}
+        if note is not None:
+            row.update(dp_clip=note.clip, dp_sigma=note.sigma, dp_clipped=note.clipped)
+        log.info("version %d: ε = %.4g at δ = %g (clip %.4g, %d of %d changes clipped)", self.aggregator.version,
+                 row["epsilon"], self.privacy.delta, row.get("dp_clip", 0.0), row.get("dp_clipped", 0), picked)
+        return row
+
     def evaluate(self, clients: int, **extra: float) -> dict:
         """Evaluate the exact global model (server and/or sites: `evaluation`), wait for it, and record it."""
+        extra = {**self.privacy_row(), **extra}
         self.evals.begin(self.aggregator, clients, **extra)
         self.evals.collect(wait=True)
         return self.recorder.evals[-1]
@@ -350,7 +390,8 @@ class Federation:
             row = self.evals.personalize(self.aggregator)
             (self.recorder.dir / "personalization.json").write_text(json.dumps(row, indent=2, sort_keys=True) + "\n")
             personal = {k: row[k] for k in ("site_personal_accuracy", "personalization_gap") if k in row}
-        summary = self.recorder.finish(**self.what_ran(), **personal)
+        stopped = {"stopped_by": self.stopped} if self.stopped else {}
+        summary = self.recorder.finish(**self.what_ran(), **personal, **self.privacy_row(), **stopped)
         write_report(self.recorder.dir)
         log.info("run finished: final accuracy %s, peak %s, %.1fs; report in %s",
                  summary["final_accuracy"], summary["peak_accuracy"], summary["wall_s"], self.recorder.dir)

@@ -103,6 +103,12 @@ def write_report(run_dir: str | Path) -> Path:
         lines += ["", "## Rejected or failed replies", *[f"- {r}" for r in reasons[:20]]]
     # a causal LM adds perplexity and ROUGE-L; its accuracy is next-token accuracy on the answers
     extra = [k for k in ("perplexity", "rouge_l") if evals and k in evals[-1]]
+    if summary.get("epsilon") is not None:
+        lines.append(f"Differential privacy (client level, central): ε = {summary['epsilon']:.4g} at δ = "
+                     f"{summary['dp_delta']:g} after {summary.get('versions')} versions (Opacus RDP accountant; "
+                     f"dp-noise-multiplier {cfg.get('dp-noise-multiplier')}, dp-clip {cfg.get('dp-clip')}).")
+    if summary.get("stopped_by"):
+        lines.append(f"The run stopped before num-rounds: {summary['stopped_by']}.")
     if summary.get("best_version") is not None:
         lines.append(f"Best version: {summary['best_version']} ({summary['best_on']} accuracy "
                      f"{summary['best_score']:.4f}); its model is best.npz" +

@@ -42,6 +42,9 @@ def run_status(run_dir: str | Path, reasons: int = 3) -> str:
         lines.append(f"version {last['version']} of {cfg.get('num-rounds')} · accuracy {_f(last.get('accuracy'))} "
                      f"(best {_f(best.get('accuracy'))} at version {best['version']}) · loss {_f(last.get('loss'))} · "
                      f"{last['wall_s']:.0f}s")
+        if last.get("epsilon") is not None:
+            lines.append(f"privacy: ε = {last['epsilon']:.4g} at δ = {last.get('dp_delta')} so far"
+                         + (f" (budget {cfg.get('target-epsilon')})" if cfg.get("target-epsilon") else ""))
         sites = [e for e in evals if e.get("sites")]
         if sites:
             s = sites[-1]

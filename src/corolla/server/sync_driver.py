@@ -27,6 +27,8 @@ def run_sync(fed: Federation) -> dict:
             log.info("time budget of %.0fs spent after %d rounds", cfg.time_budget, rnd - 1)
             break
         timer = play_round(fed, rnd)
+        if fed.stopped:
+            break
         fed.checkpoint(round=rnd)
         timer.lap("checkpoint_s")
         fed.recorder.round_timing({"round": rnd, "version": fed.aggregator.version, **timer.done()})
@@ -47,6 +49,8 @@ def play_round(fed: Federation, rnd: int) -> RoundTimer:
         timer.lap("wait_s")  # waiting for a node, not the server's work
         return timer
     timer.row["usable"] = len(usable)
+    if fed.over_budget(min(cfg.clients_per_round, len(usable)), len(usable)):
+        return timer
     picked = fed.select(usable, cfg.clients_per_round, rnd)
     timer.lap("select_s")
     sent = {n: fed.aggregator.dispatch(fed.nodes[n].rank) for n in picked}
@@ -62,6 +66,7 @@ def play_round(fed: Federation, rnd: int) -> RoundTimer:
         return timer
     if not _aggregate(fed, rnd, updates, timer):
         return timer
+    timer.row.update(fed.charge_privacy(len(picked), len(usable)))
     log.info("round %d: aggregated %d of %d updates", rnd, len(updates), len(picked))
     if fed.aggregator.version % cfg.eval_every == 0 or rnd == cfg.num_rounds:
         fed.evaluate(clients=len(updates))
