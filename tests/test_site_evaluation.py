@@ -274,3 +274,28 @@ def test_personalization_gap_at_the_end(tmp_path):
     assert len(asked) == 3 and {int(p.config[wire.PERSONALIZE_STEPS]) for p in asked} == {4}
     assert len(run.metrics()) == 4  # the personalization round is not a metrics row
     assert "## Personalization gap" in (run.dir / "report.md").read_text()
+
+
+def test_a_sites_only_server_never_builds_the_whole_dense_update(tmp_path, monkeypatch):
+    """ΔW of every layer at once is what grows a coordinator with the model: sites get factors, files are streamed."""
+    from corolla.strategies.fedavg import FedAvg
+
+    run = federation(tmp_path, _nodes(skills=(1.0, 1.0, 1.0)), SYNC, **SITES)  # every site scores the model alike
+    real = FedAvg.merged
+
+    def refuse(self):
+        raise AssertionError("merged() built the whole dense ΔW")
+
+    monkeypatch.setattr(FedAvg, "merged", refuse)
+    summary = run.run()
+    monkeypatch.setattr(FedAvg, "merged", real)
+    expected = run.fed.aggregator.merged()
+    with np.load(run.dir / "global.npz") as z:
+        got = merged_from_npz(dict(z))
+    assert set(got.deltas) == set(expected.deltas)
+    for k in expected.deltas:
+        np.testing.assert_allclose(got.deltas[k], expected.deltas[k], rtol=1e-6)
+    with np.load(run.dir / "best.npz") as z:  # the best version as the sites scored it
+        best = merged_from_npz(dict(z))
+    rows = {r["version"]: r for r in run.metrics()}
+    assert rows[summary["best_version"]]["site_accuracy"] == pytest.approx(accuracy_of(delta_norm(best.deltas)), rel=1e-5)

@@ -17,8 +17,10 @@ its global model is written to `best.npz` beside `global.npz` as soon as it is b
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,7 +35,7 @@ from corolla.server.nodes import NodeRegistry
 from corolla.server.records import RunRecorder
 from corolla.server.site_eval import SiteEval, decode_site_eval, site_summary
 from corolla.spec import TASKS
-from corolla.strategies import Aggregator, MergedModel
+from corolla.strategies import Aggregator, Dispatch, MergedModel, lora_ops
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +51,42 @@ class PendingEval:
     row: dict[str, Any]
     merged: MergedModel | None
     deadline: float
+    #: what the sites were sent (the model they score): best.npz is written from it when the server built no ΔW
+    dispatch: Dispatch | None = None
     waiting: dict[str, int] = field(default_factory=dict)  # message id → node
     results: list[SiteEval] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)  # node → why its evaluation is missing
 
 
-def write_global(path: Any, merged: MergedModel) -> None:
+def write_global(path: Path, merged: MergedModel) -> None:
     """A global model as `delta/<layer>` and `dense/<key>` arrays in one .npz (global.npz, best.npz)."""
-    np.savez(path, **{f"delta/{k}": v for k, v in merged.deltas.items()},
-             **{f"dense/{k}": v for k, v in merged.dense.items()})
+    write_npz(path, [*((f"delta/{k}", v) for k, v in merged.deltas.items()),
+                     *((f"dense/{k}", v) for k, v in merged.dense.items())])
+
+
+def write_npz(path: Path, items: Iterable[tuple[str, np.ndarray]]) -> None:
+    """An .npz (np.load reads it) written one array at a time: `items` may build each array only when it is written.
+
+    A layer's ΔW then exists only while it is written, never the whole model's at once. The
+    file is written beside `path` and renamed into place.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
+        for name, array in items:
+            with z.open(f"{name}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asarray(array), allow_pickle=False)
+    tmp.replace(path)
+
+
+def dispatch_model(dispatch: Dispatch, scale: float) -> Iterator[tuple[str, np.ndarray]]:
+    """The global.npz items of what a site was sent: ΔW = frozen base delta + s·B·A per layer, built one at a time."""
+    layers, dense = lora_ops.split_keys(dispatch.arrays)
+    for layer in layers:
+        dw = lora_ops.delta(dispatch.arrays[layer + lora_ops.A_SUFFIX], dispatch.arrays[layer + lora_ops.B_SUFFIX], scale)
+        base = dispatch.frozen.get(layer + ".base_delta")
+        yield f"delta/{layer}", dw if base is None else dw + np.asarray(base, np.float32)
+    for k in dense:
+        yield f"dense/{k}", dispatch.arrays[k]
 
 
 class EvalRounds:
@@ -76,9 +105,10 @@ class EvalRounds:
     def begin(self, aggregator: Aggregator, clients: int, **extra: float) -> None:
         """Evaluate the current global version on the server (now) and ask the sites (answers come later)."""
         version = aggregator.version
-        merged = aggregator.merged()
         row: dict[str, Any] = {"clients": clients, **extra}
+        merged = None  # the dense ΔW is built only for the server's own evaluation: sites get the factors
         if self.on_server:
+            merged = aggregator.merged()
             r = self.evaluator.evaluate(merged)
             row.update(accuracy=r.accuracy, loss=r.loss, **r.extra)
         pending = PendingEval(version, row, merged, self.clock.monotonic() + self.cfg.round_timeout)
@@ -125,6 +155,7 @@ class EvalRounds:
         dtype = self.cfg.wire_dtype
         self.recorder.bytes_down += len(sites) * (codec.nbytes(dispatch.arrays, dtype) + codec.nbytes(dispatch.frozen, dtype))
         pending.waiting = dict(zip(self.grid.push_messages(msgs), sites))
+        pending.dispatch = dispatch
         if dispatch.truncation_error:
             pending.row["site_eval_truncation"] = dispatch.truncation_error
 
@@ -198,11 +229,15 @@ class EvalRounds:
 
     def _keep_if_best(self, p: PendingEval, row: dict[str, Any]) -> None:
         score = row.get("site_accuracy") if self.on_sites else row.get("accuracy")
-        if score is None or p.merged is None:
+        if score is None or (p.merged is None and p.dispatch is None):
             return
         best = self.recorder.best
         if best is None or score > best["score"]:
-            write_global(self.recorder.dir / "best.npz", p.merged)
+            path = self.recorder.dir / "best.npz"
+            if self.on_sites and p.dispatch is not None:  # exactly the model the sites scored
+                write_npz(path, dispatch_model(p.dispatch, self.cfg.lora_spec().scale(p.dispatch.rank)))
+            else:
+                write_global(path, p.merged)  # type: ignore[arg-type]
             self.recorder.best = {"version": p.version, "score": score,
                                   "on": "sites" if self.on_sites else "server"}
 

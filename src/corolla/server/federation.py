@@ -24,7 +24,7 @@ from corolla.proto import wire
 from corolla.server import checkpoint, codec
 from corolla.server.clock import Clock, SystemClock
 from corolla.server.codec import JobConfig, RejectedReply
-from corolla.server.eval_rounds import EvalRounds, write_global
+from corolla.server.eval_rounds import EvalRounds, write_npz
 from corolla.server.evaluation import Evaluator
 from corolla.server.factory import build_aggregator, build_selector, resolve_aggregation
 from corolla.server.nodes import NodeInfo, NodeRegistry
@@ -380,8 +380,7 @@ class Federation:
         from corolla.server.report import write_report
 
         self.evals.collect(wait=True)
-        merged = self.aggregator.merged()
-        write_global(self.recorder.dir / "global.npz", merged)
+        write_npz(self.recorder.dir / "global.npz", self.aggregator.merged_items())
         if self.cfg.checkpoint_every:
             self.write_adapter(self.recorder.dir / "adapter")
             self._write_best_adapter()

@@ -9,7 +9,7 @@ knows about Flower, gRPC or files: the server converts messages into these types
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Protocol
 
@@ -228,6 +228,16 @@ class Aggregator(ABC):
     @abstractmethod
     def merged(self) -> MergedModel:
         """Return the exact global model as dense ΔW per layer plus dense parameters."""
+
+    def merged_items(self) -> Iterator[tuple[str, NDArray[np.float32]]]:
+        """`merged()` as (`delta/<layer>` | `dense/<key>`, array) pairs, each built as late as the aggregator can.
+
+        Writing global.npz from this holds one layer's ΔW at a time where the aggregator keeps
+        factors (FedAvg); the default builds them all first.
+        """
+        m = self.merged()
+        yield from ((f"delta/{k}", v) for k, v in m.deltas.items())
+        yield from ((f"dense/{k}", v) for k, v in m.dense.items())
 
     def state(self) -> dict[str, Any]:
         """The arrays `apply` changes in place (numpy or torch); server momentum acts on them."""

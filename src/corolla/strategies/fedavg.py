@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
+from numpy.typing import NDArray
 
 from corolla.strategies import lora_ops
 from corolla.strategies.base import Aggregator, Arrays, ClientUpdate, Dispatch, LoraSpec, MergedModel, Weights, example_weights
@@ -84,6 +85,14 @@ class FedAvg(Aggregator):
             deltas={layer: lora_ops.delta(a, b, s) for layer, (a, b) in self.factors.items()},
             dense={k: v.copy() for k, v in self.dense.items()},
         )
+
+    def merged_items(self) -> Iterator[tuple[str, NDArray[np.float32]]]:
+        """ΔW = s·B·A one layer at a time (the whole model's ΔW never exists at once), then the dense parameters."""
+        s = self.lora.scale(self.rank) if self.factors else 0.0
+        for layer, (a, b) in self.factors.items():
+            yield f"delta/{layer}", lora_ops.delta(a, b, s)
+        for k, v in self.dense.items():
+            yield f"dense/{k}", v.copy()
 
     def summary(self) -> dict:
         """Return hyper-parameters including the global rank."""
