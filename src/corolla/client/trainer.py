@@ -334,6 +334,9 @@ class Trainer:
             stats = model.evaluate(arrays, rank, held, lora or LoraSpec(), frozen=frozen, generate=SITE_GENERATIONS)
         except (ValueError, RuntimeError) as e:
             raise TrainerError(f"evaluation failed: {e}") from e
+        if stats.units == 0:
+            raise TrainerError(f"none of the {stats.num_examples} held-out examples has a scored token: every answer is "
+                               f"cut away by max-length {model.task.spec.max_length}; the run raises max-length")
         log.info("evaluate: rank %d on %d held-out examples: accuracy %.4f, loss %.4f (%.2fs)", rank,
                  stats.num_examples, stats.accuracy, stats.loss, time.perf_counter() - t0)
         return stats

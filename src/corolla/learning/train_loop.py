@@ -162,6 +162,8 @@ class EvalStats:
     num_examples: int
     #: the task's further metrics (a causal LM: perplexity, ROUGE-L of generated answers)
     extra: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: what loss and accuracy average over (examples, or a causal LM's response tokens); 0: nothing was scored
+    units: int = -1
 
 
 def _batches(n: int, batch_size: int) -> Iterator[torch.Tensor]:
@@ -180,8 +182,9 @@ def evaluate_model(model: nn.Module, data: EncodedData, device: torch.device, ta
             logits = task.logits(model, inputs).float()
         loss, right, n = task.eval_sums(logits, labels)
         total_loss, correct, units = total_loss + loss, correct + right, units + n
+    scored = units
     units = max(units, 1)
-    return EvalStats(loss=total_loss / units, accuracy=correct / units, num_examples=len(data))
+    return EvalStats(loss=total_loss / units, accuracy=correct / units, num_examples=len(data), units=scored)
 
 
 class AdapterModel:
