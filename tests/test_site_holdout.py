@@ -133,3 +133,17 @@ def test_personalization_fine_tunes_on_the_training_rows_and_scores_the_held_out
     base = trainer.evaluate(init, 4, wire.SOFTWARE_VERSION, LORA, eval_fraction=0.2)
     assert personal.num_examples == base.num_examples == len(trainer.split(0.2)[1])
     assert personal.loss != pytest.approx(base.loss)  # a different model (the fine-tuned copy) on the same rows
+
+
+def test_a_site_whose_answers_are_all_cut_away_says_so():
+    """max-length shorter than every prompt: no response token is scored, so there is no evaluation to report."""
+    lm = build_task(TaskSpec(task="causal-lm", model="tiny-llama", max_length=4))
+    import datasets
+
+    rows = {"prompt": [f"Define the noun number {i} of this list." for i in range(20)],
+            "response": [f"meaning {i}" for i in range(20)]}
+    data = lm.encode(datasets.Dataset.from_dict(rows))
+    t = Trainer(AdapterModel(lm, select_device("cpu")), data, rank=2)
+    init = initial_adapter(lm, 2, LORA, seed=0)
+    with pytest.raises(TrainerError, match="has a scored token: every answer is cut away by max-length 4"):
+        t.evaluate(init, 2, wire.SOFTWARE_VERSION, LORA, eval_fraction=0.2)
