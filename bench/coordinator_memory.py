@@ -1,4 +1,4 @@
-"""Peak memory of a coordinator's start: the fingerprint and the initial adapter, from the files vs from the loaded model.
+"""Peak memory of a coordinator: its start (fingerprint, initial adapter: files vs loaded model) and a real federation.
 
 A server that does not evaluate needs the base model's fingerprint and the seeded
 initial adapter. `files` computes both with `corolla.learning.base_files.BaseFiles`
@@ -16,7 +16,20 @@ MiniLM (text classification) and a randomly initialised 1.1B-parameter Llama wri
 here in bfloat16, in two shards with an index (hidden 2048, 22 layers, intermediate
 5632, vocabulary 32000, untied embeddings: TinyLlama's layout), deleted at the end.
 
-    .venv/bin/python bench/coordinator_memory.py [--skip-full-big] [--keep DIR]
+The `federation` part measures the real coordinator of a real federation: `corolla
+server` (SuperLink, SuperExec, the ServerApp process `flwr-serverapp`, `flwr run`) with
+`task=causal-lm evaluation=sites` and no test data, and two `corolla client` processes
+(trainer + SuperNode) on loopback, each with a small JSONL prompt/response silo of
+chat-bot small talk, at rank 4. Every process of the server's tree and of each client's
+tree is sampled from /proc (VmHWM, VmRSS, command line) every 0.2 s until it exits; a
+process's peak is the last VmHWM read. Cases: SmolLM2-135M (2 rounds, 1 local step,
+batch 2, 32 tokens) and a randomly initialised 1.17B-parameter Llama (TinyLlama's
+layout with SmolLM2's 49,152-token vocabulary and tokenizer, so the sites can
+tokenize; bf16, 3 shards; 1 round, 1 local step, batch 1, 16 tokens; the second client
+starts once the first has loaded the model).
+
+    .venv/bin/python bench/coordinator_memory.py [--only component|federation] [--skip-full-big]
+        [--skip-federation-big] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -153,49 +166,283 @@ def weights_gb(folder: str) -> float:
     return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors")) / GIB
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--skip-full-big", action="store_true", help="skip the full-model path on the 1.1B model")
-    ap.add_argument("--keep", default="", help="write (or reuse) the 1.1B folder here and keep it")
-    args = ap.parse_args()
+# ---- the federation part: a real `corolla server` and two `corolla client` processes --------------------------------
 
+#: small talk in the shape of the chatterbot corpora: (prompt, response) pairs, two silos of 36 rows
+TOPICS = ["the weather", "music", "football", "cooking", "books", "films", "travel", "gardening", "coffee",
+          "the sea", "trains", "chess", "painting", "running", "birds", "computers", "history", "cats"]
+ASKS = [("What do you think about {t}?", "I like talking about {t}; what do you enjoy most about it?"),
+        ("Tell me something about {t}.", "People have loved {t} for a long time, and there is always more to learn."),
+        ("Do you know much about {t}?", "A little. {T} is a big subject, but I am happy to chat about it."),
+        ("Hello! Can we talk about {t}?", "Hello! Of course, {t} sounds like a fine topic.")]
+
+
+def write_silos(folder: Path, num: int = 2, rows: int = 36) -> list[Path]:
+    """`num` JSONL prompt/response silos of `rows` rows each, no row shared."""
+    pairs = [(q.format(t=t), a.format(t=t, T=t[0].upper() + t[1:])) for t in TOPICS for q, a in ASKS]
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(num):
+        path = folder / f"chat{i}.jsonl"
+        with path.open("w") as f:
+            for prompt, response in pairs[i::num][:rows]:
+                f.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
+        paths.append(path)
+    return paths
+
+
+def write_federation_llama(folder: Path, smollm2: str) -> int:
+    """A random bf16 Llama of 1.17 B parameters with SmolLM2's tokenizer (vocabulary 49152); its parameter count."""
+    n = write_random_llama(folder, vocab=49152)
+    for f in Path(smollm2).iterdir():
+        if f.name.startswith("tokenizer") or f.name.endswith(".jinja") or f.name == "special_tokens_map.json":
+            shutil.copy(f, folder / f.name)
+    return n
+
+
+def _status(pid: int) -> tuple[int, int] | None:
+    """(VmHWM, VmRSS) in bytes, None once the process is gone (or a zombie, which has neither)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    vals = {}
+    for line in text.splitlines():
+        if line.startswith(("VmHWM:", "VmRSS:")):
+            vals[line[:5]] = int(line.split()[1]) * 1024
+    return (vals["VmHWM"], vals["VmRSS"]) if len(vals) == 2 else None
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def role(cmd: str) -> str:
+    """What a process of the federation is, from its command line."""
+    for needle, name in (("flwr-serverapp", "ServerApp (flwr-serverapp)"), ("flwr-clientapp", "ClientApp (flwr-clientapp)"),
+                         ("superexec", "SuperExec"), ("superlink_guard", "SuperLink"), ("flower-superlink", "SuperLink"),
+                         ("corolla.launch.supernode", "SuperNode"), ("flower-supernode", "SuperNode"),
+                         ("flwr run", "flwr run (CLI)"), ("/flwr run", "flwr run (CLI)"),
+                         ("corolla.cli server", "corolla server"), ("corolla.cli client", "corolla client (trainer)")):
+        if needle in cmd:
+            return name
+    return cmd.split(" ")[0].rsplit("/", 1)[-1] or "?"
+
+
+class TreeSampler:
+    """Samples every process under some roots from /proc until stopped: per (pid, command) its last VmHWM and peak VmRSS.
+
+    A process's peak RSS is its VmHWM (the kernel's high-water mark, monotone): the last value read
+    before it exited. `tree_peak` is the largest sum of VmRSS over a tree at one sample.
+    """
+
+    def __init__(self, roots: dict[str, int], interval: float = 0.2) -> None:
+        import threading
+
+        self.roots, self.interval = dict(roots), interval
+        self.procs: dict[tuple[int, str], dict] = {}
+        self.tree_peak: dict[str, int] = dict.fromkeys(roots, 0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def add(self, tree: str, pid: int) -> None:
+        self.roots[tree] = pid
+        self.tree_peak.setdefault(tree, 0)
+
+    def _run(self) -> None:
+        from corolla.launch.processes import descendants
+
+        known: dict[str, set[int]] = {}
+        while not self._stop.is_set():
+            for tree, root in list(self.roots.items()):
+                # a re-parented child (SuperExec's flwr-serverapp once its parent is gone) is followed by its pid
+                pids = {root, *descendants(root), *(p for p in known.get(tree, ()) if Path(f"/proc/{p}").exists())}
+                known[tree] = pids
+                total = 0
+                for pid in pids:
+                    st, cmd = _status(pid), _cmdline(pid)
+                    if st is None or not cmd:
+                        continue
+                    hwm, rss = st
+                    total += rss
+                    rec = self.procs.setdefault((pid, cmd), {"tree": tree, "pid": pid, "cmd": cmd, "role": role(cmd),
+                                                             "peak_bytes": 0, "max_rss_bytes": 0,
+                                                             "first_s": time.monotonic()})
+                    rec["peak_bytes"] = max(rec["peak_bytes"], hwm)
+                    rec["max_rss_bytes"] = max(rec["max_rss_bytes"], rss)
+                    rec["last_s"] = time.monotonic()
+                self.tree_peak[tree] = max(self.tree_peak[tree], total)
+            self._stop.wait(self.interval)
+
+    def stop(self) -> list[dict]:
+        self._stop.set()
+        self._thread.join()
+        return sorted(self.procs.values(), key=lambda r: (r["tree"], r["first_s"]))
+
+
+def _wait_line(path: Path, needle: str, timeout: float, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and needle in path.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"{path.name}: exited {proc.returncode} before {needle!r}:\n"
+                               f"{path.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.5)
+    raise TimeoutError(f"{needle!r} not in {path} within {timeout:.0f}s")
+
+
+def run_federation(label: str, folder: str, work: Path, *, rounds: int, steps: int, batch: int, max_length: int,
+                   rank: int = 4, stagger: bool = False, timeout: float = 1500) -> dict:
+    """One real federation: `corolla server` + 2 `corolla client`; the peak RSS of every process of both trees."""
+    from corolla.launch import processes as launch
+
+    shutil.rmtree(work, ignore_errors=True)  # a kept folder's earlier run, silos and node homes
+    work.mkdir(parents=True)
+    out = work / "run"
+    silos = write_silos(work / "silos")
+    fleet = f"127.0.0.1:{launch.free_port()}"
+    threads = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    corolla = [sys.executable, "-m", "corolla.cli"]
+    sets = {"task": "causal-lm", "model": folder, "evaluation": "sites", "num-rounds": rounds, "local-steps": steps,
+            "batch-size": batch, "max-length": max_length, "eval-every": 1, "min-nodes": 2, "clients-per-round": 2,
+            "round-timeout": timeout, "seed": 0}
+    cmd = [*corolla, "server", "--out", str(out), "--fleet-address", fleet]
+    for k, v in sets.items():
+        cmd += ["--set", f"{k}={v}"]
+    t0 = time.monotonic()
+    procs: list[subprocess.Popen] = []
+    with launch.running(procs):
+        server_log = work / "server.log"
+        server = launch.start(cmd, launch.flower_env(work / "server-home", threads), log_path=server_log)
+        procs.append(server)
+        sampler = TreeSampler({"server": server.pid})
+        try:
+            _wait_line(server_log, "corolla-server fleet API on", 120, server)
+            for i, silo in enumerate(silos):
+                log = work / f"client{i}.log"
+                c = launch.start([*corolla, "client", "--superlink", fleet, "--data", str(silo), "--task", "causal-lm",
+                                  "--model", folder, "--rank", str(rank), "--max-length", str(max_length),
+                                  "--threads", "1", "--flwr-home", str(work / f"node{i}")],
+                                 launch.flower_env(work / f"node{i}", threads), log_path=log)
+                procs.append(c)
+                sampler.add(f"client{i}", c.pid)
+                if stagger:  # the next trainer loads its model once this one holds its own
+                    _wait_line(log, "corolla-client trainer on", 900, c)
+            server.wait(timeout)
+        finally:
+            seconds = time.monotonic() - t0
+            rows = sampler.stop()
+    if server.returncode != 0:
+        raise RuntimeError(f"{label}: corolla server exited {server.returncode}:\n"
+                           f"{server_log.read_text(errors='replace')[-4000:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    import numpy as np
+
+    with np.load(out / "global.npz") as z:
+        delta_bytes = sum(z[k].nbytes for k in z.files if k.startswith("delta/"))
+        dense_bytes = sum(z[k].nbytes for k in z.files if k.startswith("dense/"))
+        factor_bytes = sum(rank * (z[k].shape[0] + z[k].shape[1]) * 4 for k in z.files if k.startswith("delta/"))
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return {"part": "federation", "model": label, "folder_weights_gb": weights_gb(folder), "rounds": rounds,
+            "local_steps": steps, "batch_size": batch, "max_length": max_length, "rank": rank,
+            "aggregation": summary.get("aggregation"), "evaluation": summary.get("evaluation"),
+            "versions": summary.get("versions"), "site_accuracy": [e.get("site_accuracy") for e in evals],
+            "site_loss": [e.get("site_loss") for e in evals],
+            "factor_state_mb": factor_bytes / 2**20, "delta_state_mb": delta_bytes / 2**20,
+            "dense_params_mb": dense_bytes / 2**20, "seconds": seconds, "processes": rows,
+            "tree_peak_gb": {k: v / GIB for k, v in sampler.tree_peak.items()}}
+
+
+def federation(tmp: Path, *, big: bool) -> list[dict]:
     from corolla.learning import models
 
-    tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="coordinator-memory-"))
-    big = tmp / "llama-1.1b"
-    try:
-        if not (big / "model.safetensors.index.json").is_file():  # in a child: this process stays small
+    smol = models.smollm2_path()
+    rows = [run_federation("SmolLM2-135M", smol, tmp / "fed-smollm2", rounds=2, steps=1, batch=2, max_length=32)]
+    print_federation(rows[-1])
+    if big:
+        folder = tmp / "llama-1.17b-smollm2-vocab"
+        if not (folder / "model.safetensors.index.json").is_file():
             t0 = time.perf_counter()
             code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from bench.coordinator_memory import "
-                    f"write_random_llama; print(write_random_llama(__import__('pathlib').Path({str(big)!r})))")
-            n = int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
-            print(f"wrote a random Llama of {n / 1e9:.2f} B parameters into {big} in {time.perf_counter() - t0:.0f} s")
-        cases = [("SmolLM2-135M", "causal-lm", models.smollm2_path()),
-                 ("MiniLM-L6", "text-classification", models.minilm_path()),
-                 ("Llama 1.1B (random, bf16, 2 shards)", "causal-lm", str(big))]
-        rows = []
-        for label, task, folder in cases:
-            for path in ("files", "full"):
-                if path == "full" and args.skip_full_big and folder == str(big):
-                    continue
-                r = measure(path, task, folder)
-                r.update(model=label, weights_gb=weights_gb(folder))
-                rows.append(r)
-                print(f"{label:38} {path:5} peak {r['peak_gb']:.2f} GB (imports {r['imports_gb']:.2f}) "
-                      f"in {r['seconds']:.1f} s, fingerprint {r['fingerprint']}")
-        for r in rows:
-            twin = next((x for x in rows if x["model"] == r["model"] and x["path"] != r["path"]), None)
-            r["same_as_full"] = None if twin is None else twin["fingerprint"] == r["fingerprint"]
+                    f"write_federation_llama; print(write_federation_llama(__import__('pathlib').Path({str(folder)!r}), "
+                    f"{smol!r}))")
+            n = int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout)
+            print(f"wrote a random Llama of {n / 1e9:.2f} B parameters into {folder} in {time.perf_counter() - t0:.0f} s")
+        rows.append(run_federation("Llama 1.17B (random, bf16, SmolLM2 vocabulary)", str(folder), tmp / "fed-llama",
+                                   rounds=1, steps=1, batch=1, max_length=16, stagger=True))
+        print_federation(rows[-1])
+    return rows
+
+
+def print_federation(r: dict) -> None:
+    print(f"{r['model']}: {r['seconds']:.0f} s, aggregation {r['aggregation']}, evaluation {r['evaluation']}, "
+          f"factors {r['factor_state_mb']:.2f} MB, ΔW {r['delta_state_mb']:.1f} MB")
+    for p in r["processes"]:
+        print(f"  {p['tree']:8} {p['pid']:>7} {p['role']:28} peak {p['peak_bytes'] / GIB:.2f} GB  {p['cmd'][:90]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", choices=("component", "federation"), help="run one part (default: both)")
+    ap.add_argument("--skip-full-big", action="store_true", help="skip the full-model path on the 1.1B model")
+    ap.add_argument("--skip-federation-big", action="store_true", help="skip the federation of the 1.17B model")
+    ap.add_argument("--keep", default="", help="write (or reuse) the big folders here and keep them")
+    args = ap.parse_args()
+
+    previous = json.loads((RESULTS / "coordinator_memory.json").read_text()) if (
+        RESULTS / "coordinator_memory.json").is_file() else []
+    tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="coordinator-memory-"))
+    try:
+        rows = component(tmp, args) if args.only != "federation" else \
+            [r for r in previous if r.get("part", "component") == "component"]
+        fed = federation(tmp, big=not args.skip_federation_big) if args.only != "component" else \
+            [r for r in previous if r.get("part") == "federation"]
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
-    write_results(rows)
+    write_results(rows, fed)
 
 
-def write_results(rows: list[dict]) -> None:
-    """bench/results/coordinator_memory.{json,md} and the table on stdout."""
+def component(tmp: Path, args: argparse.Namespace) -> list[dict]:
+    """The component part: BaseFiles vs loading the model, one fresh process per row."""
+    from corolla.learning import models
+
+    big = tmp / "llama-1.1b"
+    if not (big / "model.safetensors.index.json").is_file():  # in a child: this process stays small
+        t0 = time.perf_counter()
+        code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from bench.coordinator_memory import "
+                f"write_random_llama; print(write_random_llama(__import__('pathlib').Path({str(big)!r})))")
+        n = int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
+        print(f"wrote a random Llama of {n / 1e9:.2f} B parameters into {big} in {time.perf_counter() - t0:.0f} s")
+    cases = [("SmolLM2-135M", "causal-lm", models.smollm2_path()),
+             ("MiniLM-L6", "text-classification", models.minilm_path()),
+             ("Llama 1.1B (random, bf16, 2 shards)", "causal-lm", str(big))]
+    rows = []
+    for label, task, folder in cases:
+        for path in ("files", "full"):
+            if path == "full" and args.skip_full_big and folder == str(big):
+                continue
+            r = measure(path, task, folder)
+            r.update(model=label, weights_gb=weights_gb(folder), part="component")
+            rows.append(r)
+            print(f"{label:38} {path:5} peak {r['peak_gb']:.2f} GB (imports {r['imports_gb']:.2f}) "
+                  f"in {r['seconds']:.1f} s, fingerprint {r['fingerprint']}")
+    for r in rows:
+        twin = next((x for x in rows if x["model"] == r["model"] and x["path"] != r["path"]), None)
+        r["same_as_full"] = None if twin is None else twin["fingerprint"] == r["fingerprint"]
+    return rows
+
+
+def write_results(rows: list[dict], fed: list[dict]) -> None:
+    """bench/results/coordinator_memory.{json,md} and the tables on stdout."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "coordinator_memory.json").write_text(json.dumps(rows, indent=1))
+    (RESULTS / "coordinator_memory.json").write_text(json.dumps(rows + fed, indent=1))
     head = ("| model | path | weights GB | peak RSS GB | imports GB | peak − imports GB | peak / weights | "
             f"≤ {TARGET_GB} GB | seconds | adapter tensors |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -244,9 +491,103 @@ tiny BERT and Llama folders).
 
 ## Reading
 
-""" + "\n".join(reading) + "\n"
+""" + "\n".join(reading) + "\n" + federation_text(fed)
     (RESULTS / "coordinator_memory.md").write_text(text)
 
+
+def _by_role(r: dict) -> list[tuple[str, str, int, float]]:
+    """(tree, role, processes, largest peak GB) per role of each tree, in order of first appearance."""
+    groups: dict[tuple[str, str], list[float]] = {}
+    for p in r["processes"]:
+        if p["role"] in ("uname", "?"):  # `uname -p` run by platform.processor(): a few kB
+            continue
+        groups.setdefault((p["tree"], p["role"]), []).append(p["peak_bytes"] / GIB)
+    return [(tree, name, len(v), max(v)) for (tree, name), v in groups.items()]
+
+
+def serverapp_peak(r: dict) -> float:
+    """The ServerApp process's peak RSS, GB (the largest, should a run have more than one)."""
+    return max(p["peak_bytes"] for p in r["processes"] if p["tree"] == "server" and p["role"].startswith("ServerApp")) / GIB
+
+
+def federation_text(fed: list[dict]) -> str:
+    """The federation part's section of the report (empty without rows)."""
+    if not fed:
+        return ""
+    head = ("| model | weights GB | aggregation | factor state MB | ΔW MB | ServerApp peak GB | "
+            f"target {TARGET_GB} GB + factors | met | ServerApp / weights | server tree Σ RSS peak GB | "
+            "trainer peaks GB | seconds |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in fed:
+        peak = serverapp_peak(r)
+        target = TARGET_GB + r["factor_state_mb"] / 1024
+        trainers = ", ".join(f"{m:.2f}" for tree, name, _, m in _by_role(r) if name.startswith("corolla client"))
+        lines.append(f"| {r['model']} | {r['folder_weights_gb']:.2f} | {r['aggregation']} (rank {r['rank']}) | "
+                     f"{r['factor_state_mb']:.2f} | {r['delta_state_mb']:.1f} | **{peak:.2f}** | {target:.2f} | "
+                     f"{'met' if peak <= target else 'NO'} | {peak / r['folder_weights_gb']:.2f} | "
+                     f"{r['tree_peak_gb']['server']:.2f} | {trainers} | {r['seconds']:.0f} |")
+    per = ["| model | tree | process | processes | peak RSS GB (largest) |", "|---|---|---|---|---|"]
+    for r in fed:
+        for tree, name, n, m in _by_role(r):
+            per.append(f"| {r['model']} | {tree} | {name} | {n} | {m:.2f} |")
+    runs = "\n".join(
+        f"- {r['model']}: {r['rounds']} round(s), {r['local_steps']} local step, batch {r['batch_size']}, "
+        f"max-length {r['max_length']}, rank {r['rank']}, {r['versions']} version(s); evaluation "
+        f"`{r['evaluation']}`, aggregation `auto` → `{r['aggregation']}`; site losses per evaluation "
+        f"{[round(x, 4) if x is not None else None for x in r['site_loss']]}." for r in fed)
+    cut = [r["model"] for r in fed if all(not x for x in r["site_loss"])]
+    reading = []
+    for r in fed:
+        peak, target = serverapp_peak(r), TARGET_GB + r["factor_state_mb"] / 1024
+        reading.append(f"- {r['model']}: the ServerApp peaked at {peak:.2f} GB: {peak / r['folder_weights_gb']:.2f}× the "
+                       f"model's {r['folder_weights_gb']:.2f} GB of weights, {target - peak:.2f} GB under the target "
+                       f"({TARGET_GB} GB + {r['factor_state_mb']:.2f} MB of factors).")
+    if len(fed) > 1:
+        small, large = min(fed, key=lambda r: r["folder_weights_gb"]), max(fed, key=lambda r: r["folder_weights_gb"])
+        grew = serverapp_peak(large) - serverapp_peak(small)
+        dw = (large["delta_state_mb"] - small["delta_state_mb"]) / 1024
+        reading.append(f"- From {small['model']} to {large['model']} the ServerApp grew by {grew:.2f} GB, about the "
+                       f"growth of the dense ΔW ({dw:.2f} GB), not of the weights "
+                       f"({large['folder_weights_gb'] - small['folder_weights_gb']:.2f} GB): what grows with the model "
+                       "is the ΔW the server builds at each evaluation and at the end, although the sites evaluate "
+                       "(it scales with the LoRA layers' d_out × d_in, not with the rank). FedAvg's own state, the "
+                       "factors, stays in megabytes.")
+    note = ("" if not cut else
+            f"\n\nIn {', '.join(cut)} every answer lies beyond max-length: SmolLM2's chat template alone (its "
+            "system line and the user turn) takes 32 tokens or more, so no response token is scored, training "
+            "steps have zero loss and the sites report loss 0.0 (perplexity 1.0) on their held-out rows. The "
+            "memory measured is unaffected: the same arrays of the same shapes travel, are aggregated and are "
+            "evaluated; it is not a run that learns.")
+    return f"""
+## A real federation
+
+`corolla server --set task=causal-lm --set model=FOLDER --set evaluation=sites` (no
+`test-data`; each site holds out `eval-fraction` = 0.1 of its silo, 4 rows) on loopback with
+two `corolla client --task causal-lm --model FOLDER --rank 4 --threads 1` processes, each with a
+36-row JSON Lines prompt/response silo of small talk. `OMP_NUM_THREADS=1` everywhere. Every
+process of the server's tree (`corolla server` → SuperLink → SuperExec → `flwr-serverapp`,
+and `flwr run`) and of each client's tree (the trainer runs inside `corolla client`; its
+SuperNode, SuperExec and one `flwr-clientapp` per message) is sampled from /proc every
+0.2 s until it exits; a process's peak is its VmHWM. The ServerApp (`flwr-serverapp`) is the
+process that runs corolla's server: the one held to {TARGET_GB} GB + the dense update state.
+`factor state`: the FedAvg aggregator's global A and B (float32), what it keeps between
+versions; `ΔW`: the dense s·B·A of every LoRA layer (float32) that the server also builds at
+each evaluation and at the end (`merged()`, held per pending evaluation, written to
+`best.npz`/`global.npz`). `server tree Σ RSS peak`: the largest sum of the server tree's
+VmRSS at one sample.
+
+{chr(10).join(lines)}
+
+{chr(10).join(reading)}
+
+What ran:
+
+{runs}{note}
+
+Per process (ClientApp: one process per message; the largest shown):
+
+{chr(10).join(per)}
+"""
 
 if __name__ == "__main__":
     main()
