@@ -376,7 +376,9 @@ def _train_reply(node: FakeNode, msg: Message, behaviour: str, step: float) -> M
     cfg = msg.content[wire.CONFIG]
     version, rank = int(cfg[wire.MODEL_VERSION]), int(cfg[wire.LORA_RANK])
     steps, batch = int(cfg[wire.LOCAL_STEPS]), int(cfg[wire.BATCH_SIZE])
-    arrays = {k: a + np.float32(step) for k, a in flower_arrays.from_record(msg.content[wire.ARRAYS]).items()}
+    keep_a = bool(cfg.get(wire.FREEZE_A, False))  # an honest trainer leaves A as sent when told to (FFA, FedSVD)
+    arrays = {k: a if keep_a and k.endswith(".lora_A.weight") else a + np.float32(step)
+              for k, a in flower_arrays.from_record(msg.content[wire.ARRAYS]).items()}
     metrics: dict[str, int | float] = {
         wire.NUM_EXAMPLES: node.num_examples, wire.MODEL_VERSION: version, wire.LORA_RANK: rank,
         wire.LOSS_MEAN: 1.0 / (1 + version), wire.LOSS_SQ_MEAN: 1.0 / (1 + version) ** 2,

@@ -125,8 +125,8 @@ def test_target_epsilon_stops_before_the_version_that_would_pass_it(tmp_path):
 @pytest.mark.parametrize("keys, words", [
     ({"mode": "async"}, "needs mode=sync"),
     ({"selector": "oort"}, "needs selector=random"),
-    ({"aggregation": "fedhl"}, "use aggregation=fedavg"),
-    ({"aggregation": "fedmedian"}, "use aggregation=fedavg"),
+    ({"aggregation": "fedhl"}, r"non-linearly \(products, medians\)"),
+    ({"aggregation": "fedmedian"}, r"non-linearly \(products, medians\)"),
     ({"dp-adaptive-clip": True, "clients-per-round": 5}, "needs clients-per-round > 10"),
     ({"dp-clip": 0.0}, "`dp-clip` must be a finite number > 0"),
     ({"target-epsilon": 1.0, "num-rounds": 50}, "not one version fits"),
@@ -172,3 +172,21 @@ def test_a_private_simulation_reports_the_accountants_epsilon(tmp_path):
     assert all(r["dp_clip"] == 0.05 and r["dp_sigma"] == pytest.approx(0.8 * 0.05 / 2) for r in rounds)
     status = subprocess.run([*COROLLA, "status", str(out)], capture_output=True, text=True, timeout=120)
     assert f"ε = {summary['epsilon']:.4g}" in status.stdout
+
+
+@pytest.mark.parametrize("name", ["ffa", "fedsvd"])
+def test_private_frozen_a_federation_keeps_a_as_the_aggregator_says(tmp_path, name):
+    """Sites are told to freeze A; with DP noise on the step, FFA's A still never moves and FedSVD's stays orthonormal."""
+    from corolla.proto import wire
+
+    nodes = [FakeNode(i) for i in range(1, 4)]
+    run = federation(tmp_path, nodes, SYNC, **{**DP, "aggregation": name, "clients-per-round": 3})
+    init = {k: v.copy() for k, v in run.evaluator.initial_adapter(2, LoraSpec(), 0).items()}
+    summary = run.run()
+    assert summary["versions"] == 3 and summary["rejected_updates"] == 0 and summary["epsilon"] > 0
+    assert all(p.config[wire.FREEZE_A] for p in run.grid.train_jobs())
+    for layer, (a, _) in run.fed.aggregator.factors.items():
+        if name == "ffa":
+            np.testing.assert_array_equal(a, init[f"{layer}.lora_A.weight"])
+        else:
+            np.testing.assert_allclose(a @ a.T, np.eye(a.shape[0]), atol=1e-5)

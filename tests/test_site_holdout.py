@@ -147,3 +147,17 @@ def test_a_site_whose_answers_are_all_cut_away_says_so():
     init = initial_adapter(lm, 2, LORA, seed=0)
     with pytest.raises(TrainerError, match="has a scored token: every answer is cut away by max-length 4"):
         t.evaluate(init, 2, wire.SOFTWARE_VERSION, LORA, eval_fraction=0.2)
+
+
+def test_freeze_a_trains_only_b(trainer, task):
+    """FFA-LoRA / FedSVD jobs: every lora_A comes back bit-identical, every lora_B moves; a normal job moves A too."""
+    init = initial_adapter(task, 4, LORA, seed=0)
+    init = {k: v + np.float32(0.01) if ".lora_B." in k else v for k, v in init.items()}  # B ≠ 0: A gets gradients
+    frozen = trainer.train(TrainJob(arrays=init, rank=4, base_version=0, local_steps=2, batch_size=4, lr=1e-2,
+                                    freeze_a=True)).arrays
+    a_keys = [k for k in init if ".lora_A." in k]
+    b_keys = [k for k in init if ".lora_B." in k]
+    assert a_keys and all(np.array_equal(frozen[k], init[k]) for k in a_keys)
+    assert all(not np.array_equal(frozen[k], init[k]) for k in b_keys)
+    both = trainer.train(TrainJob(arrays=init, rank=4, base_version=0, local_steps=2, batch_size=4, lr=1e-2)).arrays
+    assert any(not np.array_equal(both[k], init[k]) for k in a_keys)  # the flag is per job, not sticky

@@ -45,6 +45,7 @@ def _train_request(msg: Message) -> trainer_pb2.TrainRequest:
         software_version=str(cfg[wire.SOFTWARE]), arrays=wire.encode_tensors(arrays),
         frozen=wire.encode_tensors(frozen), lora=_lora(LoraSpec.from_record(cfg)),
         task_spec=wire.task_spec_proto(cfg), eval_fraction=float(cfg.get(wire.EVAL_FRACTION, 0.0)),
+        freeze_a=bool(cfg.get(wire.FREEZE_A, False)),
     )
 
 

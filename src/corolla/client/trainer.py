@@ -52,6 +52,8 @@ class TrainJob:
     lora: LoraSpec = dataclasses.field(default_factory=LoraSpec)
     #: the share of the silo the run holds out for site evaluation: never trained on (0: train on all of it)
     eval_fraction: float = 0.0
+    #: train only the B factors: every lora_A comes back exactly as sent (FFA-LoRA, FedSVD)
+    freeze_a: bool = False
 
 
 @dataclass(frozen=True)
@@ -292,6 +294,7 @@ class Trainer:
             arrays, stats = model.train(
                 job.arrays, job.rank, data, lora=job.lora, steps=job.local_steps, batch_size=job.batch_size,
                 lr=job.lr, seed=(job.seed * 1_000_003 + digest) % 2**62, prox_mu=job.prox_mu, frozen=job.frozen,
+                freeze_a=job.freeze_a,
             )
         except (ValueError, RuntimeError) as e:
             raise TrainerError(f"training failed: {e}") from e

@@ -44,7 +44,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
                 prox_mu=request.prox_mu, seed=request.seed, pushed_at=request.pushed_at,
                 frozen=wire.decode_tensors(request.frozen),
                 software_version=request.software_version, lora=lora_from_proto(request.lora),
-                eval_fraction=request.eval_fraction,
+                eval_fraction=request.eval_fraction, freeze_a=request.freeze_a,
             )
             r = self.trainer.train(job)
         except (wire.WireError, ValueError) as e:

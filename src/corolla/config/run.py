@@ -17,7 +17,7 @@ from corolla.modelinfo import DECODER_TYPES, ModelError, is_model_path, read_mod
 from corolla.precision import WIRE_DTYPES
 from corolla.spec import AUTO, DEFAULT_TASK, LORA_DTYPES, TASKS, LoraSpec, TaskInfo, TaskSpec, parse_labels, parse_modules
 from corolla.strategies.guard import GuardConfig
-from corolla.strategies.privacy import PrivacyConfig
+from corolla.strategies.privacy import DP_AGGREGATIONS, PrivacyConfig
 from corolla.strategies.registry import (
     ASYNC_RULES,
     AUTO_AGGREGATION,
@@ -251,6 +251,9 @@ class RunConfig:
         self._check_sim_data()
         self._check_evaluation()
         self._check_privacy()
+        if self.aggregation == "fedsvd" and self.server_optimizer != "sgd":
+            raise ConfigError(f"aggregation=fedsvd re-factorizes B·A every version, so B changes basis each time and "
+                              f"server-optimizer={self.server_optimizer}'s memory would mix bases; use server-optimizer=sgd.")
         if len(self.label_tuple()) == 1:
             raise ConfigError(f"`labels` = {self.labels!r} holds one class; a classifier needs at least two.")
         self._check_ranks()
@@ -304,10 +307,10 @@ class RunConfig:
         if self.selector != "random":
             raise ConfigError(f"`dp` = central needs selector=random: {self.selector} picks sites by what they sent "
                               "(losses, durations), so the accountant's uniform subsampling would overstate the privacy.")
-        if self.aggregation not in ("fedavg", AUTO_AGGREGATION):
+        if self.aggregation not in (*DP_AGGREGATIONS, AUTO_AGGREGATION):
             raise ConfigError(f"`dp` = central adds its noise to the average of what sites send, which is the step of "
-                              f"fedavg only; aggregation={self.aggregation} combines them non-linearly (products, "
-                              "medians): use aggregation=fedavg.")
+                              f"{', '.join(DP_AGGREGATIONS)} only; aggregation={self.aggregation} combines them "
+                              "non-linearly (products, medians): use one of those.")
         if dp.adaptive_clip and dp.noise_multiplier >= 0.1 * self.clients_per_round:
             raise ConfigError(f"`dp-adaptive-clip` needs clients-per-round > 10 × dp-noise-multiplier "
                               f"({self.clients_per_round} <= 10 × {dp.noise_multiplier:g}): the noised count of "

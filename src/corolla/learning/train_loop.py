@@ -301,6 +301,7 @@ class AdapterModel:
         seed: int,
         prox_mu: float = 0.0,
         frozen: Mapping[str, np.ndarray] | None = None,
+        freeze_a: bool = False,
     ) -> tuple[dict[str, np.ndarray], TrainStats]:
         """Train the adapter from `arrays` for `steps` AdamW steps; return new arrays and telemetry.
 
@@ -312,6 +313,11 @@ class AdapterModel:
         self.set_base_deltas(frozen or {})
         model = self.load(arrays, rank, lora)
         model.train()
+        if self.task.uses_lora:  # FFA-LoRA / FedSVD train only B; every other job trains both factors
+            a_of_this_adapter = f".lora_A.{self.adapter_name(rank, lora)}."
+            for name, p in model.named_parameters():
+                if a_of_this_adapter in name:
+                    p.requires_grad_(not freeze_a)
         params = [p for p in model.parameters() if p.requires_grad]
         anchor = [p.detach().clone() for p in params] if prox_mu > 0 else []
         # fused on CUDA: one kernel for every LoRA tensor instead of several per tensor (a small model's GPU step is

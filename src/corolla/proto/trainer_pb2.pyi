@@ -99,7 +99,7 @@ class LoraSpec(_message.Message):
     def __init__(self, alpha: _Optional[float] = ..., rslora: _Optional[bool] = ..., target_modules: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("base_version", "rank", "local_steps", "batch_size", "lr", "prox_mu", "seed", "pushed_at", "software_version", "arrays", "frozen", "lora", "task_spec", "eval_fraction")
+    __slots__ = ("base_version", "rank", "local_steps", "batch_size", "lr", "prox_mu", "seed", "pushed_at", "software_version", "arrays", "frozen", "lora", "task_spec", "eval_fraction", "freeze_a")
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +114,7 @@ class TrainRequest(_message.Message):
     LORA_FIELD_NUMBER: _ClassVar[int]
     TASK_SPEC_FIELD_NUMBER: _ClassVar[int]
     EVAL_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    FREEZE_A_FIELD_NUMBER: _ClassVar[int]
     base_version: int
     rank: int
     local_steps: int
@@ -128,7 +129,8 @@ class TrainRequest(_message.Message):
     lora: LoraSpec
     task_spec: TaskSpec
     eval_fraction: float
-    def __init__(self, base_version: _Optional[int] = ..., rank: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., prox_mu: _Optional[float] = ..., seed: _Optional[int] = ..., pushed_at: _Optional[float] = ..., software_version: _Optional[str] = ..., arrays: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., frozen: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ..., task_spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., eval_fraction: _Optional[float] = ...) -> None: ...
+    freeze_a: bool
+    def __init__(self, base_version: _Optional[int] = ..., rank: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., prox_mu: _Optional[float] = ..., seed: _Optional[int] = ..., pushed_at: _Optional[float] = ..., software_version: _Optional[str] = ..., arrays: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., frozen: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ..., task_spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., eval_fraction: _Optional[float] = ..., freeze_a: _Optional[bool] = ...) -> None: ...
 
 class TrainReply(_message.Message):
     __slots__ = ("metadata", "arrays")

@@ -40,6 +40,8 @@ class JobConfig:
     eval_fraction: float = 0.0
     #: each site evaluates on at most this many of its held-out rows (0: all)
     eval_examples: int = 0
+    #: sites train only B (the aggregator keeps A: FFA-LoRA, FedSVD)
+    freeze_a: bool = False
 
 
 def nbytes(arrays: Mapping[str, Any], dtype: str = "float32") -> int:
@@ -63,8 +65,8 @@ def train_message(node_id: int, dispatch: Dispatch, job: JobConfig, seed: int, p
         wire.SERVER_ROUND: dispatch.version + 1, wire.MODEL_VERSION: dispatch.version,
         wire.LORA_RANK: dispatch.rank, wire.LOCAL_STEPS: job.local_steps, wire.BATCH_SIZE: job.batch_size,
         wire.LR: job.lr, wire.PROX_MU: job.prox_mu, wire.SEED: seed, wire.PUSHED_AT: pushed_at,
-        wire.SOFTWARE: wire.SOFTWARE_VERSION, wire.EVAL_FRACTION: job.eval_fraction, **job.lora.to_record(),
-        **job.task,
+        wire.SOFTWARE: wire.SOFTWARE_VERSION, wire.EVAL_FRACTION: job.eval_fraction, wire.FREEZE_A: job.freeze_a,
+        **job.lora.to_record(), **job.task,
     })
     return Message(_model_content(dispatch, config, job.lora.wire_dtype), dst_node_id=node_id,
                    message_type=MessageType.TRAIN, ttl=ttl)

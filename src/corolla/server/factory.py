@@ -14,7 +14,7 @@ from corolla.strategies.base import Aggregator, Selector
 from corolla.strategies.fedavg import FedAvg
 from corolla.strategies.fedbuff import AsyncRule
 from corolla.strategies.guard import GuardConfig, UpdateGuard
-from corolla.strategies.privacy import GaussianMechanism
+from corolla.strategies.privacy import DP_AGGREGATIONS, GaussianMechanism
 from corolla.strategies.registry import resolve_aggregation as resolve_name
 
 
@@ -29,7 +29,7 @@ def resolve_aggregation(cfg: RunConfig, ranks: list[int]) -> tuple[str, int]:
     start from an adapter at `max-rank`. A task that trains the whole model has rank 0.
     """
     name = resolve_name(cfg.aggregation, ranks)
-    if cfg.privacy().enabled and name != "fedavg":
+    if cfg.privacy().enabled and name not in DP_AGGREGATIONS:
         raise ConfigError(f"`dp` = central needs one rank for all sites (fedavg), but the joined nodes declare ranks "
                           f"{sorted(set(ranks))} (aggregation auto → {name}); start every site at the same --rank or "
                           "set aggregation=fedavg.")

@@ -221,7 +221,8 @@ class Federation:
         return JobConfig(local_steps=c.local_steps, batch_size=c.batch_size, lr=c.lr * c.lr_decay**version,
                          prox_mu=c.prox_mu, lora=c.lora_spec(), task=self.nodes.task,
                          eval_fraction=c.eval_fraction if c.evaluates_on_sites() else 0.0,
-                         eval_examples=c.eval_examples)
+                         eval_examples=c.eval_examples,
+                         freeze_a=self._aggregator is not None and not self._aggregator.trains_a)
 
     def job_seed(self, version: int) -> int:
         """The seed of every job of `version`; each trainer mixes in a digest of its own silo.

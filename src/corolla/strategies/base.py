@@ -165,6 +165,8 @@ class Aggregator(ABC):
     #: s(τ), FedFix's d_i), which is only safe for an `apply` that adds Σ w_i (returned_i − sent_i):
     #: unchanged replies then change nothing. One that replaces the model by Σ w_i x_i shrinks it.
     supports_async: ClassVar[bool] = True
+    #: False: sites keep every lora_A frozen and train only B (FFA-LoRA, FedSVD); the train message says so
+    trains_a: ClassVar[bool] = True
 
     def __init__(self, initial: Arrays, lora: LoraSpec) -> None:
         self.lora = lora

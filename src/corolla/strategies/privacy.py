@@ -45,6 +45,9 @@ from corolla.strategies.guard import GuardNote, clip_update, update_norm
 from corolla.strategies.options import option
 
 DP_MODES = ("off", "central")
+#: the aggregators whose step is linear in what sites send (FFA and FedSVD: in B, A being fixed; FedSVD's SVD is
+#: post-processing of the averaged state), so the noise on the average is noise on the step
+DP_AGGREGATIONS = ("fedavg", "ffa", "fedsvd")
 
 
 @dataclass(frozen=True)

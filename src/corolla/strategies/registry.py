@@ -15,6 +15,7 @@ from corolla.strategies.fedavg import FedAvg
 from corolla.strategies.fedbuff import AsyncRule, FedAsync, FedAsyncConfig, FedBuff, FedBuffConfig
 from corolla.strategies.fedfix import FedFix, FedFixConfig
 from corolla.strategies.fedhl import FedHL, FedHLConfig, FlexLoRAConfig, MaxRankConfig
+from corolla.strategies.fedsvd import FedSVD, FrozenA
 from corolla.strategies.flexlora import FlexLoRA
 from corolla.strategies.flora import FLoRA
 from corolla.strategies.hetero_select import HeteRoSelect
@@ -43,6 +44,8 @@ from corolla.strategies.uniform import UniformSelector
 AGGREGATORS: Registry[Aggregator] = Registry("aggregation")
 AGGREGATORS.register("fedavg", FedAvg, None, "FedAvg on A, B and dense parameters (one rank for all clients)")
 AGGREGATORS.register("fedhl", FedHL, FedHLConfig, "FedHL: full-rank global update, unbiased mixed-rank aggregation")
+AGGREGATORS.register("ffa", FrozenA, None, "FFA-LoRA: sites train only B on the seeded, frozen A (one rank; sync)")
+AGGREGATORS.register("fedsvd", FedSVD, None, "FedSVD: sites train only B; B·A re-factorized by SVD each version (one rank; sync)")
 AGGREGATORS.register("hetlora", HetLoRA, MaxRankConfig, "HetLoRA: zero-padded factor averaging (baseline)")
 AGGREGATORS.register("flexlora", FlexLoRA, FlexLoRAConfig, "FlexLoRA: averaged ΔW redistributed by SVD (baseline)")
 AGGREGATORS.register("flora", FLoRA, MaxRankConfig, "FLoRA: stacked factors merged into the base (baseline)")
