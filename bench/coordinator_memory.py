@@ -23,10 +23,12 @@ server` (SuperLink, SuperExec, the ServerApp process `flwr-serverapp`, `flwr run
 chat-bot small talk, at rank 4. Every process of the server's tree and of each client's
 tree is sampled from /proc (VmHWM, VmRSS, command line) every 0.2 s until it exits; a
 process's peak is the last VmHWM read. Cases: SmolLM2-135M (2 rounds, 1 local step,
-batch 2, 32 tokens) and a randomly initialised 1.17B-parameter Llama (TinyLlama's
-layout with SmolLM2's 49,152-token vocabulary and tokenizer, so the sites can
-tokenize; bf16, 3 shards; 1 round, 1 local step, batch 1, 16 tokens; the second client
-starts once the first has loaded the model).
+batch 2, max-length 96: every answer whole) and a randomly initialised 1.17B-parameter
+Llama (TinyLlama's layout with SmolLM2's 49,152-token vocabulary and tokenizer, so the
+sites can tokenize; bf16, 3 shards; 1 round, 1 local step, batch 1, max-length the
+longest templated prompt + 1, the smallest that scores answer tokens of every row; the
+second client starts once the first has loaded the model). A run whose sites did not
+score answers (a site's evaluation failed, or a loss of 0) stops the script with an error.
 
     .venv/bin/python bench/coordinator_memory.py [--only component|federation] [--skip-full-big]
         [--skip-federation-big] [--keep DIR]
@@ -191,6 +193,27 @@ def write_silos(folder: Path, num: int = 2, rows: int = 36) -> list[Path]:
     return paths
 
 
+def answer_tokens(folder: str, silos: list[Path] | None = None) -> dict[str, int]:
+    """Token counts of the silos' rows as the causal-LM task encodes them (chat template, the folder's tokenizer).
+
+    `prompt`: the templated prompt, up to where the answer starts; `full`: prompt + answer + end
+    of turn. A row's answer is scored from position `prompt` on (the next-token targets), so a
+    max-length of at least max(prompt) + 1 scores some answer tokens of every row and one of at
+    least max(full) scores every answer whole.
+    """
+    from corolla.learning.tasks import build_task
+    from corolla.spec import TaskSpec
+
+    task = build_task(TaskSpec(task="causal-lm", model=folder))
+    if silos:
+        rows = [json.loads(x) for p in silos for x in p.read_text().splitlines() if x.strip()]
+        pairs = [(r["prompt"], r["response"]) for r in rows]
+    else:
+        pairs = [(q.format(t=t), a.format(t=t, T=t[0].upper() + t[1:])) for t in TOPICS for q, a in ASKS]
+    heads, fulls = zip(*((len(h), len(f)) for h, f in (task._render(q, a) for q, a in pairs)))
+    return {"prompt_min": min(heads), "prompt_max": max(heads), "full_min": min(fulls), "full_max": max(fulls)}
+
+
 def write_federation_llama(folder: Path, smollm2: str) -> int:
     """A random bf16 Llama of 1.17 B parameters with SmolLM2's tokenizer (vocabulary 49152); its parameter count."""
     n = write_random_llama(folder, vocab=49152)
@@ -347,12 +370,21 @@ def run_federation(label: str, folder: str, work: Path, *, rounds: int, steps: i
         delta_bytes = sum(z[k].nbytes for k in z.files if k.startswith("delta/"))
         dense_bytes = sum(z[k].nbytes for k in z.files if k.startswith("dense/"))
         factor_bytes = sum(rank * (z[k].shape[0] + z[k].shape[1]) * 4 for k in z.files if k.startswith("delta/"))
+        largest = max(z[k].nbytes for k in z.files if k.startswith("delta/"))
     evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    site_losses = [{n: s["loss"] for n, s in (e.get("sites") or {}).items()} for e in evals]
+    failures = [e["site_failures"] for e in evals if e.get("site_failures")]
+    scored = bool(evals) and not failures and all(len(s) == 2 and all(x > 0 for x in s.values()) for s in site_losses)
+    if not scored:  # a site whose held-out answers are all cut away fails its evaluation: the run did not learn
+        raise RuntimeError(f"{label}: the sites' answers were not scored at max-length {max_length}: "
+                           f"site losses {site_losses}, failures {failures}")
     return {"part": "federation", "model": label, "folder_weights_gb": weights_gb(folder), "rounds": rounds,
             "local_steps": steps, "batch_size": batch, "max_length": max_length, "rank": rank,
             "aggregation": summary.get("aggregation"), "evaluation": summary.get("evaluation"),
             "versions": summary.get("versions"), "site_accuracy": [e.get("site_accuracy") for e in evals],
-            "site_loss": [e.get("site_loss") for e in evals],
+            "site_loss": [e.get("site_loss") for e in evals], "site_losses": site_losses,
+            "site_failures": failures, "answers_scored": scored, "tokens": answer_tokens(folder, silos),
+            "largest_layer_delta_mb": largest / 2**20,
             "factor_state_mb": factor_bytes / 2**20, "delta_state_mb": delta_bytes / 2**20,
             "dense_params_mb": dense_bytes / 2**20, "seconds": seconds, "processes": rows,
             "tree_peak_gb": {k: v / GIB for k, v in sampler.tree_peak.items()}}
@@ -362,7 +394,8 @@ def federation(tmp: Path, *, big: bool) -> list[dict]:
     from corolla.learning import models
 
     smol = models.smollm2_path()
-    rows = [run_federation("SmolLM2-135M", smol, tmp / "fed-smollm2", rounds=2, steps=1, batch=2, max_length=32)]
+    # 96 tokens: every answer whole (the chat template's system line and user turn alone take 36-39 tokens)
+    rows = [run_federation("SmolLM2-135M", smol, tmp / "fed-smollm2", rounds=2, steps=1, batch=2, max_length=96)]
     print_federation(rows[-1])
     if big:
         folder = tmp / "llama-1.17b-smollm2-vocab"
@@ -374,8 +407,11 @@ def federation(tmp: Path, *, big: bool) -> list[dict]:
             n = int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
                                    env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout)
             print(f"wrote a random Llama of {n / 1e9:.2f} B parameters into {folder} in {time.perf_counter() - t0:.0f} s")
+        # the smallest max-length that scores answer tokens of every row (the longest templated prompt + 1): the
+        # trainers' activations stay small on 2 CPU cores, while the sites' losses are over real answer tokens
+        shortest = answer_tokens(str(folder))["prompt_max"] + 1
         rows.append(run_federation("Llama 1.17B (random, bf16, SmolLM2 vocabulary)", str(folder), tmp / "fed-llama",
-                                   rounds=1, steps=1, batch=1, max_length=16, stagger=True))
+                                   rounds=1, steps=1, batch=1, max_length=shortest, stagger=True))
         print_federation(rows[-1])
     return rows
 
@@ -510,11 +546,23 @@ def serverapp_peak(r: dict) -> float:
     return max(p["peak_bytes"] for p in r["processes"] if p["tree"] == "server" and p["role"].startswith("ServerApp")) / GIB
 
 
+def scored_text(r: dict) -> str:
+    """How much of each answer a run scored, from its max-length and the rows' token counts."""
+    t, n = r.get("tokens"), r["max_length"]
+    if not t:
+        return ""
+    if n >= t["full_max"]:
+        return (f"every answer scored whole (templated prompts {t['prompt_min']}-{t['prompt_max']} tokens, "
+                f"whole rows {t['full_min']}-{t['full_max']})")
+    return (f"the first {max(n - t['prompt_max'], 0)}-{n - t['prompt_min']} answer tokens of each row scored "
+            f"(templated prompts {t['prompt_min']}-{t['prompt_max']} tokens, whole rows {t['full_min']}-{t['full_max']})")
+
+
 def federation_text(fed: list[dict]) -> str:
     """The federation part's section of the report (empty without rows)."""
     if not fed:
         return ""
-    head = ("| model | weights GB | aggregation | factor state MB | ΔW MB | ServerApp peak GB | "
+    head = ("| model | weights GB | aggregation | factor state MB | ΔW MB | largest layer ΔW MB | ServerApp peak GB | "
             f"target {TARGET_GB} GB + factors | met | ServerApp / weights | server tree Σ RSS peak GB | "
             "trainer peaks GB | seconds |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -522,20 +570,27 @@ def federation_text(fed: list[dict]) -> str:
         peak = serverapp_peak(r)
         target = TARGET_GB + r["factor_state_mb"] / 1024
         trainers = ", ".join(f"{m:.2f}" for tree, name, _, m in _by_role(r) if name.startswith("corolla client"))
+        largest = r.get("largest_layer_delta_mb")
         lines.append(f"| {r['model']} | {r['folder_weights_gb']:.2f} | {r['aggregation']} (rank {r['rank']}) | "
-                     f"{r['factor_state_mb']:.2f} | {r['delta_state_mb']:.1f} | **{peak:.2f}** | {target:.2f} | "
+                     f"{r['factor_state_mb']:.2f} | {r['delta_state_mb']:.1f} | "
+                     f"{'' if largest is None else f'{largest:.1f}'} | **{peak:.2f}** | {target:.2f} | "
                      f"{'met' if peak <= target else 'NO'} | {peak / r['folder_weights_gb']:.2f} | "
                      f"{r['tree_peak_gb']['server']:.2f} | {trainers} | {r['seconds']:.0f} |")
     per = ["| model | tree | process | processes | peak RSS GB (largest) |", "|---|---|---|---|---|"]
     for r in fed:
         for tree, name, n, m in _by_role(r):
             per.append(f"| {r['model']} | {tree} | {name} | {n} | {m:.2f} |")
+
+    def losses(r: dict) -> str:
+        per_site = r.get("site_losses") or []
+        return "; ".join(f"v{v}: " + ", ".join(f"{x:.3f}" for x in s.values()) for v, s in enumerate(per_site))
+
     runs = "\n".join(
         f"- {r['model']}: {r['rounds']} round(s), {r['local_steps']} local step, batch {r['batch_size']}, "
-        f"max-length {r['max_length']}, rank {r['rank']}, {r['versions']} version(s); evaluation "
-        f"`{r['evaluation']}`, aggregation `auto` → `{r['aggregation']}`; site losses per evaluation "
-        f"{[round(x, 4) if x is not None else None for x in r['site_loss']]}." for r in fed)
-    cut = [r["model"] for r in fed if all(not x for x in r["site_loss"])]
+        f"max-length {r['max_length']}: {scored_text(r)}; rank {r['rank']}, {r['versions']} version(s); evaluation "
+        f"`{r['evaluation']}`, aggregation `auto` → `{r['aggregation']}`. Answers scored: "
+        f"{'yes' if r.get('answers_scored') else 'NOT CHECKED'} (no `site_failures`; each site's held-out loss per "
+        f"version: {losses(r)})." for r in fed)
     reading = []
     for r in fed:
         peak, target = serverapp_peak(r), TARGET_GB + r["factor_state_mb"] / 1024
@@ -546,18 +601,21 @@ def federation_text(fed: list[dict]) -> str:
         small, large = min(fed, key=lambda r: r["folder_weights_gb"]), max(fed, key=lambda r: r["folder_weights_gb"])
         grew = serverapp_peak(large) - serverapp_peak(small)
         dw = (large["delta_state_mb"] - small["delta_state_mb"]) / 1024
-        reading.append(f"- From {small['model']} to {large['model']} the ServerApp grew by {grew:.2f} GB, about the "
-                       f"growth of the dense ΔW ({dw:.2f} GB), not of the weights "
-                       f"({large['folder_weights_gb'] - small['folder_weights_gb']:.2f} GB): what grows with the model "
-                       "is the ΔW the server builds at each evaluation and at the end, although the sites evaluate "
-                       "(it scales with the LoRA layers' d_out × d_in, not with the rank). FedAvg's own state, the "
-                       "factors, stays in megabytes.")
-    note = ("" if not cut else
-            f"\n\nIn {', '.join(cut)} every answer lies beyond max-length: SmolLM2's chat template alone (its "
-            "system line and the user turn) takes 32 tokens or more, so no response token is scored, training "
-            "steps have zero loss and the sites report loss 0.0 (perplexity 1.0) on their held-out rows. The "
-            "memory measured is unaffected: the same arrays of the same shapes travel, are aggregated and are "
-            "evaluated; it is not a run that learns.")
+        reading.append(f"- From {small['model']} to {large['model']} the ServerApp grew by {grew:.2f} GB, while the "
+                       f"weights grew by {large['folder_weights_gb'] - small['folder_weights_gb']:.2f} GB and the "
+                       f"whole dense ΔW by {dw:.2f} GB (to {large['delta_state_mb'] / 1024:.2f} GB). With only the "
+                       "sites evaluating, the ServerApp holds FedAvg's factors (megabytes) and at most one layer's "
+                       f"ΔW at a time ({large.get('largest_layer_delta_mb', 0):.0f} MB at most here), while "
+                       "it writes global.npz or best.npz: its peak follows neither the model's weights nor its "
+                       "whole ΔW.")
+    scored = [r for r in fed if r.get("answers_scored")]
+    note = ("" if not scored else
+            f"\n\nIn {', '.join(r['model'] for r in scored)} the sites scored response tokens: every site's held-out "
+            "loss is above 0 and no site failed its evaluation (a site whose held-out answers are all cut by "
+            "max-length fails it; the script stops with an error when a site fails or reports a loss of 0).")
+    if any("random" in r["model"] for r in scored):
+        note += (" A random model's losses stay near ln(vocabulary) (ln 49152 ≈ 10.8) after one round; they "
+                 "measure nothing but that answers were scored.")
     return f"""
 ## A real federation
 
@@ -569,12 +627,13 @@ process of the server's tree (`corolla server` → SuperLink → SuperExec → `
 and `flwr run`) and of each client's tree (the trainer runs inside `corolla client`; its
 SuperNode, SuperExec and one `flwr-clientapp` per message) is sampled from /proc every
 0.2 s until it exits; a process's peak is its VmHWM. The ServerApp (`flwr-serverapp`) is the
-process that runs corolla's server: the one held to {TARGET_GB} GB + the dense update state.
+process that runs corolla's server: the one held to {TARGET_GB} GB + the strategy's update state.
 `factor state`: the FedAvg aggregator's global A and B (float32), what it keeps between
-versions; `ΔW`: the dense s·B·A of every LoRA layer (float32) that the server also builds at
-each evaluation and at the end (`merged()`, held per pending evaluation, written to
-`best.npz`/`global.npz`). `server tree Σ RSS peak`: the largest sum of the server tree's
-VmRSS at one sample.
+versions and what the sites are sent to evaluate; `ΔW`: the size of the dense s·B·A of every
+LoRA layer (float32), what global.npz holds. With `evaluation=sites` the server builds no whole
+ΔW: global.npz (FedAvg) and best.npz (from the factors the sites scored) are written one layer's
+ΔW at a time; `largest layer ΔW` is the largest such array. `server tree Σ RSS peak`: the
+largest sum of the server tree's VmRSS at one sample.
 
 {chr(10).join(lines)}
 
