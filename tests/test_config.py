@@ -41,8 +41,8 @@ def test_from_mapping_coerces_strings():
     [
         ({"num-round": 3}, r"unknown configuration key\(s\) \['num-round'\]; valid keys are: .*num-rounds"),
         ({"aggregation": "fedsgd"},
-         r"`aggregation` = 'fedsgd' is not valid; choose one of \['auto', 'fedavg', 'fedhl', 'hetlora', 'flexlora', 'flora', "
-         r"'fedmedian', 'fedtrimmedavg'\]"),
+         r"`aggregation` = 'fedsgd' is not valid; choose one of \['auto', 'fedavg', 'fedhl', 'ffa', 'fedsvd', 'hetlora', "
+         r"'flexlora', 'flora', 'fedmedian', 'fedtrimmedavg'\]"),
         ({"num-rounds": "three"}, "`num-rounds` = 'three' is not a valid int"),
         ({"num-rounds": 2.5}, "`num-rounds` = 2.5 is not a valid int"),
         ({"num-rounds": 0}, "`num-rounds` = 0 is too small; it must be >= 1"),
