@@ -10,7 +10,8 @@ from tests.strategies.helpers import LAYERS, adapter, perturbed, update
 
 
 def test_registry_names():
-    assert sorted(AGGREGATORS) == ["fedavg", "fedhl", "fedmedian", "fedtrimmedavg", "flexlora", "flora", "hetlora"]
+    assert sorted(AGGREGATORS) == ["fedavg", "fedhl", "fedmedian", "fedsvd", "fedtrimmedavg", "ffa", "flexlora", "flora",
+                                   "hetlora"]
 
 
 def test_hetlora_norm_weights_hand_computed():
