@@ -30,7 +30,7 @@ def _metadata_metrics(meta: trainer_pb2.UpdateMetadata) -> MetricRecord:
         wire.LOSS_SQ_MEAN: float(meta.loss_sq_mean), wire.DURATION_S: float(meta.duration_s),
         wire.STEPS: int(meta.steps), wire.STARTED_AT: float(meta.started_at), wire.QUEUE_S: float(meta.queue_s),
         wire.MODEL_LOADS: int(meta.model_loads), wire.TRAINER_PID: int(meta.trainer_pid),
-        wire.SAMPLES: int(meta.samples),
+        wire.SAMPLES: int(meta.samples), wire.SITE_EPSILON: float(meta.site_epsilon),
     })
 
 
@@ -45,7 +45,8 @@ def _train_request(msg: Message) -> trainer_pb2.TrainRequest:
         software_version=str(cfg[wire.SOFTWARE]), arrays=wire.encode_tensors(arrays),
         frozen=wire.encode_tensors(frozen), lora=_lora(LoraSpec.from_record(cfg)),
         task_spec=wire.task_spec_proto(cfg), eval_fraction=float(cfg.get(wire.EVAL_FRACTION, 0.0)),
-        freeze_a=bool(cfg.get(wire.FREEZE_A, False)),
+        freeze_a=bool(cfg.get(wire.FREEZE_A, False)), dp_sgd_clip=float(cfg.get(wire.DP_SGD_CLIP, 0.0)),
+        dp_sgd_noise=float(cfg.get(wire.DP_SGD_NOISE, 0.0)), dp_delta=float(cfg.get(wire.DP_DELTA, 0.0)),
     )
 
 

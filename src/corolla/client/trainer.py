@@ -12,6 +12,7 @@ import dataclasses
 import gc
 import hashlib
 import logging
+import math
 import os
 import threading
 import time
@@ -54,6 +55,10 @@ class TrainJob:
     eval_fraction: float = 0.0
     #: train only the B factors: every lora_A comes back exactly as sent (FFA-LoRA, FedSVD)
     freeze_a: bool = False
+    #: > 0: DP-SGD (per-example clipping to this norm, noise dp_sgd_noise × it); ε reported at dp_delta
+    dp_sgd_clip: float = 0.0
+    dp_sgd_noise: float = 0.0
+    dp_delta: float = 1e-5
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,8 @@ class TrainResult:
     rank: int
     fingerprint: str
     queue_s: float
+    #: DP-SGD: this trainer's ε over every private job it ran (0: none)
+    site_epsilon: float = 0.0
 
 
 GIB = 1024**3
@@ -178,6 +185,8 @@ class Trainer:
         #: encodes the site's own evaluation set (`--eval-data`) for a task: the whole silo then trains
         self.eval_loader = eval_loader
         self.eval_data: EncodedData | None = None
+        #: DP-SGD's accountant over every private job of this trainer (sampling rate: batch / training rows)
+        self.site_accountant: object | None = None
         self._install(model, data)
 
     def _install(self, model: AdapterModel, data: EncodedData) -> None:
@@ -290,21 +299,41 @@ class Trainer:
             model, (data, _), rank, digest = self.model, self.split(job.eval_fraction), self.rank, self.digest
         if job.rank != rank:
             raise TrainerError(f"the server sent a rank-{job.rank} adapter to a rank-{rank} trainer.")
+        dp = training.DPSGD(clip=job.dp_sgd_clip, noise_multiplier=job.dp_sgd_noise) if job.dp_sgd_clip > 0 else None
+        if dp is not None and job.prox_mu > 0:
+            raise TrainerError("DP-SGD clips each example's gradient of the loss alone; the job's prox-mu term would "
+                               "escape the clipping: run DP-SGD with prox-mu 0.")
         try:
             arrays, stats = model.train(
                 job.arrays, job.rank, data, lora=job.lora, steps=job.local_steps, batch_size=job.batch_size,
                 lr=job.lr, seed=(job.seed * 1_000_003 + digest) % 2**62, prox_mu=job.prox_mu, frozen=job.frozen,
-                freeze_a=job.freeze_a,
+                freeze_a=job.freeze_a, dp_sgd=dp,
             )
         except (ValueError, RuntimeError) as e:
             raise TrainerError(f"training failed: {e}") from e
+        site_epsilon = self._charge(job, len(data)) if dp is not None else 0.0
         if self.slowdown > 1:  # emulate slower hardware: stretch the job to slowdown × its real duration
             time.sleep((self.slowdown - 1) * stats.duration_s)
             stats = dataclasses.replace(stats, duration_s=stats.duration_s * self.slowdown)
         queue_s = stats.started_at - job.pushed_at if job.pushed_at > 0 else float("nan")
         log.info("train: version %d, rank %d, %d steps, loss %.4f, %.2fs (queued %.2fs)",
                  job.base_version, job.rank, stats.steps, stats.loss_mean, stats.duration_s, queue_s)
-        return TrainResult(arrays, stats, job.base_version, job.rank, model.fingerprint, queue_s)
+        return TrainResult(arrays, stats, job.base_version, job.rank, model.fingerprint, queue_s, site_epsilon)
+
+    def _charge(self, job: TrainJob, rows: int) -> float:
+        """Charge a DP-SGD job's steps to this trainer's accountant (rate: batch / training rows); return ε so far."""
+        from opacus.accountants import RDPAccountant
+
+        if self.site_accountant is None:
+            self.site_accountant = RDPAccountant()
+        acc: RDPAccountant = self.site_accountant  # type: ignore[assignment]
+        q = min(1.0, job.batch_size / max(rows, 1))
+        for _ in range(job.local_steps):
+            acc.step(noise_multiplier=job.dp_sgd_noise, sample_rate=q)
+        eps = math.inf if job.dp_sgd_noise == 0 else float(acc.get_epsilon(job.dp_delta))
+        log.info("DP-SGD: %d steps at z %.3g, clip %.3g, rate %.3g: this site's ε = %.4g at δ = %g", job.local_steps,
+                 job.dp_sgd_noise, job.dp_sgd_clip, q, eps, job.dp_delta)
+        return eps
 
     def personalize(self, job: TrainJob, max_examples: int = 0) -> EvalStats:
         """Fine-tune the job's model on this site's training rows alone, then evaluate it on the held-out rows.

@@ -44,7 +44,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
                 prox_mu=request.prox_mu, seed=request.seed, pushed_at=request.pushed_at,
                 frozen=wire.decode_tensors(request.frozen),
                 software_version=request.software_version, lora=lora_from_proto(request.lora),
-                eval_fraction=request.eval_fraction, freeze_a=request.freeze_a,
+                eval_fraction=request.eval_fraction, freeze_a=request.freeze_a, dp_sgd_clip=request.dp_sgd_clip,
+                dp_sgd_noise=request.dp_sgd_noise, dp_delta=request.dp_delta,
             )
             r = self.trainer.train(job)
         except (wire.WireError, ValueError) as e:
@@ -56,6 +57,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
             num_examples=r.stats.num_examples, loss_mean=r.stats.loss_mean, loss_sq_mean=r.stats.loss_sq_mean,
             duration_s=r.stats.duration_s, steps=r.stats.steps, started_at=r.stats.started_at, queue_s=r.queue_s,
             model_loads=training.MODEL_LOADS, trainer_pid=os.getpid(), samples=r.stats.samples,
+            site_epsilon=r.site_epsilon,
         )
         return trainer_pb2.TrainReply(metadata=meta, arrays=wire.encode_tensors(r.arrays))
 

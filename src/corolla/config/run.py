@@ -158,8 +158,10 @@ class RunConfig:
     dp_adaptive_clip: bool = _privacy("dp-adaptive-clip")
     dp_target_quantile: float = _privacy("dp-target-quantile", when="dp-adaptive-clip=True")
     dp_clip_lr: float = _privacy("dp-clip-lr", when="dp-adaptive-clip=True")
-    dp_delta: float = _privacy("dp-delta")
+    dp_delta: float = _privacy("dp-delta", when=None)
     target_epsilon: float = _privacy("target-epsilon")
+    dp_sgd_clip: float = _privacy("dp-sgd-clip", when=None)
+    dp_sgd_noise_multiplier: float = _privacy("dp-sgd-noise-multiplier", when=None)
     dirichlet_alpha: float = field(default=0.5, metadata=_h("label skew of simulated silos (<= 0: IID)",
                                                             scope=SIMULATION_ONLY))
     sim_data: str = field(default="", metadata=_h(
@@ -251,6 +253,9 @@ class RunConfig:
         self._check_sim_data()
         self._check_evaluation()
         self._check_privacy()
+        if self.dp_sgd_clip > 0 and self.prox_mu > 0:
+            raise ConfigError("DP-SGD (dp-sgd-clip > 0) clips each example's gradient of the loss; the prox-mu term "
+                              "would escape the clipping: set prox-mu=0.")
         if self.aggregation == "fedsvd" and self.server_optimizer != "sgd":
             raise ConfigError(f"aggregation=fedsvd re-factorizes B·A every version, so B changes basis each time and "
                               f"server-optimizer={self.server_optimizer}'s memory would mix bases; use server-optimizer=sgd.")
@@ -428,6 +433,10 @@ class RunConfig:
             k, v = when.split("=")
             if str(getattr(self, k.replace("-", "_"))) != v:
                 return f"it applies only with {when} (this run has {k}={getattr(self, k.replace('-', '_'))})"
+        if key == "dp-delta" and self.dp == "off" and self.dp_sgd_clip == 0:
+            return "it is the δ of dp=central and of DP-SGD (dp-sgd-clip > 0), and this run uses neither"
+        if key == "dp-sgd-noise-multiplier" and self.dp_sgd_clip == 0:
+            return "it applies only with DP-SGD (dp-sgd-clip > 0)"
         if key in ("eval-fraction", "eval-sites", "personalize-steps") and not self.evaluates_on_sites():
             return f"sites evaluate only with evaluation=sites or both (this run evaluates on the {self.resolved_evaluation()})"
         if key in ("staleness", "staleness-exponent") and self.mode == "async":

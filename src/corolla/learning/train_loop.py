@@ -141,6 +141,14 @@ def explained_targets(lora: LoraSpec) -> Iterator[None]:
 
 
 @dataclass(frozen=True)
+class DPSGD:
+    """Sample-level DP-SGD at a site: each example's gradient clipped to `clip`, noise z·clip on the sum."""
+
+    clip: float
+    noise_multiplier: float
+
+
+@dataclass(frozen=True)
 class TrainStats:
     """What one local training job measured (the selectors' telemetry)."""
 
@@ -302,11 +310,13 @@ class AdapterModel:
         prox_mu: float = 0.0,
         frozen: Mapping[str, np.ndarray] | None = None,
         freeze_a: bool = False,
+        dp_sgd: DPSGD | None = None,
     ) -> tuple[dict[str, np.ndarray], TrainStats]:
         """Train the adapter from `arrays` for `steps` AdamW steps; return new arrays and telemetry.
 
         `frozen` (`<layer>.base_delta` → ΔW) is added to the frozen base weights for
         this job only (FLoRA's merged update); without it the base is the original.
+        `dp_sgd`: every step clips each example's gradient and adds Gaussian noise (DP-SGD).
         """
         started = time.time()
         t0 = time.perf_counter()
@@ -333,14 +343,17 @@ class AdapterModel:
             for _ in range(steps):
                 idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
                 inputs, labels = data.batch(idx, self.device)
-                with autocast(self.device, lora.dtype):
-                    logits = self.task.logits(model, inputs).float()
-                per_example = self.task.per_example_loss(logits, labels)
-                loss = per_example.mean()
-                if prox_mu > 0:
-                    loss = loss + 0.5 * prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if dp_sgd is not None:
+                    per_example = self._private_gradients(model, params, inputs, labels, lora, dp_sgd, gen)
+                else:
+                    with autocast(self.device, lora.dtype):
+                        logits = self.task.logits(model, inputs).float()
+                    per_example = self.task.per_example_loss(logits, labels)
+                    loss = per_example.mean()
+                    if prox_mu > 0:
+                        loss = loss + 0.5 * prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+                    loss.backward()
                 opt.step()
                 losses.extend(per_example.detach().float().cpu().tolist())
         model.eval()
@@ -355,6 +368,36 @@ class AdapterModel:
             samples=len(losses),
         )
         return self.state(rank, lora), stats
+
+    def _private_gradients(self, model: nn.Module, params: list[torch.Tensor], inputs: dict[str, torch.Tensor],
+                           labels: torch.Tensor, lora: LoraSpec, dp: DPSGD, gen: torch.Generator) -> torch.Tensor:
+        """Set each param's .grad to DP-SGD's (Σ_i clip(g_i, C) + N(0, (zC)²)) / B; return the per-example losses.
+
+        Per-example gradients come from one backward pass per example (only the LoRA and head
+        parameters require gradients): exact for any model, B times the cost of a plain step.
+        Without noise and with no gradient above C it equals the plain step's mean gradient.
+        """
+        b = int(labels.shape[0])
+        summed = [torch.zeros_like(p) for p in params]
+        losses = []
+        for i in range(b):
+            one = {k: v[i:i + 1] for k, v in inputs.items()}
+            with autocast(self.device, lora.dtype):
+                logits = self.task.logits(model, one).float()
+            loss = self.task.per_example_loss(logits, labels[i:i + 1])
+            grads = torch.autograd.grad(loss.sum(), params, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+            norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads))
+            factor = min(1.0, dp.clip / (float(norm) + 1e-12))
+            for s, g in zip(summed, grads):
+                s.add_(g, alpha=factor)
+            losses.append(loss.detach())
+        for s, p in zip(summed, params):
+            if dp.noise_multiplier > 0:
+                noise = torch.normal(0.0, dp.noise_multiplier * dp.clip, size=tuple(s.shape), generator=gen)
+                s.add_(noise.to(s.device, s.dtype))
+            p.grad = s / b
+        return torch.cat(losses)
 
     def evaluate(self, arrays: Mapping[str, np.ndarray], rank: int, data: EncodedData, lora: LoraSpec,
                  frozen: Mapping[str, np.ndarray] | None = None, generate: int = 0) -> EvalStats:

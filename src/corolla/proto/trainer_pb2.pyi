@@ -57,7 +57,7 @@ class TaskSpec(_message.Message):
     def __init__(self, task: _Optional[str] = ..., model: _Optional[str] = ..., dataset: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., max_length: _Optional[int] = ..., fingerprint: _Optional[str] = ...) -> None: ...
 
 class UpdateMetadata(_message.Message):
-    __slots__ = ("model_fingerprint", "base_version", "rank", "num_examples", "loss_mean", "loss_sq_mean", "duration_s", "steps", "started_at", "queue_s", "model_loads", "trainer_pid", "samples")
+    __slots__ = ("model_fingerprint", "base_version", "rank", "num_examples", "loss_mean", "loss_sq_mean", "duration_s", "steps", "started_at", "queue_s", "model_loads", "trainer_pid", "samples", "site_epsilon")
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,7 @@ class UpdateMetadata(_message.Message):
     MODEL_LOADS_FIELD_NUMBER: _ClassVar[int]
     TRAINER_PID_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SITE_EPSILON_FIELD_NUMBER: _ClassVar[int]
     model_fingerprint: str
     base_version: int
     rank: int
@@ -84,7 +85,8 @@ class UpdateMetadata(_message.Message):
     model_loads: int
     trainer_pid: int
     samples: int
-    def __init__(self, model_fingerprint: _Optional[str] = ..., base_version: _Optional[int] = ..., rank: _Optional[int] = ..., num_examples: _Optional[int] = ..., loss_mean: _Optional[float] = ..., loss_sq_mean: _Optional[float] = ..., duration_s: _Optional[float] = ..., steps: _Optional[int] = ..., started_at: _Optional[float] = ..., queue_s: _Optional[float] = ..., model_loads: _Optional[int] = ..., trainer_pid: _Optional[int] = ..., samples: _Optional[int] = ...) -> None: ...
+    site_epsilon: float
+    def __init__(self, model_fingerprint: _Optional[str] = ..., base_version: _Optional[int] = ..., rank: _Optional[int] = ..., num_examples: _Optional[int] = ..., loss_mean: _Optional[float] = ..., loss_sq_mean: _Optional[float] = ..., duration_s: _Optional[float] = ..., steps: _Optional[int] = ..., started_at: _Optional[float] = ..., queue_s: _Optional[float] = ..., model_loads: _Optional[int] = ..., trainer_pid: _Optional[int] = ..., samples: _Optional[int] = ..., site_epsilon: _Optional[float] = ...) -> None: ...
 
 class LoraSpec(_message.Message):
     __slots__ = ("alpha", "rslora", "target_modules", "dtype")
@@ -99,7 +101,7 @@ class LoraSpec(_message.Message):
     def __init__(self, alpha: _Optional[float] = ..., rslora: _Optional[bool] = ..., target_modules: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("base_version", "rank", "local_steps", "batch_size", "lr", "prox_mu", "seed", "pushed_at", "software_version", "arrays", "frozen", "lora", "task_spec", "eval_fraction", "freeze_a")
+    __slots__ = ("base_version", "rank", "local_steps", "batch_size", "lr", "prox_mu", "seed", "pushed_at", "software_version", "arrays", "frozen", "lora", "task_spec", "eval_fraction", "freeze_a", "dp_sgd_clip", "dp_sgd_noise", "dp_delta")
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +117,9 @@ class TrainRequest(_message.Message):
     TASK_SPEC_FIELD_NUMBER: _ClassVar[int]
     EVAL_FRACTION_FIELD_NUMBER: _ClassVar[int]
     FREEZE_A_FIELD_NUMBER: _ClassVar[int]
+    DP_SGD_CLIP_FIELD_NUMBER: _ClassVar[int]
+    DP_SGD_NOISE_FIELD_NUMBER: _ClassVar[int]
+    DP_DELTA_FIELD_NUMBER: _ClassVar[int]
     base_version: int
     rank: int
     local_steps: int
@@ -130,7 +135,10 @@ class TrainRequest(_message.Message):
     task_spec: TaskSpec
     eval_fraction: float
     freeze_a: bool
-    def __init__(self, base_version: _Optional[int] = ..., rank: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., prox_mu: _Optional[float] = ..., seed: _Optional[int] = ..., pushed_at: _Optional[float] = ..., software_version: _Optional[str] = ..., arrays: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., frozen: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ..., task_spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., eval_fraction: _Optional[float] = ..., freeze_a: _Optional[bool] = ...) -> None: ...
+    dp_sgd_clip: float
+    dp_sgd_noise: float
+    dp_delta: float
+    def __init__(self, base_version: _Optional[int] = ..., rank: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., prox_mu: _Optional[float] = ..., seed: _Optional[int] = ..., pushed_at: _Optional[float] = ..., software_version: _Optional[str] = ..., arrays: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., frozen: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ..., task_spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., eval_fraction: _Optional[float] = ..., freeze_a: _Optional[bool] = ..., dp_sgd_clip: _Optional[float] = ..., dp_sgd_noise: _Optional[float] = ..., dp_delta: _Optional[float] = ...) -> None: ...
 
 class TrainReply(_message.Message):
     __slots__ = ("metadata", "arrays")

@@ -42,6 +42,10 @@ class JobConfig:
     eval_examples: int = 0
     #: sites train only B (the aggregator keeps A: FFA-LoRA, FedSVD)
     freeze_a: bool = False
+    #: DP-SGD at the sites (clip 0: off) and the δ they report ε at
+    dp_sgd_clip: float = 0.0
+    dp_sgd_noise: float = 0.0
+    dp_delta: float = 1e-5
 
 
 def nbytes(arrays: Mapping[str, Any], dtype: str = "float32") -> int:
@@ -66,6 +70,7 @@ def train_message(node_id: int, dispatch: Dispatch, job: JobConfig, seed: int, p
         wire.LORA_RANK: dispatch.rank, wire.LOCAL_STEPS: job.local_steps, wire.BATCH_SIZE: job.batch_size,
         wire.LR: job.lr, wire.PROX_MU: job.prox_mu, wire.SEED: seed, wire.PUSHED_AT: pushed_at,
         wire.SOFTWARE: wire.SOFTWARE_VERSION, wire.EVAL_FRACTION: job.eval_fraction, wire.FREEZE_A: job.freeze_a,
+        wire.DP_SGD_CLIP: job.dp_sgd_clip, wire.DP_SGD_NOISE: job.dp_sgd_noise, wire.DP_DELTA: job.dp_delta,
         **job.lora.to_record(), **job.task,
     })
     return Message(_model_content(dispatch, config, job.lora.wire_dtype), dst_node_id=node_id,

@@ -93,6 +93,8 @@ class Federation:
         self.accountant = Accountant(self.privacy.delta) if self.privacy.enabled else None
         #: why the run stopped before num-rounds (the privacy budget), None while it goes on
         self.stopped: str | None = None
+        #: DP-SGD: the largest ε a site reported for itself (its own accountant over its private jobs)
+        self.max_site_epsilon: float | None = None
         self.train_start = self.clock.monotonic()
 
     @property
@@ -222,7 +224,8 @@ class Federation:
                          prox_mu=c.prox_mu, lora=c.lora_spec(), task=self.nodes.task,
                          eval_fraction=c.eval_fraction if c.evaluates_on_sites() else 0.0,
                          eval_examples=c.eval_examples,
-                         freeze_a=self._aggregator is not None and not self._aggregator.trains_a)
+                         freeze_a=self._aggregator is not None and not self._aggregator.trains_a,
+                         dp_sgd_clip=c.dp_sgd_clip, dp_sgd_noise=c.dp_sgd_noise_multiplier, dp_delta=c.dp_delta)
 
     def job_seed(self, version: int) -> int:
         """The seed of every job of `version`; each trainer mixes in a digest of its own silo.
@@ -312,7 +315,10 @@ class Federation:
                        loss_mean=m.get(wire.LOSS_MEAN), duration_s=m.get(wire.DURATION_S),
                        queue_s=m.get(wire.QUEUE_S), model_loads=m.get(wire.MODEL_LOADS),
                        trainer_pid=m.get(wire.TRAINER_PID), job=update.job_id or None,
+                       site_epsilon=m.get(wire.SITE_EPSILON) or None,
                        examples_capped=update.notes.get("examples_capped"))
+        if row.get("site_epsilon") is not None:
+            self.max_site_epsilon = max(self.max_site_epsilon or 0.0, float(row["site_epsilon"]))
         if guard is not None:
             row.update(weight=guard.weight, update_norm=guard.norm, norm_bound=guard.bound, clipped=guard.clipped,
                        weight_capped_from=guard.weight_before_cap)
@@ -391,6 +397,8 @@ class Federation:
             (self.recorder.dir / "personalization.json").write_text(json.dumps(row, indent=2, sort_keys=True) + "\n")
             personal = {k: row[k] for k in ("site_personal_accuracy", "personalization_gap") if k in row}
         stopped = {"stopped_by": self.stopped} if self.stopped else {}
+        if self.max_site_epsilon is not None:
+            stopped["max_site_epsilon"] = self.max_site_epsilon
         summary = self.recorder.finish(**self.what_ran(), **personal, **self.privacy_row(), **stopped)
         write_report(self.recorder.dir)
         log.info("run finished: final accuracy %s, peak %s, %.1fs; report in %s",

@@ -107,6 +107,10 @@ def write_report(run_dir: str | Path) -> Path:
         lines.append(f"Differential privacy (client level, central): ε = {summary['epsilon']:.4g} at δ = "
                      f"{summary['dp_delta']:g} after {summary.get('versions')} versions (Opacus RDP accountant; "
                      f"dp-noise-multiplier {cfg.get('dp-noise-multiplier')}, dp-clip {cfg.get('dp-clip')}).")
+    if summary.get("max_site_epsilon") is not None:
+        lines.append(f"DP-SGD at the sites (dp-sgd-clip {cfg.get('dp-sgd-clip')}, noise multiplier "
+                     f"{cfg.get('dp-sgd-noise-multiplier')}): the largest ε a site reported for itself is "
+                     f"{summary['max_site_epsilon']:.4g} at δ = {cfg.get('dp-delta')} (per site in updates.jsonl).")
     if summary.get("stopped_by"):
         lines.append(f"The run stopped before num-rounds: {summary['stopped_by']}.")
     if summary.get("best_version") is not None:

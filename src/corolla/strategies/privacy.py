@@ -66,7 +66,11 @@ class PrivacyConfig:
     target_quantile: float = option(0.5, key="dp-target-quantile", help=(
         "γ: the share of updates adaptive clipping aims to leave unclipped"))
     clip_lr: float = option(0.2, key="dp-clip-lr", help="η: the step of adaptive clipping's geometric update")
-    delta: float = option(1e-5, key="dp-delta", help="δ at which ε is reported")
+    delta: float = option(1e-5, key="dp-delta", help="δ at which ε is reported (central DP and DP-SGD)")
+    sgd_clip: float = option(0.0, key="dp-sgd-clip", low=0.0, help=(
+        "sample-level DP-SGD at every site: each example's gradient (LoRA and head) clipped to this norm, Gaussian "
+        "noise dp-sgd-noise-multiplier × it on the sum; each site reports its own ε (0: off)"))
+    sgd_noise: float = option(1.0, key="dp-sgd-noise-multiplier", low=0.0, help="DP-SGD's noise multiplier z")
     target_epsilon: float = option(0.0, key="target-epsilon", low=0.0, help=(
         "the privacy budget: a run whose planned rounds would exceed it is refused, and a run stops before the "
         "version that would (0: no budget)"))
