@@ -249,8 +249,12 @@ def run_in_child(fn, args: tuple) -> dict:  # noqa: ANN001
 
 
 # ---------------------------------------------------------------------------------------------- report
-def summarise(res: dict, corpora: list[str], seeds: list[int], rounds: int, overrides: dict) -> tuple[str, dict]:
-    """Markdown table per corpus: mean ± sd over seeds and the ratio to the centralised level."""
+def summarise(res: dict, corpora: list[str], seeds: list[int], rounds: int, overrides: dict,
+              baseline: dict | None = None) -> tuple[str, dict]:
+    """Markdown table per corpus: mean ± sd over seeds and the ratio to the centralised level.
+
+    `baseline`: another invocation's saved JSON (e.g. the old defaults); its federation rows are shown too.
+    """
     lines = []
     summary: dict = {}
     for c in corpora:
@@ -259,25 +263,34 @@ def summarise(res: dict, corpora: list[str], seeds: list[int], rounds: int, over
             vals = [res[c][str(s)][kind] for s in seeds if kind in res[c].get(str(s), {})]
             if vals:
                 cells[kind] = vals
-        if "site0" in cells:
+        if all(f"site{i}" in cells for i in range(len(SKEW))):
             n = min(len(cells[f"site{i}"]) for i in range(len(SKEW)))
             cells["site-best"] = [max(cells[f"site{i}"][j]["final"] for i in range(len(SKEW))) for j in range(n)]
             cells["site-mean"] = [statistics.mean(cells[f"site{i}"][j]["final"] for i in range(len(SKEW)))
                                   for j in range(n)]
         central = statistics.mean(r["final"] for r in cells["central"]) if "central" in cells else None
 
-        def row(name: str, finals: list[float], peaks: list[float] | None = None, c: str = c,
-                central: float | None = central) -> str:
+        def row(name: str, finals: list[float], peaks: list[float] | None = None, last3: list[float] | None = None,
+                c: str = c, central: float | None = central) -> str:
             ratio = f"{statistics.mean(finals) / central:.3f}" if central else "—"
             return (f"| {c} | {name} | {len(finals)} | {mean_spread(finals)} | "
-                    f"{mean_spread(peaks) if peaks else '—'} | {ratio} |")
+                    f"{mean_spread(peaks) if peaks else '—'} | {mean_spread(last3) if last3 else '—'} | {ratio} |")
 
-        names = {"fed": f"federation ({rounds} versions)", "central": "centralised LoRA (rank 8)",
-                 "logreg": "logreg, frozen embeddings"}
+        keys = ", ".join(f"{k}={v}" for k, v in (baseline or {}).get("overrides", {}).items())
+        if baseline:
+            old = [baseline["results"].get(c, {}).get(str(s), {}).get("fed") for s in seeds]
+            if any(old):
+                cells["fed-baseline"] = [r for r in old if r]
+        names = {"fed-baseline": f"federation, {keys} ({rounds} versions)",
+                 "fed": f"federation, {', '.join(f'{k}={v}' for k, v in overrides.items()) or 'defaults'} "
+                        f"({rounds} versions)",
+                 "central": "centralised LoRA (rank 8)", "logreg": "logreg, frozen embeddings"}
         for kind, name in names.items():
             if kind in cells:
+                curves = "curve" in cells[kind][0]
                 lines.append(row(name, [r["final"] for r in cells[kind]],
-                                 [r["peak"] for r in cells[kind]] if "peak" in cells[kind][0] else None))
+                                 [r["peak"] for r in cells[kind]] if curves else None,
+                                 [statistics.mean(r["curve"][-3:]) for r in cells[kind]] if curves else None))
         for i, r in enumerate(RANKS):
             if f"site{i}" in cells:
                 lines.append(row(f"site {i} alone (rank {r}, {round(SKEW[i] * 100)}/{round(100 - SKEW[i] * 100)})",
@@ -285,8 +298,8 @@ def summarise(res: dict, corpora: list[str], seeds: list[int], rounds: int, over
         if "site-best" in cells:
             lines.append(row("best site alone", cells["site-best"]))
         summary[c] = {k: v for k, v in cells.items()}
-    head = ["| corpus | method | seeds | final accuracy | peak accuracy | final / centralised |",
-            "|---|---|---|---|---|---|"]
+    head = ["| corpus | method | seeds | final accuracy | peak accuracy | mean of the last 3 evaluations | "
+            "final / centralised |", "|---|---|---|---|---|---|---|"]
     return "\n".join(head + lines), summary
 
 
@@ -331,6 +344,8 @@ def main() -> None:
                    choices=["fed", "central", "logreg", "sites"])
     p.add_argument("--reuse", action="store_true", help="keep results of an earlier invocation (same NAME)")
     p.add_argument("--name", default="unseen_defaults")
+    p.add_argument("--baseline", help="NAME of an earlier invocation (e.g. old defaults) whose federation rows the "
+                                      "table shows too")
     args = p.parse_args()
     if args.quick:
         args.seeds, args.rounds = args.seeds[:1], 6
@@ -376,7 +391,8 @@ def main() -> None:
                       + (f" curve {' '.join(f'{x:.2f}' for x in r['curve'])}" if "curve" in r else "")
                       + f" ({r['s']:.0f}s, bench {time.monotonic() - t0:.0f}s)", flush=True)
                 save()
-    table, _ = summarise(res, args.corpora, args.seeds, args.rounds, overrides)
+    baseline = json.loads((RESULTS / f"{args.baseline}.json").read_text()) if args.baseline else None
+    table, _ = summarise(res, args.corpora, args.seeds, args.rounds, overrides, baseline)
     plot(res, args.corpora, args.seeds, RESULTS / f"{args.name}.png", args.rounds)
     keys = ", ".join(f"`{k}={v}`" for k, v in overrides.items()) or "none (every key at its default)"
     md = [f"# Defaults on unseen two-class corpora: federation vs centralised vs logreg vs site alone ({args.name})",
