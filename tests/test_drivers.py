@@ -46,7 +46,7 @@ from tests.fakes import (
 
 pytestmark = pytest.mark.timeout(20)
 
-#: the fake nodes move every value by their `step` (up to 0.5) per job: at lr 2 (decaying 0.9 per version) 10 AdamW
+#: the fake nodes move every value by their `step` (up to 0.5) per job: at lr 2 10 AdamW
 #: steps can move a value that far for 20 versions (the server rejects any change beyond what the job's optimizer can
 #: make: adam_change_bound)
 FAKE_LR = {"lr": 2.0}
@@ -142,7 +142,7 @@ def reference_deltas(head_shift: float, rank: int = 2, seed: int = 0) -> dict[st
 def test_sync_happy_path_versions_weights_and_model(tmp_path):
     nodes = [FakeNode(1, num_examples=10, step=0.1), FakeNode(2, num_examples=30, step=0.2),
              FakeNode(3, num_examples=60, step=0.3)]
-    run = federation(tmp_path, nodes, SYNC, **{"min-nodes": 3})
+    run = federation(tmp_path, nodes, SYNC, **{"min-nodes": 3, "lr-decay": 0.9})
     summary = run.run()
 
     assert summary["versions"] == 3 and summary["rejected_updates"] == 0 and summary["failed_replies"] == 0

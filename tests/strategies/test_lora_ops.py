@@ -70,3 +70,15 @@ def test_pad_rank():
     np.testing.assert_array_equal(bp @ ap, b @ a)
     with pytest.raises(RankMismatchError):
         lora_ops.pad_rank(ap, bp, 2)
+
+
+def test_weighted_sum_is_the_same_whatever_order_the_replies_arrive_in():
+    """A float32 running sum depends on the order; the aggregate must not (a resumed run re-aggregates them)."""
+    rng = np.random.default_rng(0)
+    xs = [(rng.standard_normal((64, 64)) * 10.0**e).astype(np.float32) for e in (-3, 0, 2, -1, 1)]
+    w = rng.dirichlet(np.ones(len(xs)))
+    first = lora_ops.weighted_sum(xs, w)
+    assert first.dtype == np.float32
+    np.testing.assert_allclose(first, np.einsum("i,ijk->jk", w, np.stack(xs).astype(np.float64)), rtol=1e-6, atol=1e-9)
+    for perm in ([4, 3, 2, 1, 0], [2, 0, 4, 1, 3], [1, 4, 0, 3, 2]):
+        np.testing.assert_array_equal(lora_ops.weighted_sum([xs[i] for i in perm], w[perm]), first)

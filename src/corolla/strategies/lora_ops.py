@@ -117,11 +117,16 @@ def delta(a: np.ndarray, b: np.ndarray, scale: float) -> NDArray[np.float32]:
 
 
 def weighted_sum(arrays: list[np.ndarray], weights: np.ndarray) -> NDArray[np.float32]:
-    """Return Σ w_i x_i in float32."""
-    out = np.zeros_like(np.asarray(arrays[0], np.float32))
+    """Return Σ w_i x_i in float32, accumulated in float64.
+
+    Why float64: replies arrive in whatever order the network delivers them, and a float32 running sum depends on
+    that order; in float64 the result rounds to the same float32 whatever the order, so a resumed run (or a rerun)
+    aggregates to the same model.
+    """
+    out = np.zeros(np.shape(arrays[0]), np.float64)
     for w, x in zip(weights, arrays):
-        out += np.float32(w) * np.asarray(x, np.float32)
-    return out
+        out += float(w) * np.asarray(x, np.float64)
+    return out.astype(np.float32)
 
 
 def pad_rank(a: np.ndarray, b: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
